@@ -1,0 +1,227 @@
+"""/v1/jobs: create (idempotent, optionally waiting), read, list, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from api.deps import PrincipalDep, RuntimeDep
+from api.views import job_public
+from core.errors import Conflict, ErrorCode, InvalidRequest, NotFound
+from core.ids import new_id
+from core.jobs import TERMINAL, JobStatus, deadline_for
+from core.keys import Principal
+from core.models import Job, utcnow
+from core.queue import enqueue_cancel, enqueue_run, queue_position
+from core.runtime import Runtime
+from core.schemas import JobCreate, JobList, JobPublic
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait(?:=(\d+))?(?:$|[;,\s])")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def parse_prefer_wait(prefer: str | None, max_wait: int) -> int | None:
+    """`Prefer: wait=N` (RFC 7240). Plain `wait` means the maximum."""
+    if not prefer:
+        return None
+    m = PREFER_WAIT.search(prefer.strip())
+    if m is None:
+        return None
+    n = int(m[1]) if m[1] is not None else max_wait
+    if not 1 <= n <= max_wait:
+        raise InvalidRequest(f"Prefer: wait=N takes N from 1 to {max_wait} seconds, got {n}")
+    return n
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _load(rt: Runtime, principal: Principal, job_id: str) -> Job:
+    job = await rt.ledger.get(job_id) if len(job_id) <= 40 else None
+    if job is None or job.tenant != principal.tenant:  # another tenant's job does not exist
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+async def _public(rt: Runtime, job: Job, *, with_position: bool = False) -> JobPublic:
+    assets = (await rt.ledger.assets([job.id]))[job.id] if job.status == JobStatus.succeeded else []
+    position = None
+    if with_position and job.status == JobStatus.queued:
+        position = await queue_position(rt.redis, rt.settings, job.id, job.modality)
+    return await job_public(rt.store, job, assets, rt.settings.url_ttl_seconds, position)
+
+
+async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
+    """Hold until the job is terminal or `seconds` pass. Listens on the job's channel
+    (the ledger announces every change) and re-reads the row, which stays the truth."""
+    if job.status in TERMINAL:
+        return job
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    pubsub = rt.redis.pubsub()
+    try:
+        await pubsub.subscribe(rt.ledger.channel(job.id))
+        while True:
+            fresh = await rt.ledger.get(job.id)  # after subscribing: no change slips between
+            if fresh is None or fresh.status in TERMINAL:
+                return fresh or job
+            job = fresh
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return job
+            # a missed message only costs a re-read every 2 s
+            await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 2.0))
+    finally:
+        await pubsub.aclose()
+
+
+def _status_for_wait(job: Job) -> int:
+    return 200 if job.status in TERMINAL else 202
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+async def create_job(
+    body: JobCreate,
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header()] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JobPublic:
+    wait = parse_prefer_wait(prefer, rt.settings.max_wait_seconds)
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+    model = rt.catalog.get(body.model)
+    if model is None:
+        raise NotFound(f"unknown model {body.model!r}; GET /v1/models lists the models you can use", code="model_not_found")
+    normalized = rt.catalog.validate_input(model, body.input)
+    digest = request_hash(body)
+
+    job: Job | None = None
+    created = False
+    if idempotency_key is not None:
+        job = await _by_idempotency_key(rt, principal.tenant, idempotency_key)
+    if job is None:
+        now = utcnow()
+        job = Job(
+            id=new_id("job"),
+            tenant=principal.tenant,
+            model=model.id,
+            modality=model.modality,
+            input=normalized,
+            meta=dict(body.metadata),
+            status=JobStatus.queued.value,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            created_at=now,
+            updated_at=now,
+            deadline_at=deadline_for(now, rt.settings.deadline_seconds(model.modality)),
+        )
+        try:
+            async with rt.sessions() as s:
+                s.add(job)
+                await s.commit()
+            created = True
+        except IntegrityError:  # a concurrent request with the same key won the insert
+            job = await _by_idempotency_key(rt, principal.tenant, idempotency_key or "")
+            if job is None:
+                raise
+    if not created:
+        if job.request_hash != digest:
+            raise Conflict(
+                f"Idempotency-Key {idempotency_key!r} was already used with a different request body; "
+                "use a new key for a new job",
+                code="idempotency_conflict",
+                details={"job_id": job.id},
+            )
+        response.headers["Idempotent-Replayed"] = "true"
+        response.status_code = 200
+    else:
+        # enqueue after the commit: a worker never sees a job the DB does not have
+        await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
+
+    if wait is not None:
+        job = await wait_for_terminal(rt, job, wait)
+        response.status_code = _status_for_wait(job)
+        response.headers["Preference-Applied"] = f"wait={wait}"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return await _public(rt, job)
+
+
+async def _by_idempotency_key(rt: Runtime, tenant: str, key: str) -> Job | None:
+    async with rt.sessions() as s:
+        return (await s.exec(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))).first()
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+async def get_job(
+    job_id: str,
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    response: Response,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JobPublic:
+    wait = parse_prefer_wait(prefer, rt.settings.max_wait_seconds)
+    job = await _load(rt, principal, job_id)
+    if wait is not None:
+        job = await wait_for_terminal(rt, job, wait)
+        response.status_code = _status_for_wait(job)
+        response.headers["Preference-Applied"] = f"wait={wait}"
+    return await _public(rt, job, with_position=True)
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=40, description="next_cursor of the previous page")] = None,
+    status: JobStatus | None = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobList:
+    q = select(Job).where(Job.tenant == principal.tenant)
+    if cursor:
+        q = q.where(Job.id < cursor)
+    if status is not None:
+        q = q.where(Job.status == status.value)
+    if model:
+        q = q.where(Job.model == model)
+    q = q.order_by(col(Job.id).desc()).limit(limit + 1)
+    async with rt.sessions() as s:
+        rows = list((await s.exec(q)).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    assets = await rt.ledger.assets([j.id for j in rows if j.status == JobStatus.succeeded])
+    ttl = rt.settings.url_ttl_seconds
+    data = [await job_public(rt.store, j, assets.get(j.id, []), ttl) for j in rows]
+    return JobList(data=data, next_cursor=rows[-1].id if more and rows else None)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+async def cancel(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobPublic:
+    job = await _load(rt, principal, job_id)
+    for _ in range(5):  # the job may move while we try; re-read and decide again
+        if job.status == JobStatus.canceled:
+            return await _public(rt, job)
+        if job.status in TERMINAL:
+            raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be canceled", code="job_not_cancelable")
+        moved = await rt.ledger.transition(
+            job.id, JobStatus.canceled, expect_version=job.version, error=(ErrorCode.canceled, "canceled by the client")
+        )
+        if moved is not None:
+            if job.status == JobStatus.running:
+                await enqueue_cancel(rt.redis, rt.settings, job.id, job.modality)
+            return await _public(rt, moved)
+        job = await _load(rt, principal, job_id)
+    raise Conflict(f"job {job.id} kept changing; try the cancel again", code="job_busy")

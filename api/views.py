@@ -1,0 +1,47 @@
+"""Table rows -> public JSON (core.schemas), with download URLs made per read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.models import Asset, Job
+from core.schemas import AssetPublic, ErrorPublic, JobPublic, ProgressPublic
+
+
+async def asset_public(store: Any, asset: Asset, ttl: int) -> AssetPublic:
+    return AssetPublic(
+        index=asset.index,
+        url=await store.url(asset.key, expires_in=ttl),
+        content_type=asset.content_type,
+        bytes=asset.bytes,
+        sha256=asset.sha256,
+        width=asset.width,
+        height=asset.height,
+        duration_seconds=asset.duration_seconds,
+        thumbnail_url=await store.url(asset.thumbnail_key, expires_in=ttl) if asset.thumbnail_key else None,
+    )
+
+
+async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_position: int | None = None) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        model=job.model,
+        modality=job.modality,
+        status=job.status,
+        input=job.input,
+        metadata=job.meta,
+        progress=ProgressPublic(fraction=job.progress, message=job.progress_message),
+        queue_position=queue_position if queue_position is not None else job.queue_position,
+        outputs=[await asset_public(store, a, ttl) for a in assets],
+        error=ErrorPublic(code=job.error_code, message=job.error_message or "", details=job.error_detail)
+        if job.error_code
+        else None,
+        deployment=job.deployment,
+        attempt=job.attempt,
+        idempotency_key=job.idempotency_key,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        deadline_at=job.deadline_at,
+    )

@@ -1,0 +1,1 @@
+"""The `genroute` command line."""

@@ -1,0 +1,128 @@
+"""Domain errors with stable codes.
+
+    GenrouteError            base: code + HTTP status + message + details
+     ├─ InvalidRequest       400 malformed request (broken JSON, bad header)
+     ├─ InvalidInput         422 input fails the model's schema (details: field paths)
+     ├─ Unauthorized         401 missing or unknown API key
+     ├─ NotFound             404 job / model / file not found for this tenant
+     ├─ Conflict             409 idempotency key reused with another body, job not cancelable
+     ├─ PayloadTooLarge      413 request body over the limit
+     └─ Unavailable          503 a dependency does not answer
+
+    ProviderError            raised by adapters; `kind` decides retry and the job's error code
+
+One table in api/errors.py turns these into HTTP responses; no route raises HTTPException.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """The fixed taxonomy a failed job carries (DESIGN.md §3). Stable: clients match on it."""
+
+    invalid_input = "invalid_input"
+    moderated = "moderated"
+    rate_limited = "rate_limited"
+    provider_error = "provider_error"
+    provider_unavailable = "provider_unavailable"
+    provider_auth = "provider_auth"
+    timeout = "timeout"
+    canceled = "canceled"
+    storage_error = "storage_error"
+    budget_exceeded = "budget_exceeded"
+    internal = "internal"
+
+
+class GenrouteError(Exception):
+    status_code = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+
+class InvalidRequest(GenrouteError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class InvalidInput(GenrouteError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class Unauthorized(GenrouteError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(GenrouteError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(GenrouteError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(GenrouteError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Unavailable(GenrouteError):
+    status_code = 503
+    code = "unavailable"
+
+
+class ProviderErrorKind(StrEnum):
+    retryable = "retryable"  # 5xx, connection reset, timeouts: try again (maybe elsewhere)
+    rate_limited = "rate_limited"  # 429: retry after `retry_after`
+    invalid = "invalid"  # the provider refused our input: the user's mistake
+    moderated = "moderated"  # input or output flagged
+    auth = "auth"  # bad or missing key: the deployment is unusable
+    quota = "quota"  # out of credits: do not retry
+    failed = "failed"  # the provider ran the task and it failed
+
+
+_KIND_TO_CODE = {
+    ProviderErrorKind.retryable: ErrorCode.provider_unavailable,
+    ProviderErrorKind.rate_limited: ErrorCode.rate_limited,
+    ProviderErrorKind.invalid: ErrorCode.invalid_input,
+    ProviderErrorKind.moderated: ErrorCode.moderated,
+    ProviderErrorKind.auth: ErrorCode.provider_auth,
+    ProviderErrorKind.quota: ErrorCode.provider_error,
+    ProviderErrorKind.failed: ErrorCode.provider_error,
+}
+
+
+class ProviderError(Exception):
+    """The one error adapters raise. `detail` keeps the provider's own words for operators."""
+
+    def __init__(
+        self,
+        kind: ProviderErrorKind,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        detail: Any = None,
+        code: ErrorCode | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+        self.detail = detail
+        self.code = code or _KIND_TO_CODE[kind]
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in (ProviderErrorKind.retryable, ProviderErrorKind.rate_limited)

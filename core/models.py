@@ -1,0 +1,111 @@
+"""Table models. Clients never see these directly: core/schemas.py holds the public shapes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps are always aware UTC in Python. SQLite keeps no zone, so store UTC
+    there as naive and put the zone back on read; PostgreSQL keeps timestamptz."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_column=Column(UTCDateTime(), **kw))
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(index=True, max_length=100)
+    name: str = Field(max_length=100)
+    prefix: str = Field(max_length=16)  # the first characters, to tell keys apart in lists
+    key_hash: str = Field(unique=True, max_length=64)  # sha256 hex; the key itself is never stored
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        Index("ix_jobs_tenant_id", "tenant", "id"),
+        Index("ix_jobs_status_updated", "status", "updated_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=100)
+    model: str = Field(max_length=200)
+    modality: str = Field(max_length=16)
+    input: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+
+    status: str = Field(max_length=16)
+    version: int = 0  # bumped by every write; the compare-and-set guard
+    progress: float = 0.0
+    progress_message: str | None = Field(default=None, max_length=500)
+    queue_position: int | None = None
+
+    deployment: str | None = Field(default=None, max_length=200)
+    attempt: int = 0  # number of provider submits started
+    provider_handle: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    poll_seq: int = 0  # which poll_job may run next; a stale duplicate sees a newer seq and stops
+    poll_errors: int = 0
+    next_poll_at: datetime | None = _ts(nullable=True)
+
+    error_code: str | None = Field(default=None, max_length=40)
+    error_message: str | None = Field(default=None, max_length=2000)
+    error_detail: Any | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)
+
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    updated_at: datetime = _ts(nullable=False, default=utcnow)
+    started_at: datetime | None = _ts(nullable=True)
+    finished_at: datetime | None = _ts(nullable=True)
+    deadline_at: datetime | None = _ts(nullable=True)
+
+
+class Asset(SQLModel, table=True):
+    __tablename__ = "assets"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_assets_job_index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)
+    index: int
+    key: str = Field(max_length=500)
+    content_type: str = Field(max_length=100)
+    bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    sha256: str = Field(max_length=64)
+    width: int | None = None
+    height: int | None = None
+    duration_seconds: float | None = None
+    thumbnail_key: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _ts(nullable=False, default=utcnow)

@@ -1,0 +1,46 @@
+"""Putting job work on the ARQ queues. Ids are deterministic, so enqueueing twice is a no-op.
+
+ARQ refuses a job id whose job key still exists (DESIGN.md §11): `run:{job}` is unique
+while a run is pending, and each poll has its own `poll:{job}:{seq}`. Our tasks keep no
+result (keep_result=0), so an id is free again as soon as its task ends.
+"""
+
+from __future__ import annotations
+
+from arq.connections import ArqRedis
+
+from core.settings import Settings
+
+
+async def enqueue_run(redis: ArqRedis, settings: Settings, job_id: str, modality: str, *, suffix: str = "") -> bool:
+    job = await redis.enqueue_job(
+        "run_job", job_id, _job_id=f"run:{job_id}{suffix}", _queue_name=settings.queue_for(modality)
+    )
+    return job is not None
+
+
+async def enqueue_poll(
+    redis: ArqRedis, settings: Settings, job_id: str, modality: str, seq: int, *, delay: float, suffix: str = ""
+) -> bool:
+    job = await redis.enqueue_job(
+        "poll_job",
+        job_id,
+        seq,
+        _job_id=f"poll:{job_id}:{seq}{suffix}",
+        _queue_name=settings.queue_for(modality),
+        _defer_by=max(0.0, delay),
+    )
+    return job is not None
+
+
+async def enqueue_cancel(redis: ArqRedis, settings: Settings, job_id: str, modality: str) -> bool:
+    job = await redis.enqueue_job(
+        "cancel_job", job_id, _job_id=f"cancel:{job_id}", _queue_name=settings.queue_for(modality)
+    )
+    return job is not None
+
+
+async def queue_position(redis: ArqRedis, settings: Settings, job_id: str, modality: str) -> int | None:
+    """0-based place of a queued job's run in its queue (ARQ keeps a sorted set by time)."""
+    rank = await redis.zrank(settings.queue_for(modality), f"run:{job_id}")
+    return None if rank is None else int(rank)

@@ -1,0 +1,56 @@
+"""The resources a process owns, built at start and closed at exit (no import-time state).
+
+The API's lifespan and the worker's startup both call `open_runtime` inside an
+AsyncExitStack; the blob store is built by the caller (core does not know storage/).
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from core.catalog import Catalog, load_catalog
+from core.db import Sessions, create_engine, sessionmaker
+from core.jobs import Ledger
+from core.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    sessions: Sessions
+    redis: ArqRedis
+    ledger: Ledger
+    catalog: Catalog
+    http: httpx.AsyncClient
+    store: Any  # storage.BlobStore (typed as Any: core does not import storage)
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    rs = RedisSettings.from_dsn(settings.redis_url)
+    rs.conn_timeout = 5
+    rs.conn_retries = 2
+    return rs
+
+
+async def open_runtime(settings: Settings, stack: AsyncExitStack, store: Any) -> Runtime:
+    catalog = load_catalog(settings.catalog)
+    engine = create_engine(settings)
+    stack.push_async_callback(engine.dispose)
+    sessions = sessionmaker(engine)
+    redis = await create_pool(redis_settings(settings))
+    stack.push_async_callback(redis.aclose)
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.http_timeout_seconds, connect=10.0),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        follow_redirects=False,
+    )
+    stack.push_async_callback(http.aclose)
+    await store.start()
+    stack.push_async_callback(store.close)
+    ledger = Ledger(sessions, redis, settings.redis_prefix)
+    return Runtime(settings, sessions, redis, ledger, catalog, http, store)

@@ -1,0 +1,191 @@
+"""Shapes clients see: job input per modality, job create/public, assets, models.
+
+Table models live in core/models.py; nothing here is a table, so no column leaks out.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=4000, strip_whitespace=True)]
+LongText = Annotated[str, StringConstraints(max_length=4000)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+RATIO_RE = re.compile(r"^(\d{1,2}):(\d{1,2})$")
+# an input image: an https/http URL or a data: URI with base64 bytes
+ImageRef = Annotated[str, StringConstraints(min_length=1, max_length=7_000_000, pattern=r"^(https?://|data:image/)")]
+
+
+def check_ratio(v: str) -> str:
+    m = RATIO_RE.match(v)
+    if not m or int(m[1]) == 0 or int(m[2]) == 0:
+        raise ValueError("aspect_ratio must look like 16:9")
+    return v
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provider_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to the provider as-is (the local provider reads latency_seconds, progress_steps, fail).",
+    )
+
+    @field_validator("provider_params")
+    @classmethod
+    def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(v) > 64:
+            raise ValueError("at most 64 provider_params")
+        return v
+
+
+class ImageInput(_Input):
+    prompt: Prompt
+    negative_prompt: LongText | None = None
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 1024x1024")
+    aspect_ratio: str | None = Field(default=None, description="W:H, e.g. 16:9")
+    n: Annotated[int, Field(ge=1, le=10)] = 1
+    seed: Seed | None = None
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    input_images: list[ImageRef] = Field(default_factory=list, max_length=16)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            m = SIZE_RE.match(v)
+            if not m or not (16 <= int(m[1]) <= 8192 and 16 <= int(m[2]) <= 8192):
+                raise ValueError("size must look like 1024x1024 (16..8192 on each side)")
+        return v
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _ratio(cls, v: str | None) -> str | None:
+        return None if v is None else check_ratio(v)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ImageInput:
+        if self.size and self.aspect_ratio:
+            raise ValueError("give size or aspect_ratio, not both")
+        return self
+
+
+class VideoInput(_Input):
+    prompt: Prompt
+    negative_prompt: LongText | None = None
+    duration_seconds: Annotated[float, Field(gt=0, le=120)] = 4
+    aspect_ratio: str = "16:9"
+    resolution: str = "720p"
+    fps: Annotated[int, Field(ge=1, le=60)] | None = None
+    seed: Seed | None = None
+    image: ImageRef | None = Field(default=None, description="first frame, for image-to-video")
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _ratio(cls, v: str) -> str:
+        return check_ratio(v)
+
+
+class AudioInput(_Input):
+    text: LongText | None = None
+    prompt: Prompt | None = None
+    voice: Annotated[str, StringConstraints(max_length=100)] | None = None
+    format: Literal["wav", "mp3", "flac", "opus", "aac", "pcm"] = "wav"
+    duration_seconds: Annotated[float, Field(gt=0, le=600)] | None = None
+    seed: Seed | None = None
+
+    @model_validator(mode="after")
+    def _text_or_prompt(self) -> AudioInput:
+        if not (self.text or self.prompt):
+            raise ValueError("give text (speech) or prompt (music/sound)")
+        return self
+
+
+INPUT_SCHEMAS: dict[str, type[_Input]] = {"image": ImageInput, "video": VideoInput, "audio": AudioInput}
+
+Metadata = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=500)] | int | float | bool | None]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    input: dict[str, Any]
+    metadata: Metadata = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _few(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(v) > 32:
+            raise ValueError("at most 32 metadata keys")
+        return v
+
+
+class AssetPublic(BaseModel):
+    index: int
+    url: str
+    content_type: str
+    bytes: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    duration_seconds: float | None = None
+    thumbnail_url: str | None = None
+
+
+class ProgressPublic(BaseModel):
+    fraction: float
+    message: str | None = None
+
+
+class ErrorPublic(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    model: str
+    modality: str
+    status: str
+    input: dict[str, Any]
+    metadata: dict[str, Any]
+    progress: ProgressPublic
+    queue_position: int | None = None
+    outputs: list[AssetPublic]
+    error: ErrorPublic | None = None
+    deployment: str | None = None
+    attempt: int
+    idempotency_key: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline_at: datetime | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    next_cursor: str | None = None
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    modality: str
+    description: str | None = None
+    parameters: dict[str, Any]
+    capabilities: dict[str, Any]
+    providers: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]

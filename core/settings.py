@@ -1,0 +1,84 @@
+"""Process settings, read from the environment (prefix GENROUTE_) when a process starts.
+
+Nothing here runs at import: `Settings()` is built by the CLI, the API's lifespan or the
+worker's startup and passed down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENROUTE_", extra="ignore")
+
+    # where state lives
+    data_dir: Path = Path(".genroute")
+    database_url: str = ""  # default: sqlite+aiosqlite:///{data_dir}/genroute.db
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "genroute"  # namespaces queues and channels, so stacks can share a Redis
+    catalog: Path | None = None  # default: the catalog shipped in core/catalog.yaml
+
+    # blob storage
+    storage: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None  # default: {data_dir}/blobs
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None  # host clients use to download, if it differs
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "genroute"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_create_bucket: bool = False
+    s3_multipart_threshold_bytes: int = 8 * 1024 * 1024
+    url_ttl_seconds: int = 3600  # lifetime of presigned / signed download URLs
+
+    # api
+    public_url: str = "http://127.0.0.1:8000"  # base of signed local file URLs
+    secret_key: str = ""  # HMAC key for local file URLs; dev mode makes one in data_dir
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_wait_seconds: int = 60
+    key_cache_seconds: float = 30.0
+
+    # worker
+    worker_max_jobs: int = 50
+    worker_poll_delay: float = 0.05  # ARQ's pickup latency; its default 0.5 s is too slow
+    task_timeout_seconds: int = 120
+    reconcile_every_seconds: int = 10
+    reconcile_grace_seconds: float = 30.0  # how stale a queued/running job must be
+    max_output_bytes: int = 2 * 1024 * 1024 * 1024
+    max_image_pixels: int = 64_000_000  # Pillow decompression-bomb guard
+    deadline_image_seconds: int = 600
+    deadline_audio_seconds: int = 900
+    deadline_video_seconds: int = 3600
+    deadline_text_seconds: int = 600
+    http_timeout_seconds: float = 60.0
+    poll_error_limit: int = 5  # consecutive failed polls before a job fails
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir}/genroute.db"
+
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "blobs"
+
+    def deadline_seconds(self, modality: str) -> int:
+        return int(getattr(self, f"deadline_{modality}_seconds", self.deadline_image_seconds))
+
+    def queue_for(self, modality: str) -> str:
+        return queue_name(self.redis_prefix, "video" if modality == "video" else "media")
+
+    @property
+    def queues(self) -> list[str]:
+        return [queue_name(self.redis_prefix, q) for q in QUEUES]
+
+    def job_channel(self, job_id: str) -> str:
+        return f"{self.redis_prefix}:job:{job_id}"
+
+
+QUEUES = ("media", "video")  # slow video work never starves images and audio
+
+
+def queue_name(prefix: str, queue: str) -> str:
+    return f"{prefix}:queue:{queue}"

@@ -1,0 +1,66 @@
+"""Plain types shared by the worker, adapters and storage.
+
+An adapter receives a `ProviderRequest`, answers `Done` or `Pending` from submit, and
+`Pending | Done | Failed` from poll. Outputs are `OutputRef`s: bytes in hand, or a URL
+(with any headers it needs) that storage streams from. Handles are JSON-able dicts so they
+can be persisted on the job row before anything else happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    job_id: str
+    tenant: str
+    modality: str
+    provider_model: str  # the deployment's model id at the provider
+    input: dict[str, Any]  # normalized, validated input (see core.schemas)
+    options: dict[str, Any] = field(default_factory=dict)  # deployment options from the catalog
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRef:
+    """Where an output can be read from. Exactly one of `data` and `url` is set."""
+
+    data: bytes | None = None
+    url: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None  # a hint; storage sniffs the bytes anyway
+    role: str = "output"  # "output" or e.g. "thumbnail" for a provider-made preview
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.url is None):
+            raise ValueError("OutputRef needs exactly one of data or url")
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    outputs: list[OutputRef]
+    handle: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    handle: dict[str, Any]
+    poll_after: float  # seconds until the next poll
+    progress: float | None = None  # 0..1 where known
+    message: str | None = None
+    queue_position: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    code: ErrorCode
+    message: str
+    detail: Any = None
+
+
+PollResult = Pending | Done | Failed
+SubmitResult = Pending | Done

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli.embedded import redis_answers, start_embedded_redis
+from tests.seaweed import SeaweedFS, start_seaweedfs
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture(scope="session")
+def redis_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server URL without a DB number: the machine's, or an embedded one."""
+    url = os.environ.get("GENROUTE_TEST_REDIS_URL", DEFAULT_REDIS).rstrip("/")
+    if redis_answers(url + "/0"):
+        yield url
+        return
+    embedded = start_embedded_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield embedded.url.rsplit("/", 1)[0]
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture
+def redis_url(redis_base: str) -> str:
+    """Tests share DB 0 but each stack gets its own key prefix."""
+    return f"{redis_base}/0"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    s3 = start_seaweedfs(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield s3
+    finally:
+        s3.stop()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,68 @@
+"""`genroute dev` as a newcomer runs it: an empty directory, no GENROUTE_* settings, and no
+Redis where it looks (pointed at a closed port), so it must start its embedded one."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from cli.embedded import free_port
+
+BIN = Path(sys.executable).parent / "genroute"
+
+
+def test_dev_mode_serves_readyz_and_completes_an_image_job(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENROUTE_")}
+    env["HOME"] = str(tmp_path)
+    env["GENROUTE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    log = (tmp_path / "dev.log").open("wb")
+    proc = subprocess.Popen([str(BIN), "dev", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        ready = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        output = (tmp_path / "dev.log").read_text()
+        assert ready is not None and ready.status_code == 200, output
+        assert "embedded redis-server" in output
+        key = (tmp_path / ".genroute" / "dev-key").read_text().strip()
+        assert key in output  # the ready-made key is printed on start
+        r = httpx.post(f"{base}/v1/jobs", headers={"Authorization": f"Bearer {key}", "Prefer": "wait=30"},
+                       json={"model": "local-image", "input": {"prompt": "hello dev", "size": "512x512"}}, timeout=40)
+        job = r.json()
+        assert r.status_code == 200 and job["status"] == "succeeded", job
+        img = Image.open(io.BytesIO(httpx.get(job["outputs"][0]["url"], timeout=10).content))
+        assert img.size == (512, 512)
+        # the CLI talks to it too, with dev mode's key found on disk
+        out = subprocess.run([str(BIN), "submit", "--model", "local-audio", "--input", "text=hi there", "--wait",
+                              "--url", base], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "/v1/files/" in out.stdout and ".wav" in out.stdout
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 0, (tmp_path / "dev.log").read_text()[-3000:]
+    # the embedded Redis went away with it
+    assert "Traceback" not in (tmp_path / "dev.log").read_text()

@@ -1,0 +1,108 @@
+"""The pipeline under the faults the design promises to survive: long jobs that must not
+hold worker slots, a worker killed mid-poll, and a Redis that lost its queues."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.stack import Stack, make_stack
+
+
+def _slow(i: int, latency: float, steps: int) -> dict:
+    return {"model": "local-image", "input": {"prompt": f"slow {i}", "size": "256x256",
+                                              "provider_params": {"latency_seconds": latency, "progress_steps": steps}}}
+
+
+async def _submit_all(stack: Stack, bodies: list[dict]) -> list[str]:
+    async with stack.client() as c:
+        rs = await asyncio.gather(*(c.post("/v1/jobs", json=b) for b in bodies))
+    assert all(r.status_code == 201 for r in rs), [r.text for r in rs if r.status_code != 201]
+    return [r.json()["id"] for r in rs]
+
+
+async def _statuses(stack: Stack, ids: list[str]) -> dict[str, dict]:
+    async with stack.client() as c:
+        rs = await asyncio.gather(*(c.get(f"/v1/jobs/{i}") for i in ids))
+    return {r.json()["id"]: r.json() for r in rs}
+
+
+async def _wait_all(stack: Stack, ids: list[str], timeout: float) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = await _statuses(stack, ids)
+        if all(j["status"] in ("succeeded", "failed", "canceled") for j in jobs.values()) or time.monotonic() > deadline:
+            return jobs
+        await asyncio.sleep(0.25)
+
+
+@pytest.fixture
+async def stack(tmp_path, redis_base: str) -> AsyncIterator[Stack]:
+    st = await make_stack(tmp_path, redis_url=f"{redis_base}/0", worker_max_jobs="2")
+    st.start_api()
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+async def test_slow_jobs_do_not_hold_worker_slots(stack: Stack) -> None:
+    """max_jobs=2 and 50 jobs of 3 s: all run together (polls are deferred tasks), so they
+    finish in about 3 s, not the 75 s that 2 slots held for the whole wait would take."""
+    stack.start_worker()
+    t0 = time.monotonic()
+    ids = await _submit_all(stack, [_slow(i, 3.0, 3) for i in range(50)])
+    peak = 0
+    while time.monotonic() - t0 < 60:
+        jobs = await _statuses(stack, ids)
+        peak = max(peak, sum(j["status"] == "running" for j in jobs.values()))
+        if all(j["status"] == "succeeded" for j in jobs.values()):
+            break
+        await asyncio.sleep(0.2)
+    elapsed = time.monotonic() - t0
+    assert all(j["status"] == "succeeded" for j in jobs.values()), {j["status"] for j in jobs.values()}
+    assert peak == 50, peak
+    assert elapsed < 20, elapsed
+    assert sorted(stack.submits()) == sorted(ids)
+
+
+async def test_worker_killed_mid_poll_loses_nothing_and_submits_once(stack: Stack) -> None:
+    stack.start_worker()
+    ids = await _submit_all(stack, [_slow(i, 5.0, 10) for i in range(20)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        jobs = await _statuses(stack, ids)
+        if all(j["status"] == "running" and j["progress"]["fraction"] > 0 for j in jobs.values()):
+            break
+        await asyncio.sleep(0.1)
+    assert all(j["status"] == "running" for j in jobs.values()), {j["status"] for j in jobs.values()}
+    stack.kill("worker")  # SIGKILL, mid-poll
+    stack.start_worker("worker2")
+    jobs = await _wait_all(stack, ids, 60)
+    assert {j["status"] for j in jobs.values()} == {"succeeded"}, {i: (j["status"], j["error"]) for i, j in jobs.items()}
+    submits = stack.submits()
+    assert sorted(submits) == sorted(ids), "a job was submitted to the provider twice (or never)"
+    assert all(j["attempt"] == 1 for j in jobs.values())
+
+
+async def test_reconciler_requeues_jobs_after_redis_loses_them(tmp_path, redis_base: str) -> None:
+    # its own Redis DB: this test flushes it
+    db_url = f"{redis_base}/13"
+    st = await make_stack(tmp_path, redis_url=db_url)
+    st.start_api()
+    try:
+        ids = await _submit_all(st, [_slow(i, 0.2, 1) for i in range(10)])
+        r = aioredis.from_url(db_url)
+        assert await r.zcard(st.settings().queue_for("image")) == 10
+        await r.flushdb()
+        await r.aclose()
+        st.start_worker()
+        jobs = await _wait_all(st, ids, 30)
+        assert {j["status"] for j in jobs.values()} == {"succeeded"}
+        assert sorted(st.submits()) == sorted(ids)
+    finally:
+        st.stop()

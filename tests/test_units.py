@@ -1,0 +1,100 @@
+"""Plain-data checks: the transition table, catalog validation, settings, compose file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from api.jobs import parse_prefer_wait
+from core.catalog import CatalogError, load_catalog
+from core.errors import InvalidRequest
+from core.jobs import ALLOWED_FROM, TERMINAL, JobStatus, can_transition
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_transition_table() -> None:
+    for terminal in TERMINAL:
+        for dst in JobStatus:
+            assert not can_transition(terminal, dst), f"{terminal} -> {dst} must be impossible"
+    assert can_transition(JobStatus.queued, JobStatus.running)
+    assert can_transition(JobStatus.running, JobStatus.running)  # progress / handle updates
+    assert can_transition(JobStatus.queued, JobStatus.canceled)
+    assert not can_transition(JobStatus.queued, JobStatus.succeeded)  # success needs a run
+    assert ALLOWED_FROM[JobStatus.queued] == frozenset()  # nothing goes back to queued
+
+
+def test_prefer_wait_parsing() -> None:
+    assert parse_prefer_wait(None, 60) is None
+    assert parse_prefer_wait("respond-async", 60) is None
+    assert parse_prefer_wait("wait=5", 60) == 5
+    assert parse_prefer_wait("respond-async, wait=10", 60) == 10
+    assert parse_prefer_wait("wait", 60) == 60
+    for bad in ("wait=0", "wait=61"):
+        with pytest.raises(InvalidRequest):
+            parse_prefer_wait(bad, 60)
+
+
+def test_default_catalog_loads() -> None:
+    cat = load_catalog()
+    assert {m.id for m in cat.models} == {"local-image", "local-video", "local-audio"}
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("models: [", "not valid YAML"),
+        ("models:\n  - id: a\n    modality: smell\n    deployments: [{name: d, adapter: local, model: m}]\n", "models.0.modality"),
+        ("models:\n  - id: a\n    modality: image\n    deployments: []\n", "models.0.deployments"),
+        ("models:\n  - {id: a, modality: image, deployments: [{name: d, adapter: local, model: m}]}\n"
+         "  - {id: a, modality: image, deployments: [{name: d, adapter: local, model: m}]}\n", "duplicate model id"),
+    ],
+)
+def test_catalog_errors_name_file_and_path(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "cat.yaml"
+    f.write_text(text)
+    with pytest.raises(CatalogError) as exc:
+        load_catalog(f)
+    assert str(f) in str(exc.value) and needle in str(exc.value)
+    with pytest.raises(CatalogError, match="not found"):
+        load_catalog(tmp_path / "missing.yaml")
+
+
+def test_settings_come_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENROUTE_WORKER_MAX_JOBS", "7")
+    monkeypatch.setenv("GENROUTE_REDIS_PREFIX", "x")
+    s = Settings()
+    assert s.worker_max_jobs == 7
+    assert s.queue_for("video") == "x:queue:video" and s.queue_for("image") == "x:queue:media"
+
+
+def test_docker_compose_describes_the_production_stack() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert {"api", "worker", "redis", "postgres", "minio"} <= set(services)
+    for name in ("api", "redis", "postgres", "minio", "worker"):
+        assert "healthcheck" in services[name], name
+    for name in ("api", "worker", "migrate"):
+        env = services[name]["environment"]
+        assert env["GENROUTE_REDIS_URL"].startswith("redis://redis:")
+        assert "@postgres:" in env["GENROUTE_DATABASE_URL"] and env["GENROUTE_STORAGE"] == "s3"
+        # every setting named is one genroute reads
+        for key in env:
+            assert key.removeprefix("GENROUTE_").lower() in Settings.model_fields, key
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+    assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        env = dict(os.environ, GENROUTE_SECRET_KEY="x")
+        out = subprocess.run([docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr

@@ -1,0 +1,74 @@
+"""Running workers: one ARQ Worker per queue (media, video), sharing one Runtime.
+
+`genroute worker` runs them in their own process; `genroute dev` runs them beside the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from typing import Any
+
+from arq import cron, func
+from arq.worker import Worker
+
+from core.runtime import Runtime, open_runtime
+from core.settings import Settings, queue_name
+from storage import build_store
+from workers.tasks import cancel_job, poll_job, reconcile, run_job
+
+log = logging.getLogger("genroute.worker")
+
+
+def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
+    s = rt.settings
+    names = [queue_name(s.redis_prefix, q) for q in queues] if queues else s.queues
+    timeout = s.task_timeout_seconds
+    functions = [
+        func(run_job, name="run_job", keep_result=0, timeout=timeout, max_tries=20),
+        func(poll_job, name="poll_job", keep_result=0, timeout=timeout, max_tries=20),
+        func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),
+    ]
+    every = max(1, s.reconcile_every_seconds)
+    crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)), run_at_startup=True, keep_result=0, timeout=timeout)]
+    workers = []
+    for i, q in enumerate(names):
+        workers.append(
+            Worker(
+                functions=functions,  # type: ignore[arg-type]
+                cron_jobs=crons if i == 0 else None,
+                queue_name=q,
+                redis_pool=rt.redis,
+                ctx={"rt": rt},
+                handle_signals=False,
+                max_jobs=s.worker_max_jobs,
+                poll_delay=s.worker_poll_delay,
+                keep_result=0,
+                job_timeout=timeout,
+                health_check_key=f"{q}:health-check",
+            )
+        )
+    return workers
+
+
+async def serve_workers(settings: Settings, queues: list[str] | None = None, *, ready: asyncio.Event | None = None) -> None:
+    """Run the workers until cancelled, then close them and the runtime."""
+    async with AsyncExitStack() as stack:
+        rt = await open_runtime(settings, stack, build_store(settings))
+        workers = build_workers(rt, queues)
+        log.info("worker listening on %s (max_jobs=%d)", [w.queue_name for w in workers], settings.worker_max_jobs)
+        if ready is not None:
+            ready.set()
+        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(w.async_run()) for w in workers]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Let in-flight tasks end (they are short: waiting is deferred polls). Worker.close()
+            # would close the shared Redis pool under the other workers, so it is not used.
+            running = [t for w in workers for t in w.tasks.values()]
+            if running:
+                await asyncio.wait(running, timeout=settings.task_timeout_seconds)

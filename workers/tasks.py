@@ -1,0 +1,346 @@
+"""Task functions. Each takes a job id, re-reads the row and returns early when there is
+nothing to do, so running one twice is harmless (ARQ is at-least-once).
+
+    run_job(id)        route -> adapter.submit -> persist handle -> store outputs | schedule poll
+    poll_job(id, seq)  adapter.poll -> progress + re-schedule | store outputs | fail
+    cancel_job(id)     best-effort provider cancel after the API marked the job canceled
+    reconcile()        cron: re-enqueue work the DB says exists but Redis lost
+
+Waiting on a provider is a deferred `poll_job`, never a sleep in a worker slot; the
+`poll_seq` compare-and-set makes a duplicate poll (after a crash, or the reconciler's
+re-enqueue) stop instead of forking the poll chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any, TypedDict
+
+from adapters.base import Adapter
+from adapters.registry import UnknownAdapter, build_adapter
+from core.catalog import Deployment
+from core.errors import ErrorCode, ProviderError
+from core.jobs import TERMINAL, JobStatus
+from core.models import Asset, Job, utcnow
+from core.queue import enqueue_poll, enqueue_run
+from core.routing import NoDeployment, route
+from core.runtime import Runtime
+from core.types import Done, Failed, OutputRef, Pending, ProviderRequest
+from storage import StorageError, store_output
+
+log = logging.getLogger("genroute.worker")
+
+
+class Ctx(TypedDict, total=False):
+    rt: Runtime
+    adapters: dict[str, Adapter]
+    redis: Any
+
+
+def _adapter(ctx: Ctx, dep: Deployment) -> Adapter:
+    cache = ctx.setdefault("adapters", {})
+    if dep.name not in cache:
+        cache[dep.name] = build_adapter(dep, ctx["rt"].http)
+    return cache[dep.name]
+
+
+def _deployment(rt: Runtime, job: Job) -> Deployment | None:
+    model = rt.catalog.get(job.model)
+    if model is None:
+        return None
+    return next((d for d in model.deployments if d.name == job.deployment), None)
+
+
+async def _fail(rt: Runtime, job: Job, code: ErrorCode, message: str, detail: Any = None) -> None:
+    changes: dict[str, Any] = {"error_detail": detail} if detail is not None else {}
+    await rt.ledger.transition(job.id, JobStatus.failed, error=(code, message), **changes)
+
+
+async def run_job(ctx: Ctx, job_id: str) -> None:
+    rt = ctx["rt"]
+    job = await rt.ledger.get(job_id)
+    if job is None or job.status in TERMINAL:
+        return
+    if job.deadline_at is not None and utcnow() >= job.deadline_at:
+        await _fail(rt, job, ErrorCode.timeout, "the job passed its deadline before it could start")
+        return
+    if job.status == JobStatus.running:
+        await _resume(ctx, job)
+        return
+
+    model = rt.catalog.get(job.model)
+    if model is None:
+        await _fail(rt, job, ErrorCode.invalid_input, f"model {job.model!r} is no longer in the catalog")
+        return
+    try:
+        dep = route(model)
+        adapter = _adapter(ctx, dep)
+    except (NoDeployment, UnknownAdapter) as exc:
+        await _fail(rt, job, ErrorCode.provider_unavailable, str(exc))
+        return
+    started = await rt.ledger.transition(
+        job.id,
+        JobStatus.running,
+        expect_version=job.version,
+        deployment=dep.name,
+        attempt=job.attempt + 1,
+        progress_message="submitting",
+        queue_position=None,
+    )
+    if started is None:  # canceled meanwhile, or another worker got here first
+        return
+    await _submit(ctx, started, dep, adapter)
+
+
+async def _resume(ctx: Ctx, job: Job) -> None:
+    """A run found the job already running: a worker died after (or during) its submit."""
+    rt = ctx["rt"]
+    if job.provider_handle is not None:
+        await enqueue_poll(rt.redis, rt.settings, job.id, job.modality, job.poll_seq, delay=0, suffix=":resume")
+        return
+    dep = _deployment(rt, job)
+    if dep is None:
+        await _fail(rt, job, ErrorCode.internal, f"deployment {job.deployment!r} left the catalog mid-job")
+        return
+    adapter = _adapter(ctx, dep)
+    if not adapter.idempotent_submit:
+        await _fail(
+            rt,
+            job,
+            ErrorCode.provider_error,
+            f"the submit to {dep.name} was interrupted and its outcome is unknown; "
+            "it was not resent, so the provider cannot run (and bill) it twice",
+        )
+        return
+    again = await rt.ledger.transition(job.id, JobStatus.running, expect_version=job.version, attempt=job.attempt + 1)
+    if again is not None:
+        await _submit(ctx, again, dep, adapter)
+
+
+async def _submit(ctx: Ctx, job: Job, dep: Deployment, adapter: Adapter) -> None:
+    rt = ctx["rt"]
+    request = ProviderRequest(
+        job_id=job.id,
+        tenant=job.tenant,
+        modality=job.modality,
+        provider_model=dep.model,
+        input=job.input,
+        options=dep.options,
+    )
+    try:
+        result = await adapter.submit(request)
+    except ProviderError as exc:
+        await _fail(rt, job, exc.code, exc.message, exc.detail)
+        return
+    except Exception as exc:  # an adapter bug must not strand the job
+        log.exception("submit of job %s to %s crashed", job.id, dep.name)
+        await _fail(rt, job, ErrorCode.internal, f"adapter {dep.adapter} crashed: {type(exc).__name__}")
+        return
+
+    # The handle is saved before anything else, so a crash from here on resumes, never resubmits.
+    if isinstance(result, Pending):
+        saved = await rt.ledger.transition(
+            job.id,
+            JobStatus.running,
+            expect_version=job.version,
+            provider_handle=result.handle,
+            poll_seq=1,
+            progress=result.progress or 0.0,
+            progress_message=result.message,
+            queue_position=result.queue_position,
+            next_poll_at=utcnow() + timedelta(seconds=result.poll_after),
+        )
+        if saved is None:  # canceled while we were submitting: tell the provider
+            await _cancel_quietly(adapter, result.handle)
+            return
+        await enqueue_poll(rt.redis, rt.settings, job.id, job.modality, 1, delay=result.poll_after)
+        return
+
+    saved = await rt.ledger.transition(
+        job.id,
+        JobStatus.running,
+        expect_version=job.version,
+        provider_handle=result.handle or {"done_at_submit": True},
+        progress_message="storing outputs",
+        next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
+    )
+    if saved is not None:
+        await _finish(rt, saved, result)
+
+
+async def poll_job(ctx: Ctx, job_id: str, seq: int) -> None:
+    rt = ctx["rt"]
+    job = await rt.ledger.get(job_id)
+    if job is None or job.status != JobStatus.running or job.poll_seq != seq or job.provider_handle is None:
+        return
+    dep = _deployment(rt, job)
+    if dep is None:
+        await _fail(rt, job, ErrorCode.internal, f"deployment {job.deployment!r} left the catalog mid-job")
+        return
+    adapter = _adapter(ctx, dep)
+    if job.deadline_at is not None and utcnow() >= job.deadline_at:
+        await _cancel_quietly(adapter, job.provider_handle)
+        await _fail(rt, job, ErrorCode.timeout, f"the provider did not finish before the job's deadline ({job.deadline_at.isoformat()})")
+        return
+    try:
+        result = await adapter.poll(job.provider_handle)
+    except ProviderError as exc:
+        if exc.retryable and job.poll_errors + 1 < rt.settings.poll_error_limit:
+            delay = max(exc.retry_after or 0.0, min(60.0, 2.0 ** (job.poll_errors + 1)))
+            await _reschedule(rt, job, seq, delay, poll_errors=job.poll_errors + 1)
+            return
+        await _fail(rt, job, exc.code, exc.message, exc.detail)
+        return
+    except Exception as exc:
+        log.exception("poll of job %s at %s crashed", job.id, dep.name)
+        await _fail(rt, job, ErrorCode.internal, f"adapter {dep.adapter} crashed while polling: {type(exc).__name__}")
+        return
+
+    if isinstance(result, Pending):
+        await _reschedule(
+            rt,
+            job,
+            seq,
+            result.poll_after,
+            poll_errors=0,
+            provider_handle=result.handle,
+            progress=result.progress if result.progress is not None else job.progress,
+            progress_message=result.message,
+            queue_position=result.queue_position,
+        )
+    elif isinstance(result, Failed):
+        await _fail(rt, job, result.code, result.message, result.detail)
+    else:
+        # claim the finish, so a duplicate poll of the same seq does not store twice
+        claimed = await rt.ledger.transition(
+            job.id,
+            JobStatus.running,
+            expect_poll_seq=seq,
+            poll_seq=seq + 1,
+            progress_message="storing outputs",
+            next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
+        )
+        if claimed is not None:
+            await _finish(rt, claimed, result)
+
+
+async def _reschedule(rt: Runtime, job: Job, seq: int, delay: float, **changes: Any) -> None:
+    moved = await rt.ledger.transition(
+        job.id,
+        JobStatus.running,
+        expect_poll_seq=seq,
+        poll_seq=seq + 1,
+        next_poll_at=utcnow() + timedelta(seconds=delay),
+        **changes,
+    )
+    if moved is not None:
+        await enqueue_poll(rt.redis, rt.settings, job.id, job.modality, seq + 1, delay=delay)
+
+
+async def _finish(rt: Runtime, job: Job, done: Done) -> None:
+    """Stream every output into the blob store, then succeed with the assets attached."""
+    key_base = f"{job.tenant}/{job.id}"
+    assets: list[Asset] = []
+    outputs: list[OutputRef] = [o for o in done.outputs if o.role == "output"] + [
+        o for o in done.outputs if o.role != "output"
+    ]
+    if not outputs:
+        await _fail(rt, job, ErrorCode.provider_error, "the provider reported success but returned no output")
+        return
+    try:
+        for index, ref in enumerate(outputs):
+            stored = await store_output(
+                rt.store,
+                rt.http,
+                ref,
+                key_base=key_base,
+                index=index,
+                max_bytes=rt.settings.max_output_bytes,
+                max_image_pixels=rt.settings.max_image_pixels,
+            )
+            assets.append(
+                Asset(
+                    job_id=job.id,
+                    index=index,
+                    key=stored.key,
+                    content_type=stored.content_type,
+                    bytes=stored.bytes,
+                    sha256=stored.sha256,
+                    width=stored.width,
+                    height=stored.height,
+                    duration_seconds=stored.duration_seconds,
+                    thumbnail_key=stored.thumbnail_key,
+                )
+            )
+    except StorageError as exc:
+        await _fail(rt, job, ErrorCode(exc.code), str(exc))
+        return
+    await rt.ledger.transition(job.id, JobStatus.succeeded, assets=assets, progress_message="done")
+
+
+async def cancel_job(ctx: Ctx, job_id: str) -> None:
+    """The API already marked the job canceled; ask the provider to stop, best effort."""
+    rt = ctx["rt"]
+    job = await rt.ledger.get(job_id)
+    if job is None or job.status != JobStatus.canceled or job.provider_handle is None:
+        return
+    dep = _deployment(rt, job)
+    if dep is not None:
+        await _cancel_quietly(_adapter(ctx, dep), job.provider_handle)
+
+
+async def _cancel_quietly(adapter: Adapter, handle: dict[str, Any]) -> None:
+    try:
+        await adapter.cancel(handle)
+    except Exception:
+        log.warning("provider cancel failed (ignored)", exc_info=True)
+
+
+async def reconcile(ctx: Ctx) -> dict[str, int]:
+    """The DB is the truth: re-enqueue queued jobs whose run is gone, running jobs whose
+    next poll is overdue, and time out queued jobs past their deadline."""
+    rt = ctx["rt"]
+    return await reconcile_once(rt)
+
+
+async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
+    from sqlmodel import select
+
+    s = rt.settings
+    now = utcnow()
+    stale = now - timedelta(seconds=s.reconcile_grace_seconds)
+    counts = {"requeued": 0, "repolled": 0, "resubmitted": 0, "timed_out": 0}
+    async with rt.sessions() as session:
+        queued = (
+            await session.exec(
+                select(Job).where(Job.status == JobStatus.queued, Job.updated_at < stale).limit(limit)
+            )
+        ).all()
+        running = (
+            await session.exec(
+                select(Job)
+                .where(Job.status == JobStatus.running, Job.updated_at < stale)
+                .limit(limit)
+            )
+        ).all()
+    tag = f":r{int(time.time())}"
+    for job in queued:
+        if job.deadline_at is not None and now >= job.deadline_at:
+            await _fail(rt, job, ErrorCode.timeout, "the job passed its deadline while queued")
+            counts["timed_out"] += 1
+        elif await enqueue_run(rt.redis, s, job.id, job.modality):
+            counts["requeued"] += 1
+    for job in running:
+        if job.provider_handle is not None:
+            if job.next_poll_at is None or job.next_poll_at < stale:
+                await enqueue_poll(rt.redis, s, job.id, job.modality, job.poll_seq, delay=0, suffix=tag)
+                counts["repolled"] += 1
+        elif job.updated_at < now - timedelta(seconds=s.task_timeout_seconds + s.reconcile_grace_seconds):
+            # a submit that never reported back: run_job decides whether it may be resent
+            await enqueue_run(rt.redis, s, job.id, job.modality, suffix=tag)
+            counts["resubmitted"] += 1
+    if any(counts.values()):
+        log.info("reconciler: %s", counts)
+    return counts
