@@ -63,7 +63,7 @@ VIDEO_SIZES: dict[str, dict[str, tuple[int, int]]] = {
 }
 
 # Fixed encoder parameters -> byte-identical output for identical inputs.
-_PNG_PARAMS: dict[str, object] = {"optimize": False, "compress_level": 6}
+_PNG_PARAMS: dict[str, object] = {"optimize": False, "compress_level": 1}  # speed over size: synthetic output
 _JPEG_PARAMS: dict[str, object] = {
     "quality": 88,
     "optimize": False,

@@ -12,7 +12,7 @@ from core.keys import Principal, hash_key, lookup
 from core.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:  # async: a sync dependency costs a thread hop
     rt: Runtime = request.app.state.runtime
     return rt
 

@@ -9,7 +9,9 @@
 Each client loops: POST /v1/jobs (local-image, zero latency, 256x256 by default) until the
 job budget is spent. Reported: jobs accepted per second (201s over the submit window),
 jobs completed per second (first submit to last finish, from the server's timestamps),
-and p50/p99 submit-to-succeeded latency (finished_at - created_at per job).
+and p50/p99 submit-to-succeeded latency (finished_at - created_at per job) of that burst,
+which includes the backlog it builds. A second, closed-loop phase (--steady-clients
+clients, each `POST` with `Prefer: wait=60`) measures the pipeline's own latency.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def pct(values: list[float], p: float) -> float:
     return values[k]
 
 
-async def drive(url: str, key: str, jobs: int, concurrency: int, body: dict) -> dict[str, float]:
+async def drive(url: str, key: str, jobs: int, concurrency: int, body: dict, wait: bool = True) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     ids: list[str] = []
@@ -67,7 +69,7 @@ async def drive(url: str, key: str, jobs: int, concurrency: int, body: dict) -> 
         submit_window = time.perf_counter() - t0
 
         # wait for completion, reading jobs back in pages
-        pending = set(ids)
+        pending = set(ids) if wait else set()
         done: dict[str, dict] = {}
         deadline = time.monotonic() + 600
         while pending and time.monotonic() < deadline:
@@ -100,6 +102,39 @@ async def drive(url: str, key: str, jobs: int, concurrency: int, body: dict) -> 
         "submit_p99_ms": pct(submit_lat, 99) * 1000,
         "e2e_p50_ms": pct(lat, 50) * 1000,
         "e2e_p99_ms": pct(lat, 99) * 1000,
+    }
+
+
+async def steady(url: str, key: str, jobs: int, clients: int, body: dict) -> dict[str, float]:
+    """Closed loop: each client submits with `Prefer: wait=60` and measures until the job
+    has succeeded, so latency is the pipeline's, not a backlog's."""
+    headers = {"Authorization": f"Bearer {key}", "Prefer": "wait=60"}
+    lat: list[float] = []
+    bad = 0
+    remaining = jobs
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=90) as c:
+
+        async def client() -> None:
+            nonlocal remaining, bad
+            while remaining > 0:
+                remaining -= 1
+                t = time.perf_counter()
+                r = await c.post("/v1/jobs", json=body)
+                if r.status_code == 200 and r.json()["status"] == "succeeded":
+                    lat.append(time.perf_counter() - t)
+                else:
+                    bad += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        window = time.perf_counter() - t0
+    return {
+        "steady_clients": clients,
+        "steady_succeeded": len(lat),
+        "steady_failed": bad,
+        "steady_jobs_per_s": len(lat) / window,
+        "steady_e2e_p50_ms": pct(lat, 50) * 1000,
+        "steady_e2e_p99_ms": pct(lat, 99) * 1000,
     }
 
 
@@ -154,6 +189,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--size", default="256x256")
+    p.add_argument("--submit-only", action="store_true", help="measure the API alone: do not wait for jobs")
+    p.add_argument("--steady-clients", type=int, default=4, help="clients of the closed-loop latency phase (0: skip)")
+    p.add_argument("--steady-jobs", type=int, default=200)
     args = p.parse_args()
     procs: list[subprocess.Popen[bytes]] = []
     root = None
@@ -163,7 +201,9 @@ def main() -> None:
         sys.exit("--key (or GENROUTE_API_KEY) is required without --spawn")
     body = {"model": "local-image", "input": {"prompt": "bench", "size": args.size}}
     try:
-        res = asyncio.run(drive(args.url, args.key, args.jobs, args.concurrency, body))
+        res = asyncio.run(drive(args.url, args.key, args.jobs, args.concurrency, body, not args.submit_only))
+        if args.steady_clients and not args.submit_only:
+            res.update(asyncio.run(steady(args.url, args.key, args.steady_jobs, args.steady_clients, body)))
     finally:
         for proc in procs:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy import delete, update
+from sqlalchemy import func, update
 from sqlmodel import select
 
 from core.db import Sessions
@@ -118,6 +118,8 @@ class Ledger:
             raise ValueError(f"transition cannot write {sorted(unknown)}")
         now = utcnow()
         values: dict[str, Any] = dict(changes, status=to.value, version=Job.version + 1, updated_at=now)
+        if to is JobStatus.running:
+            values["started_at"] = func.coalesce(Job.started_at, now)  # set once, on leaving queued
         if to in TERMINAL:
             values["finished_at"] = now
             values["next_poll_at"] = None
@@ -132,22 +134,17 @@ class Ledger:
             stmt = stmt.where(Job.version == expect_version)
         if expect_poll_seq is not None:
             stmt = stmt.where(Job.poll_seq == expect_poll_seq)
+        stmt = stmt.values(**values).returning(Job).execution_options(synchronize_session=False)
         async with self.sessions() as s:
-            result = await s.exec(stmt.values(**values))  # type: ignore[call-overload]
-            if result.rowcount != 1:
+            job = (await s.exec(stmt)).scalar_one_or_none()  # type: ignore[call-overload]
+            if job is None:
                 await s.rollback()
                 return None
-            if to is JobStatus.running:
-                # started_at is set once, on the first move out of queued
-                await s.exec(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now))  # type: ignore[call-overload,union-attr]
-            if assets is not None:
-                await s.exec(delete(Asset).where(Asset.job_id == job_id))  # type: ignore[call-overload,arg-type]
-                for a in assets:
-                    s.add(a)
+            if assets:
+                # assets are written only together with success, so a running job has none yet
+                s.add_all(assets)
             await s.commit()
-            job = await s.get(Job, job_id, populate_existing=True)
-        if job is not None:
-            await self._announce(job)
+        await self._announce(job)
         return job
 
     async def _announce(self, job: Job) -> None:

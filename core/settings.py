@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     # where state lives
     data_dir: Path = Path(".genroute")
     database_url: str = ""  # default: sqlite+aiosqlite:///{data_dir}/genroute.db
+    db_pool_size: int = 30  # PostgreSQL connections kept per process
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "genroute"  # namespaces queues and channels, so stacks can share a Redis
     catalog: Path | None = None  # default: the catalog shipped in core/catalog.yaml

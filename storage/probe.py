@@ -207,7 +207,7 @@ def _thumbnail(im: Image.Image) -> bytes:
     frame = im.convert("RGBA" if has_alpha else "RGB")
     frame.thumbnail(THUMBNAIL_SIZE)
     out = io.BytesIO()
-    frame.save(out, "WEBP", quality=80)
+    frame.save(out, "WEBP", quality=80, method=2)  # method 4 (default) costs ~2x for no visible gain here
     return out.getvalue()
 
 
