@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import httpx
 
 from core.catalog import Deployment
+from core.errors import ProviderError, ProviderErrorKind
 from core.types import PollResult, ProviderRequest, SubmitResult
 
 
@@ -36,4 +37,27 @@ class Adapter:
         raise NotImplementedError
 
     async def cancel(self, handle: dict[str, Any]) -> None:
+        """Ask the provider to stop (best effort). Providers without cancel do nothing."""
         return None
+
+    async def verify_callback(
+        self, headers: dict[str, str], body: bytes, handle: dict[str, Any], secret: str | None
+    ) -> PollResult | None:
+        """Check a provider webhook's signature and turn its body into a poll result
+        (None: an intermediate event that changes nothing). Raise ProviderError(auth) when
+        the signature does not verify. `secret` is the per-job secret this job was given
+        (for providers that sign with ours). Providers without webhooks keep the default."""
+        raise ProviderError(ProviderErrorKind.auth, f"{self.name} sends no callbacks")
+
+    def poll_interval(self, default: float) -> float:
+        """The adapter's cadence, or the deployment's `poll_interval` option (tests use 0.05)."""
+        value = self.deployment.options.get("poll_interval")
+        return float(value) if isinstance(value, int | float) and value > 0 else default
+
+    def headers(self) -> dict[str, str]:
+        """Extra headers from the deployment's `headers` option (gateways, org ids)."""
+        extra = self.deployment.options.get("headers") or {}
+        return {str(k): str(v) for k, v in extra.items()}
+
+    def base_url(self, default: str) -> str:
+        return (self.deployment.base_url or default).rstrip("/")

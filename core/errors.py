@@ -105,7 +105,8 @@ _KIND_TO_CODE = {
 
 
 class ProviderError(Exception):
-    """The one error adapters raise. `detail` keeps the provider's own words for operators."""
+    """The one error adapters raise. `detail` keeps the provider's own words for operators
+    (for moderation: `{"stage": "input"|"output", "reasons": [...]}`)."""
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class ProviderError(Exception):
         retry_after: float | None = None,
         detail: Any = None,
         code: ErrorCode | None = None,
+        resend_safe: bool = False,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -122,6 +124,9 @@ class ProviderError(Exception):
         self.retry_after = retry_after
         self.detail = detail
         self.code = code or _KIND_TO_CODE[kind]
+        # True when a create provably did not start a provider task: the connection never
+        # opened, or the provider answered 429/5xx. Only then may a create be sent again.
+        self.resend_safe = resend_safe
 
     @property
     def retryable(self) -> bool:

@@ -22,27 +22,36 @@ class ProviderRequest:
     provider_model: str  # the deployment's model id at the provider
     input: dict[str, Any]  # normalized, validated input (see core.schemas)
     options: dict[str, Any] = field(default_factory=dict)  # deployment options from the catalog
+    # where the provider may POST its completion webhook (set only for deployments that
+    # are reachable from outside: catalog option `callbacks: true`); polling stays on
+    callback_url: str | None = None
+    callback_secret: str | None = None  # a per-job secret for providers that sign with ours (BFL)
 
 
 @dataclass(frozen=True, slots=True)
 class OutputRef:
-    """Where an output can be read from. Exactly one of `data` and `url` is set."""
+    """Where an output can be read from. Exactly one of `data`, `url` and `path` is set.
+    `path` is a temporary file the adapter streamed a response into (e.g. speech audio);
+    storage takes ownership and deletes it after storing."""
 
     data: bytes | None = None
     url: str | None = None
+    path: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None  # a hint; storage sniffs the bytes anyway
     role: str = "output"  # "output" or e.g. "thumbnail" for a provider-made preview
 
     def __post_init__(self) -> None:
-        if (self.data is None) == (self.url is None):
-            raise ValueError("OutputRef needs exactly one of data or url")
+        if sum(x is not None for x in (self.data, self.url, self.path)) != 1:
+            raise ValueError("OutputRef needs exactly one of data, url or path")
 
 
 @dataclass(frozen=True, slots=True)
 class Done:
     outputs: list[OutputRef]
     handle: dict[str, Any] = field(default_factory=dict)
+    # provider-reported usage and cost where known (OpenAI `usage`, BFL `cost` in credits,
+    # Replicate `metrics.predict_time`): kept on the job for billing
     usage: dict[str, Any] = field(default_factory=dict)
 
 

@@ -58,6 +58,8 @@ async def store_output(
         sink = await asyncio.to_thread(_TempSink, max_bytes, tmp_dir)
         if ref.data is not None:
             await sink.write(ref.data)
+        elif ref.path is not None:
+            await _copy_from_file(Path(ref.path), sink)
         else:
             await _download(http, ref, sink)
         await sink.finish()
@@ -100,6 +102,18 @@ def _content_type(head: bytes, hint: str | None) -> str:
         if bare and bare != OCTET_STREAM:
             return bare
     return sniffed
+
+
+async def _copy_from_file(path: Path, sink: _TempSink) -> None:
+    """An adapter's temp file: copied in chunks (bounded memory), then removed."""
+    try:
+        with path.open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, WRITE_BUFFER_BYTES):
+                await sink.write(chunk)
+    except OSError as exc:
+        raise StorageError(f"cannot read the adapter's output file: {exc}") from exc
+    finally:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
 
 
 async def _download(http: httpx.AsyncClient, ref: OutputRef, sink: _TempSink) -> None:

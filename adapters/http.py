@@ -1,0 +1,168 @@
+"""HTTP at the provider boundary: one place that turns transport failures and error
+responses into ProviderError (httpx's `map_httpcore_exceptions` is the model).
+
+    send(...)            -> httpx.Response, or ProviderError for transport failures
+    raise_for_status(r)  -> None, or ProviderError by status (adapters refine first)
+    retry_after(r)       -> seconds from Retry-After / retry-after-ms / body / Google RetryInfo
+
+A create that may have reached the provider (the request was sent, then the read timed
+out or the connection broke) is `resend_safe=False`: no provider documents an idempotency
+key, so resending could start and bill a second task.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+from typing import Any
+
+import httpx
+
+from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+async def send(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    provider: str,
+    create: bool = False,
+    **kwargs: Any,
+) -> httpx.Response:
+    """One request; transport failures become ProviderError(retryable). Reads (GET, polls)
+    are always safe to resend; a create only when it provably never left."""
+    try:
+        return await http.request(method, url, **kwargs)
+    except _NOT_SENT as exc:
+        raise ProviderError(
+            ProviderErrorKind.retryable,
+            f"{provider}: cannot connect ({type(exc).__name__})",
+            resend_safe=True,
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise ProviderError(
+            ProviderErrorKind.retryable,
+            f"{provider}: timed out waiting for an answer ({type(exc).__name__})",
+            resend_safe=not create,
+        ) from exc
+    except httpx.TransportError as exc:
+        raise ProviderError(
+            ProviderErrorKind.retryable,
+            f"{provider}: connection failed mid-request ({type(exc).__name__})",
+            resend_safe=not create,
+        ) from exc
+
+
+def body_json(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def error_message(resp: httpx.Response) -> str:
+    """The provider's own words, from the error shapes providers use."""
+    body = body_json(resp)
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str) and body.get("message"):
+            return f"{err}: {body['message']}"
+        detail = body.get("detail")
+        if isinstance(detail, str):
+            return f"{body['title']}: {detail}" if body.get("title") else detail
+        if isinstance(detail, list) and detail:
+            parts = []
+            for d in detail[:5]:
+                if isinstance(d, dict):
+                    loc = ".".join(str(x) for x in d.get("loc", []))
+                    parts.append(f"{loc}: {d.get('msg', '')}" if loc else str(d.get("msg", d)))
+                else:
+                    parts.append(str(d))
+            return "; ".join(parts)
+        for key in ("message", "msg", "error"):
+            if isinstance(body.get(key), str):
+                return str(body[key])
+    text = resp.text.strip()
+    return text[:300] if text else resp.reason_phrase
+
+
+_GOOGLE_DELAY = re.compile(r"^(\d+(?:\.\d+)?)s$")
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    ms = resp.headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    ra = resp.headers.get("retry-after")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(ra) if ra else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - time.time())
+    body = body_json(resp)
+    if isinstance(body, dict):
+        if isinstance(body.get("retry_after"), int | float):
+            return float(body["retry_after"])
+        err = body.get("error")
+        details = err.get("details") if isinstance(err, dict) else None
+        for d in details or []:
+            if isinstance(d, dict) and str(d.get("@type", "")).endswith("google.rpc.RetryInfo"):
+                m = _GOOGLE_DELAY.match(str(d.get("retryDelay", "")))
+                if m:
+                    return float(m[1])
+    return None
+
+
+def error_from_response(resp: httpx.Response, provider: str) -> ProviderError:
+    """The generic status mapping; adapters check provider-specific bodies first."""
+    status = resp.status_code
+    message = f"{provider} answered {status}: {error_message(resp)}"
+    detail = {"status": status, "body": body_json(resp) if body_json(resp) is not None else resp.text[:500]}
+    if status == 429:
+        return ProviderError(ProviderErrorKind.rate_limited, message, retry_after=retry_after(resp), detail=detail, resend_safe=True)
+    if status >= 500:
+        should = resp.headers.get("x-should-retry")
+        if should == "false":
+            return ProviderError(ProviderErrorKind.failed, message, detail=detail)
+        return ProviderError(ProviderErrorKind.retryable, message, retry_after=retry_after(resp), detail=detail, resend_safe=True)
+    if status in (401, 403):
+        return ProviderError(ProviderErrorKind.auth, message, detail=detail)
+    if status == 402:
+        return ProviderError(ProviderErrorKind.quota, message, detail=detail)
+    if status in (400, 404, 409, 413, 415, 422):
+        return ProviderError(ProviderErrorKind.invalid, message, detail=detail)
+    return ProviderError(ProviderErrorKind.failed, message, detail=detail)
+
+
+def raise_for_status(resp: httpx.Response, provider: str) -> None:
+    if resp.is_success:
+        return
+    raise error_from_response(resp, provider)
+
+
+def unsupported(param: str, value: Any, allowed: Any, model: str) -> ProviderError:
+    """A parameter the chosen model cannot honour: refused before anything is sent."""
+    return ProviderError(
+        ProviderErrorKind.invalid,
+        f"{model} cannot honour {param}={value!r}; allowed: {allowed}",
+        code=ErrorCode.invalid_input,
+        detail={"loc": ["input", param], "allowed": allowed},
+    )
+
+
+def moderated(message: str, stage: str, reasons: list[str] | None = None) -> ProviderError:
+    return ProviderError(
+        ProviderErrorKind.moderated, message, detail={"stage": stage, "reasons": reasons or []}
+    )
