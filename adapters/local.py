@@ -9,6 +9,9 @@ The task lives entirely in its handle (start time, parameters), not in this proc
 a worker killed mid-poll loses nothing: the next worker's poll picks up where time says
 the task is. Outputs are deterministic for the same input and seed.
 
+Text: `chat` is a tiny deterministic model (the last user message's words echoed in
+reverse), streamed a word per chunk with usage, so chat works in `genroute dev` offline.
+
 Deployment options: `submit_log` (a file path): every submit appends the job id, which
 is how tests prove no job is submitted twice.
 """
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from adapters import local_media
@@ -45,6 +50,14 @@ class LocalAdapter(Adapter):
                 ProviderErrorKind.invalid,
                 f"provider_params.fail must be one of {sorted(ErrorCode.__members__)}",
                 code=ErrorCode.invalid_input,
+            )
+        if request.modality == "text":  # a chat completion as a job: answered at once
+            self._log_submit(request.job_id)
+            completion = await self.chat(dict(request.input), stream=False)
+            return Done(
+                outputs=[OutputRef(data=json.dumps(completion).encode(), content_type="application/json")],
+                handle={"kind": "text", "id": completion["id"]},
+                usage=dict(completion["usage"]),
             )
         if request.modality not in ("image", "video", "audio"):
             raise ProviderError(ProviderErrorKind.invalid, f"local provider has no {request.modality} model")
@@ -80,6 +93,43 @@ class LocalAdapter(Adapter):
             return Failed(code=code, message=f"local provider ended with {code.value} as asked (provider_params.fail)")
         return Done(outputs=await _render(handle), handle=handle)
 
+    # -- text ---------------------------------------------------------------------------
+    async def chat(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+        """A small deterministic text model, with OpenAIAdapter.chat's contract: a
+        chat.completion dict, or an iterator of chat.completion.chunk dicts (one per token,
+        then the finish chunk, then the usage chunk). A token is a whitespace-separated
+        word; the answer is a fixed function of the last user message, cut at max_tokens."""
+        messages = body.get("messages") or []
+        prompt = [w for m in messages if isinstance(m, dict) for w in _text_of(m.get("content")).split()]
+        last = next((_text_of(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
+        words = local_reply(last).split()
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        finish = "stop"
+        if isinstance(limit, int) and 0 < limit < len(words):
+            words, finish = words[:limit], "length"
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(words), "total_tokens": len(prompt) + len(words)}
+        cid = "chatcmpl-local" + hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        created, model = int(time.time()), self.deployment.model
+        if not stream:
+            return {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": usage,
+            }
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra}
+
+        async def tokens() -> AsyncIterator[dict[str, Any]]:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            for i, word in enumerate(words):
+                yield chunk([{"index": 0, "delta": {"content": word if i == 0 else " " + word}, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
+            yield chunk([], usage=usage)
+
+        return tokens()
+
     def _log_submit(self, job_id: str) -> None:
         path = self.deployment.options.get("submit_log")
         if path:
@@ -88,6 +138,20 @@ class LocalAdapter(Adapter):
                 os.write(fd, f"{job_id}\n".encode())
             finally:
                 os.close(fd)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def local_reply(text: str) -> str:
+    """The local text model's answer to `text`: its words echoed back in reverse order."""
+    words = text.split()
+    return "local-text heard: " + (" ".join(reversed(words)) if words else "(nothing)")
 
 
 def _number(params: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:

@@ -10,10 +10,16 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import KeyCache
+from api.events import router as events_router
+from api.callbacks import router as callbacks_router
+from api.chat import router as chat_router
+from api.openai_media import router as openai_media_router
 from api.files import router as files_router
 from api.jobs import router as jobs_router
+from api.webhooks import router as webhooks_router
 from api.limits import BodyLimit
 from api.meta import router as meta_router
+from core.events import EventHub
 from core.runtime import open_runtime
 from core.settings import Settings
 from storage import build_store
@@ -25,8 +31,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            app.state.runtime = await open_runtime(s, stack, build_store(s))
+            app.state.runtime = rt = await open_runtime(s, stack, build_store(s))
+            rt.ledger.configure(s)
             app.state.key_cache = KeyCache(s.key_cache_seconds)
+            app.state.callback_adapters = {}  # deployment name -> adapter (api/callbacks.py)
+            hub = EventHub(rt.redis, f"{s.redis_prefix}:hub")  # one pub/sub connection for all subscribers
+            await hub.start()
+            stack.push_async_callback(hub.close)
+            app.state.event_hub = hub
             yield
 
     app = FastAPI(
@@ -39,6 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(meta_router)
     app.include_router(files_router)
+    app.include_router(events_router)
+    app.include_router(webhooks_router)
+    app.include_router(callbacks_router)
+    app.include_router(chat_router)  # OpenAI-compatible: errors in OpenAI's shape
+    app.include_router(openai_media_router)
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
     return app
 

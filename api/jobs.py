@@ -14,7 +14,9 @@ from sqlmodel import col, select
 
 from api.deps import PrincipalDep, RuntimeDep
 from api.views import job_public
-from core.errors import Conflict, ErrorCode, InvalidRequest, NotFound
+from core import netguard
+from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
+from core.events import Event
 from core.ids import new_id
 from core.jobs import TERMINAL, JobStatus, deadline_for
 from core.keys import Principal
@@ -43,7 +45,11 @@ def parse_prefer_wait(prefer: str | None, max_wait: int) -> int | None:
 
 
 def request_hash(body: JobCreate) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = body.model_dump(mode="json")
+    for optional in ("webhook_url", "webhook_events"):  # absent: the same hash as before they existed
+        if data.get(optional) is None:
+            data.pop(optional, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -64,12 +70,13 @@ async def _public(rt: Runtime, job: Job, *, with_position: bool = False) -> JobP
 
 async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
     """Hold until the job is terminal or `seconds` pass. Listens on the job's channel
-    (the ledger announces every change) and re-reads the row, which stays the truth."""
+    (where its events are published) and re-reads the row, which stays the truth."""
     if job.status in TERMINAL:
         return job
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     pubsub = rt.redis.pubsub()
+    terminal_heard = False
     try:
         await pubsub.subscribe(rt.ledger.channel(job.id))
         while True:
@@ -80,10 +87,29 @@ async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return job
+            if terminal_heard:
+                # events are published just before their row commits: read again shortly
+                await asyncio.sleep(min(remaining, 0.02))
+                continue
             # a missed message only costs a re-read every 2 s
-            await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 2.0))
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 2.0))
+            if msg is not None:
+                try:
+                    terminal_heard = Event.from_json(msg["data"]).terminal
+                except (ValueError, KeyError, TypeError):
+                    pass
     finally:
         await pubsub.aclose()
+
+
+async def check_webhook_url(rt: Runtime, url: str, *, loc: str) -> None:
+    """Refuse at once a webhook URL the deliverer would refuse (scheme, private address)."""
+    try:
+        await netguard.resolve(url, netguard.networks(rt.settings.webhook_allowlist))
+    except netguard.UnsafeURL as exc:
+        raise InvalidInput(
+            f"{loc} is not allowed: {exc}", details=[{"loc": [loc], "msg": str(exc), "type": "url_not_allowed"}]
+        ) from exc
 
 
 def _status_for_wait(job: Job) -> int:
@@ -100,16 +126,33 @@ async def create_job(
     prefer: Annotated[str | None, Header()] = None,
 ) -> JobPublic:
     wait = parse_prefer_wait(prefer, rt.settings.max_wait_seconds)
+    job, created = await submit_job(rt, principal, body, idempotency_key=idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+        response.status_code = 200
+    if wait is not None:
+        job = await wait_for_terminal(rt, job, wait)
+        response.status_code = _status_for_wait(job)
+        response.headers["Preference-Applied"] = f"wait={wait}"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return await _public(rt, job)
+
+
+async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """The core of POST /v1/jobs, shared with the OpenAI-compatible facades: validate the
+    input against the model, insert the job (once per Idempotency-Key) and enqueue it
+    after the commit. Returns the job and whether this call created it (False: a replay)."""
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
     model = rt.catalog.get(body.model)
     if model is None:
         raise NotFound(f"unknown model {body.model!r}; GET /v1/models lists the models you can use", code="model_not_found")
     normalized = rt.catalog.validate_input(model, body.input)
+    if body.webhook_url is not None:
+        await check_webhook_url(rt, body.webhook_url, loc="webhook_url")
     digest = request_hash(body)
 
     job: Job | None = None
-    created = False
     if idempotency_key is not None:
         job = await _by_idempotency_key(rt, principal.tenant, idempotency_key)
     if job is None:
@@ -127,36 +170,27 @@ async def create_job(
             created_at=now,
             updated_at=now,
             deadline_at=deadline_for(now, rt.settings.deadline_seconds(model.modality)),
+            webhook_url=body.webhook_url,
+            webhook_events=list(body.webhook_events) if body.webhook_events is not None else None,
         )
         try:
-            async with rt.sessions() as s:
-                s.add(job)
-                await s.commit()
-            created = True
+            job = await rt.ledger.create(job)  # one INSERT; announces job.queued after the commit
         except IntegrityError:  # a concurrent request with the same key won the insert
             job = await _by_idempotency_key(rt, principal.tenant, idempotency_key or "")
             if job is None:
                 raise
-    if not created:
-        if job.request_hash != digest:
-            raise Conflict(
-                f"Idempotency-Key {idempotency_key!r} was already used with a different request body; "
-                "use a new key for a new job",
-                code="idempotency_conflict",
-                details={"job_id": job.id},
-            )
-        response.headers["Idempotent-Replayed"] = "true"
-        response.status_code = 200
-    else:
-        # enqueue after the commit: a worker never sees a job the DB does not have
-        await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
-
-    if wait is not None:
-        job = await wait_for_terminal(rt, job, wait)
-        response.status_code = _status_for_wait(job)
-        response.headers["Preference-Applied"] = f"wait={wait}"
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return await _public(rt, job)
+        else:
+            # enqueue after the commit: a worker never sees a job the DB does not have
+            await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
+            return job, True
+    if job.request_hash != digest:
+        raise Conflict(
+            f"Idempotency-Key {idempotency_key!r} was already used with a different request body; "
+            "use a new key for a new job",
+            code="idempotency_conflict",
+            details={"job_id": job.id},
+        )
+    return job, False
 
 
 async def _by_idempotency_key(rt: Runtime, tenant: str, key: str) -> Job | None:

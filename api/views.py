@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.models import Asset, Job
-from core.schemas import AssetPublic, ErrorPublic, JobPublic, ProgressPublic
+from core.schemas import AssetPublic, AttemptPublic, ErrorPublic, JobPublic, ProgressPublic
 
 
 async def asset_public(store: Any, asset: Asset, ttl: int) -> AssetPublic:
@@ -38,6 +38,7 @@ async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_
         else None,
         deployment=job.deployment,
         attempt=job.attempt,
+        attempts=[AttemptPublic.model_validate(a) for a in job.attempts or []],
         idempotency_key=job.idempotency_key,
         created_at=job.created_at,
         updated_at=job.updated_at,

@@ -6,6 +6,7 @@
     genroute migrate             create / upgrade the database schema
     genroute keys create --name  print a new API key (shown once)
     genroute submit --model M --input k=v ... [--wait]
+    genroute catalog check FILE  validate a catalog
 """
 
 from __future__ import annotations
@@ -165,6 +166,33 @@ async def _dev_key(settings: Settings) -> str:
         await engine.dispose()
 
 
+def cmd_catalog_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from adapters.registry import ADAPTERS
+    from core.catalog import CatalogError, load_catalog
+
+    try:
+        catalog = load_catalog(Path(args.file))
+    except CatalogError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    problems = [
+        f"{args.file}: models[{i}].deployments[{j}].adapter: unknown adapter {d.adapter!r}; known: {sorted(ADAPTERS)}"
+        for i, m in enumerate(catalog.models)
+        for j, d in enumerate(m.deployments)
+        if d.adapter not in ADAPTERS
+    ]
+    if problems:
+        print("invalid catalog:\n" + "\n".join(problems), file=sys.stderr)
+        return 1
+    missing = sorted({d.api_key_env for m in catalog.models for d in m.deployments if d.api_key_env and not d.api_key()})
+    print(f"{args.file}: {len(catalog.models)} models, {sum(len(m.deployments) for m in catalog.models)} deployments: ok")
+    if missing:
+        print(f"note: these key variables are unset here, so their deployments will be skipped: {', '.join(missing)}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from cli.submit import submit
 
@@ -190,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_api)
 
     w = sub.add_parser("worker", help="run ARQ workers")
-    w.add_argument("--queue", action="append", choices=["media", "video"], help="queue(s) to serve (default: all)")
+    w.add_argument("--queue", action="append", choices=["media", "video", "webhooks"], help="queue(s) to serve (default: all)")
     w.set_defaults(fn=cmd_worker)
 
     m = sub.add_parser("migrate", help="create or upgrade the database schema")
@@ -202,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--name", required=True)
     kc.add_argument("--tenant", help="tenant the key acts for (default: the name)")
     kc.set_defaults(fn=cmd_keys_create)
+
+    c = sub.add_parser("catalog", help="work with catalog files")
+    csub = c.add_subparsers(dest="catalog_command", required=True)
+    cc = csub.add_parser("check", help="validate a catalog file (exit 1 with the path of each problem)")
+    cc.add_argument("file")
+    cc.set_defaults(fn=cmd_catalog_check)
 
     s = sub.add_parser("submit", help="submit a job and print it")
     s.add_argument("--model", required=True)

@@ -1,18 +1,24 @@
-"""`genroute submit`: create a job over the REST API and, with --wait, follow it to the end."""
+"""`genroute submit`: create a job over the REST API and, with --wait, follow it to the end:
+live over the job's websocket (/v1/jobs/{id}/events, resuming with last_event_id after a
+drop), falling back to polling GET /v1/jobs/{id} when the websocket is not available."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from core.settings import Settings
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+Show = Callable[[str, float, "str | None", "int | None"], None]
 
 
 def parse_inputs(pairs: list[str]) -> dict[str, Any]:
@@ -56,7 +62,7 @@ def submit(args: argparse.Namespace) -> int:
         if not args.wait:
             print(json.dumps(job, indent=2))
             return 0
-        job = _follow(client, job)
+        job = _follow(client, job, headers["Authorization"].removeprefix("Bearer "))
     if job["status"] == "succeeded":
         for out in job["outputs"]:
             print(out["url"])
@@ -65,20 +71,70 @@ def submit(args: argparse.Namespace) -> int:
     return 2
 
 
-def _follow(client: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
+def _follow(client: httpx.Client, job: dict[str, Any], key: str) -> dict[str, Any]:
+    """Show a progress bar until the job ends: over the job's websocket, else by polling."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), transient=False) as bar:
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(f"{job['id']} {job['status']}", total=1.0)
-        while job["status"] not in TERMINAL:
-            time.sleep(0.3)
-            job = client.get(f"/v1/jobs/{job['id']}").json()
-            msg = job["progress"].get("message") or ""
-            pos = f" #{job['queue_position']} in queue" if job.get("queue_position") is not None else ""
-            bar.update(task, completed=job["progress"]["fraction"], description=f"{job['id']} {job['status']}{pos} {msg}")
+
+        def show(status: str, fraction: float, message: str | None, position: int | None) -> None:
+            pos = f" #{position} in queue" if position is not None else ""
+            bar.update(task, completed=fraction, description=f"{job['id']} {status}{pos} {message or ''}".rstrip())
+
+        try:
+            final = asyncio.run(follow_websocket(str(client.base_url), key, job["id"], show))
+        except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
+            bar.console.print(f"[dim]live progress unavailable ({type(exc).__name__}); polling[/dim]")
+            final = None
+        if final is None or final["status"] not in TERMINAL:
+            job = follow_polling(client, job, show)
+        else:
+            job = client.get(f"/v1/jobs/{job['id']}").json()  # the outputs, with fresh URLs
         bar.update(task, completed=1.0 if job["status"] == "succeeded" else job["progress"]["fraction"],
                    description=f"{job['id']} {job['status']}")
     return job
 
 
+async def follow_websocket(base_url: str, key: str, job_id: str, show: Show, *, retries: int = 3) -> dict[str, Any] | None:
+    """Follow /v1/jobs/{id}/events; reconnects with last_event_id. Returns the job's last
+    known state (status terminal when it ended), or None when it could not connect."""
+    from websockets.asyncio.client import connect
+
+    url = base_url.rstrip("/").replace("http", "ws", 1) + f"/v1/jobs/{job_id}/events"
+    state: dict[str, Any] | None = None
+    last: str | None = None
+    for _ in range(retries + 1):
+        target = f"{url}?last_event_id={last}" if last else url
+        try:
+            async with connect(target, additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=10,
+                               max_size=2**24) as ws:
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if msg.get("type") == "job.state":
+                        j = msg["job"]
+                        state = {"status": j["status"], "progress": dict(j["progress"])}
+                        show(j["status"], j["progress"]["fraction"], j["progress"].get("message"), j.get("queue_position"))
+                    elif "seq" in msg and state is not None:
+                        last = msg["id"]
+                        data = msg.get("data") or {}
+                        state["status"] = data.get("status", state["status"])
+                        state["progress"]["fraction"] = data.get("progress", state["progress"]["fraction"])
+                        show(state["status"], state["progress"]["fraction"], data.get("message"), data.get("queue_position"))
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code in (4400, 4401, 4404):
+                raise ValueError(f"server refused the stream: {exc.rcvd.code} {exc.rcvd.reason}") from exc
+            # dropped mid-job (or 4408, too slow): reconnect and resume after the last event
+        if state is not None and state["status"] in TERMINAL:
+            return state
+    return state
+
+
+def follow_polling(client: httpx.Client, job: dict[str, Any], show: Show) -> dict[str, Any]:
+    while job["status"] not in TERMINAL:
+        time.sleep(0.3)
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+        show(job["status"], job["progress"]["fraction"], job["progress"].get("message"), job.get("queue_position"))
+    return job

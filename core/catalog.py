@@ -14,26 +14,61 @@ and validated at load; errors name the file, the path inside it and what to fix.
             base_url: null
             api_key_env: null          # name of the env var holding the provider key
             options: {}
+            weight: 1                  # share of traffic under `weighted` (0: only when others cannot)
+            priority: 0                # lower is tried first (every strategy breaks ties by it)
+            price: {per_image: 40000}  # micro-USD; also per_request, per_second, per_1k_characters,
+                                       # per_1k_input_tokens, per_1k_output_tokens
+            limits: {max_concurrency: 3, rpm: 60, tpm: null}   # held in Redis across every process
+            capabilities: null         # this deployment's own, replacing the model's (a fallback
+                                       # that cannot honour 1080p is then skipped, not downgraded)
+        strategy: priority             # priority | weighted | least_busy | lowest_cost
+        fallback_models: []            # model ids tried, in order, when every deployment fails
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from core.errors import InvalidInput
 from core.schemas import INPUT_SCHEMAS
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalog.yaml"
 Modality = Literal["image", "video", "audio", "text"]
+Strategy = Literal["priority", "weighted", "least_busy", "lowest_cost"]
 
 
 class CatalogError(ValueError):
     pass
+
+
+class Price(BaseModel):
+    """What one call costs, in micro-USD (1 USD = 1,000,000) so sums stay exact integers.
+    Every component present is added: e.g. per_request + per_image * n."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_request: int = Field(default=0, ge=0)
+    per_image: int = Field(default=0, ge=0)
+    per_second: int = Field(default=0, ge=0, description="of generated video or audio")
+    per_1k_characters: int = Field(default=0, ge=0, description="of input text (speech)")
+    per_1k_input_tokens: int = Field(default=0, ge=0)
+    per_1k_output_tokens: int = Field(default=0, ge=0)
+
+
+class Limits(BaseModel):
+    """Per-deployment limits, held in Redis so they bind across every worker and API replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrency: int | None = Field(default=None, ge=1, description="provider tasks in flight at once")
+    rpm: int | None = Field(default=None, ge=1, description="requests per sliding minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per sliding minute (text)")
 
 
 class Deployment(BaseModel):
@@ -45,6 +80,11 @@ class Deployment(BaseModel):
     base_url: str | None = None
     api_key_env: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(default=1, ge=0, description="share of traffic under the weighted strategy")
+    priority: int = Field(default=0, description="lower first; every strategy breaks ties by it")
+    price: Price | None = None  # None: unknown (sorted last by lowest_cost)
+    limits: Limits = Field(default_factory=lambda: Limits())
+    capabilities: Capabilities | None = None  # replaces the model's for this deployment
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -76,6 +116,12 @@ class Model(BaseModel):
     description: str | None = None
     capabilities: Capabilities = Field(default_factory=Capabilities)
     deployments: list[Deployment] = Field(min_length=1)
+    strategy: Strategy = "priority"
+    fallback_models: list[str] = Field(default_factory=list, description="tried in order when every deployment fails")
+
+    def capabilities_of(self, dep: Deployment) -> Capabilities:
+        """What `dep` accepts: its own capabilities when it declares them, else the model's."""
+        return dep.capabilities if dep.capabilities is not None else self.capabilities
 
 
 class Catalog(BaseModel):
@@ -83,6 +129,7 @@ class Catalog(BaseModel):
 
     models: list[Model]
     _by_id: dict[str, Model] = {}
+    _version: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
     def _unique(self) -> Catalog:
@@ -93,6 +140,76 @@ class Catalog(BaseModel):
             seen.add(m.id)
         self._by_id = {m.id: m for m in self.models}
         return self
+
+    @model_validator(mode="after")
+    def _shared_deployment_names(self) -> Catalog:
+        # Limits, cooldowns and health live in Redis under the deployment's name, so one
+        # name must mean one deployment wherever it is listed.
+        first: dict[str, tuple[str, Deployment]] = {}
+        for i, m in enumerate(self.models):
+            for j, d in enumerate(m.deployments):
+                here = f"models[{i}].deployments[{j}]"
+                if d.name not in first:
+                    first[d.name] = (here, d)
+                elif first[d.name][1] != d:
+                    raise ValueError(
+                        f"{here}: deployment name {d.name!r} is already used by {first[d.name][0]} with other settings; "
+                        "rename one (limits and health are kept per deployment name) or make both entries identical"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> Catalog:
+        index = {m.id: i for i, m in enumerate(self.models)}
+        for i, m in enumerate(self.models):
+            for k, fid in enumerate(m.fallback_models):
+                here = f"models[{i}].fallback_models[{k}]"
+                if fid == m.id:
+                    raise ValueError(f"{here}: model {m.id!r} names itself as its fallback; remove it")
+                if fid not in index:
+                    raise ValueError(
+                        f"{here}: unknown model {fid!r}; use one of {sorted(index)} or remove it"
+                    )
+                other = self.models[index[fid]]
+                if other.modality != m.modality:
+                    raise ValueError(
+                        f"{here}: {fid!r} is a {other.modality} model but {m.id!r} is {m.modality}; "
+                        "a fallback must have the same modality"
+                    )
+        # a cycle would make "try the fallbacks" loop: refuse it, naming the whole path
+        done: set[str] = set()
+
+        def visit(mid: str, path: list[str]) -> None:
+            if mid in path:
+                cycle = path[path.index(mid):] + [mid]
+                start = index[cycle[0]]
+                raise ValueError(
+                    f"models[{start}].fallback_models: fallback cycle {' -> '.join(cycle)}; "
+                    "remove one of these fallbacks"
+                )
+            if mid in done:
+                return
+            for fid in self.models[index[mid]].fallback_models:
+                visit(fid, [*path, mid])
+            done.add(mid)
+
+        for m in self.models:
+            visit(m.id, [])
+        return self
+
+    @property
+    def version(self) -> str:
+        """A digest of the file this catalog was loaded from ("" when built in memory).
+        Health marks (provider_auth) are kept per version: a new catalog clears them."""
+        return self._version
+
+    def deployment(self, name: str | None) -> Deployment | None:
+        """A deployment by name, in any model (names are unique across the catalog)."""
+        for m in self.models:
+            for d in m.deployments:
+                if d.name == name:
+                    return d
+        return None
 
     def get(self, model_id: str) -> Model | None:
         return self._by_id.get(model_id)
@@ -113,10 +230,19 @@ class Catalog(BaseModel):
                     for e in exc.errors(include_url=False, include_context=False, include_input=False)
                 ],
             ) from None
-        problems = _capability_problems(model.capabilities, parsed.model_dump())
+        # Only what the client set: a schema default (say, 4 s of video) must neither be
+        # refused by a model that lacks it nor reach an adapter as if the client chose it.
+        explicit = parsed.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        problems = _capability_problems(model.capabilities, explicit)
         if problems:
             raise InvalidInput(f"model {model.id!r} cannot honour these parameters", details=problems)
-        return parsed.model_dump(mode="json", exclude_none=True)
+        return explicit
+
+
+def capability_problems(caps: Capabilities, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """What in a normalized input `caps` cannot honour (empty: all of it). The router uses
+    this per deployment, so a fallback never silently drops a parameter."""
+    return _capability_problems(caps, data)
 
 
 def _capability_problems(caps: Capabilities, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -158,16 +284,19 @@ def _capability_problems(caps: Capabilities, data: dict[str, Any]) -> list[dict[
 def load_catalog(path: Path | None = None) -> Catalog:
     path = path or DEFAULT_CATALOG
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise CatalogError(f"{path}: catalog file not found (set GENROUTE_CATALOG to an existing file)") from None
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
     try:
-        return Catalog.model_validate(raw)
+        catalog = Catalog.model_validate(raw)
     except ValidationError as exc:
         lines = [
             f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
             for e in exc.errors(include_url=False)
         ]
         raise CatalogError("invalid catalog:\n" + "\n".join(lines)) from None
+    catalog._version = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return catalog

@@ -1,21 +1,30 @@
 """The job state machine: the only code that writes a job's status.
 
     queued ──► running ──► succeeded
-       │          │  ▲
-       │          └──┘ (progress, provider handle, poll bookkeeping)
+       │  ▲       │  ▲
+       │  └───────┤  └─ (progress, provider handle, poll bookkeeping)
+       │          │     running ─► queued: a submit the provider refused with 429/5xx
+       │          │     (provably not started) waits to be retried
        ├──────────┴──► failed
        └──────────┴──► canceled
 
 `Ledger.transition` is a compare-and-set: `UPDATE jobs SET ... WHERE id = :id AND status IN
 (:allowed) [AND version = :v]`. It bumps `version`, sets the timestamps that go with the
-new status, attaches outputs (assets) in the same transaction, and after the commit
-announces the change on the job's Redis channel, where `Prefer: wait` listens. Later
-features (events, webhooks) hang on this one function.
+new status and attaches outputs (assets) in the same transaction. Each transition is
+also the job's events (core/events.py): the UPDATE allocates their `seq` (`event_seq`),
+they are published to Redis while the row is still locked (so two transitions of one job
+publish in commit order), and the webhook deliveries they cause are inserted in the same
+transaction, then enqueued after the commit:
+
+    queued→running: job.started    running→running: job.progress, when progress, message
+    running→queued: job.progress   or queue position changed
+    →succeeded: job.output per asset, job.succeeded    →failed / →canceled: job.failed / job.canceled
+
+`Ledger.create` inserts a new job and announces job.queued.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,12 +32,15 @@ from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy import func, update
+from sqlalchemy import case, func, or_, update
 from sqlmodel import select
 
 from core.db import Sessions
 from core.errors import ErrorCode
-from core.models import Asset, Job, utcnow
+from core.events import Event, EventBus, EventType
+from core.models import Asset, Job, WebhookDelivery, utcnow
+from core.settings import Settings
+from core.webhooks import WebhookPlanner, enqueue_delivery
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +58,9 @@ TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.succeeded, JobStatus.faile
 # to-status -> the statuses it may be reached from. running -> running is an update
 # (progress, handle, poll bookkeeping) that keeps the status.
 ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.queued: frozenset(),
+    # running -> queued: retry of a submit that never started; queued -> queued: a waiting
+    # job says why (no free slot, cooling down)
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.queued}),
     JobStatus.running: frozenset({JobStatus.queued, JobStatus.running}),
     JobStatus.succeeded: frozenset({JobStatus.running}),
     JobStatus.failed: frozenset({JobStatus.queued, JobStatus.running}),
@@ -61,6 +75,7 @@ WRITABLE = frozenset(
         "queue_position",
         "deployment",
         "attempt",
+        "attempts",
         "provider_handle",
         "poll_seq",
         "poll_errors",
@@ -81,6 +96,19 @@ class Ledger:
         self.sessions = sessions
         self.redis = redis
         self.channel_prefix = channel_prefix
+        self.events: EventBus | None = EventBus(redis, channel_prefix) if redis is not None else None
+        self.webhooks = WebhookPlanner()
+
+    def configure(self, settings: Settings) -> None:
+        """Apply the event and webhook settings (the API's lifespan and the worker's startup call it)."""
+        if self.redis is not None:
+            self.events = EventBus(
+                self.redis,
+                self.channel_prefix,
+                maxlen=settings.event_stream_maxlen,
+                retention_seconds=settings.event_retention_seconds,
+            )
+        self.webhooks = WebhookPlanner(settings.webhook_endpoint_cache_seconds)
 
     def channel(self, job_id: str) -> str:
         return f"{self.channel_prefix}:job:{job_id}"
@@ -98,6 +126,22 @@ class Ledger:
             for a in rows:
                 out[a.job_id].append(a)
         return out
+
+    async def create(self, job: Job) -> Job:
+        """Insert a new queued job (with any job.queued webhook deliveries) and announce
+        job.queued. Raises IntegrityError when the tenant's idempotency key is taken."""
+        job.event_seq = 1
+        event = Event.make(job.id, 1, EventType.queued, job.created_at, _event_data(job))
+        async with self.sessions() as s:
+            deliveries = await self.webhooks.plan(s, job, [event])
+            s.add(job)
+            s.add_all(deliveries)
+            await s.commit()
+        # after the commit: nobody may hear of a job the DB does not have (an idempotent
+        # retry that loses the insert above must not announce its discarded id)
+        await self._publish(job.tenant, [event])
+        await self._enqueue(deliveries)
+        return job
 
     async def transition(
         self,
@@ -129,34 +173,117 @@ class Ledger:
         if error is not None:
             values["error_code"] = error[0].value
             values["error_message"] = error[1][:2000]
-        stmt = update(Job).where(Job.id == job_id, Job.status.in_([s.value for s in ALLOWED_FROM[to]]))  # type: ignore[attr-defined]
-        if expect_version is not None:
-            stmt = stmt.where(Job.version == expect_version)
-        if expect_poll_seq is not None:
-            stmt = stmt.where(Job.poll_seq == expect_poll_seq)
-        stmt = stmt.values(**values).returning(Job).execution_options(synchronize_session=False)
+
+        # Which events this write is, and so how far it moves event_seq. To running, the
+        # row is tried as running first (a progress update, the common case) and then as
+        # queued (a start), so the event type is known without reading the row first.
+        if to is JobStatus.running:
+            changed = [getattr(Job, f).is_distinct_from(changes[f]) for f in PROGRESS_FIELDS if f in changes]
+            attempts = [
+                (JobStatus.running, EventType.progress, case((or_(*changed), 1), else_=0) if changed else 0),
+                (JobStatus.queued, EventType.started, 1),
+            ]
+        elif to is JobStatus.queued:
+            attempts = [(JobStatus.running, EventType.progress, 1), (JobStatus.queued, EventType.progress, 1)]
+        else:
+            kind = {JobStatus.succeeded: EventType.succeeded, JobStatus.failed: EventType.failed}.get(to, EventType.canceled)
+            attempts = [(None, kind, 1 + (len(assets or []) if to is JobStatus.succeeded else 0))]
+
         async with self.sessions() as s:
-            job = (await s.exec(stmt)).scalar_one_or_none()  # type: ignore[call-overload]
+            job: Job | None = None
+            for src, kind, bump in attempts:
+                allowed = [src.value] if src is not None else [x.value for x in ALLOWED_FROM[to]]
+                stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed))  # type: ignore[attr-defined]
+                if expect_version is not None:
+                    stmt = stmt.where(Job.version == expect_version)
+                if expect_poll_seq is not None:
+                    stmt = stmt.where(Job.poll_seq == expect_poll_seq)
+                stmt = stmt.values(**values, event_seq=Job.event_seq + bump)
+                stmt = stmt.returning(Job).execution_options(synchronize_session=False)
+                job = (await s.exec(stmt)).scalar_one_or_none()  # type: ignore[call-overload]
+                if job is not None:
+                    break
             if job is None:
                 await s.rollback()
                 return None
             if assets:
                 # assets are written only together with success, so a running job has none yet
                 s.add_all(assets)
+                await s.flush()  # a failing insert must fail before anything is published
+            events = _events_of(job, kind, now, assets or [])
+            # published while the row is locked: events of one job reach Redis in commit order
+            sent = await self._publish(job.tenant, events)
+            deliveries = await self.webhooks.plan(s, job, sent)
+            s.add_all(deliveries)
             await s.commit()
-        await self._announce(job)
+        await self._enqueue(deliveries)
         return job
 
-    async def _announce(self, job: Job) -> None:
-        if self.redis is None:
-            return
-        try:
-            await self.redis.publish(
-                self.channel(job.id),
-                json.dumps({"status": job.status, "version": job.version, "progress": job.progress}),
+    async def _publish(self, tenant: str, events: list[Event]) -> list[Event]:
+        """Publish; returns the events that are news (and so get webhooks). A progress
+        write that changed nothing reuses the last seq and the bus drops it as a duplicate."""
+        if not events:
+            return []
+        seqs: set[int] = set()
+        if self.events is not None:
+            try:
+                seqs = set(await self.events.publish(tenant, events))
+            except Exception:  # the row is the truth; subscribers re-read it, waiters poll it
+                log.warning("could not publish events of job %s", events[0].job_id, exc_info=True)
+        return [e for e in events if e.type != EventType.progress or e.seq in seqs]
+
+    async def _enqueue(self, deliveries: list[WebhookDelivery]) -> None:
+        for d in deliveries:
+            try:
+                await enqueue_delivery(self.redis, self.channel_prefix, d.id)
+            except Exception:  # the reconciler re-enqueues due deliveries from the DB
+                log.warning("could not enqueue webhook delivery %s", d.id, exc_info=True)
+
+
+PROGRESS_FIELDS = ("progress", "progress_message", "queue_position")
+
+
+def _event_data(job: Job, **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "status": job.status,
+        "progress": job.progress,
+        "message": job.progress_message,
+        "queue_position": job.queue_position,
+    }
+    if job.status == JobStatus.queued and job.event_seq == 1:
+        data.update(model=job.model, modality=job.modality, metadata=job.meta)
+    data.update(extra)
+    return data
+
+
+def _events_of(job: Job, kind: EventType, at: datetime, assets: list[Asset]) -> list[Event]:
+    """The events one write stands for; their seqs end at the row's new event_seq."""
+    if kind is EventType.started:
+        items = [(kind, _event_data(job, deployment=job.deployment, attempt=job.attempt))]
+    elif kind is EventType.succeeded:
+        items = [
+            (
+                EventType.output,
+                {
+                    "index": a.index,
+                    "content_type": a.content_type,
+                    "bytes": a.bytes,
+                    "sha256": a.sha256,
+                    "width": a.width,
+                    "height": a.height,
+                    "duration_seconds": a.duration_seconds,
+                },
             )
-        except Exception:  # the row is the truth; a lost notification only delays a waiter
-            log.warning("could not publish change of job %s", job.id, exc_info=True)
+            for a in assets
+        ]
+        items.append((kind, _event_data(job, outputs=len(assets))))
+    elif kind in (EventType.failed, EventType.canceled):
+        error = {"code": job.error_code, "message": job.error_message}
+        items = [(kind, _event_data(job, error=error))]
+    else:
+        items = [(kind, _event_data(job))]
+    first = job.event_seq - len(items) + 1
+    return [Event.make(job.id, first + i, t, at, data) for i, (t, data) in enumerate(items)]
 
 
 def deadline_for(created: datetime, seconds: int) -> datetime:

@@ -74,6 +74,8 @@ class Job(SQLModel, table=True):
 
     deployment: str | None = Field(default=None, max_length=200)
     attempt: int = 0  # number of provider submits started
+    # one entry per submit: {deployment, model, started_at, duration_ms, error: {code, message} | None}
+    attempts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, default=list))
     provider_handle: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     poll_seq: int = 0  # which poll_job may run next; a stale duplicate sees a newer seq and stops
     poll_errors: int = 0
@@ -85,6 +87,11 @@ class Job(SQLModel, table=True):
 
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_hash: str | None = Field(default=None, max_length=64)
+
+    # events and webhooks (core/events.py, core/webhooks.py)
+    event_seq: int = 0  # seq of the job's last event; allocated by the ledger in the same UPDATE
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_events: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
     created_at: datetime = _ts(nullable=False, default=utcnow)
     updated_at: datetime = _ts(nullable=False, default=utcnow)
@@ -108,4 +115,88 @@ class Asset(SQLModel, table=True):
     height: int | None = None
     duration_seconds: float | None = None
     thumbnail_key: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A tenant's default webhook target: every job of the tenant reports `events` to it."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(index=True, max_length=100)
+    url: str = Field(max_length=2000)
+    events: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    description: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class WebhookSecret(SQLModel, table=True):
+    """A tenant's signing secret (`whsec_...`). After a rotation the previous one keeps
+    signing too (both signatures are sent) until `previous_expires_at`."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant: str = Field(primary_key=True, max_length=100)
+    secret: str = Field(max_length=100)
+    previous_secret: str | None = Field(default=None, max_length=100)
+    previous_expires_at: datetime | None = _ts(nullable=True)
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    rotated_at: datetime | None = _ts(nullable=True)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event to one URL, with its attempts. Written in the transaction of the
+    transition that caused it; `deliver_webhook` sends it (workers/webhooks.py)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_chain", "job_id", "url", "seq"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant_id", "tenant", "id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=100)
+    job_id: str = Field(max_length=40)
+    endpoint_id: str | None = Field(default=None, max_length=40)  # None: the job's own webhook_url
+    url: str = Field(max_length=2000)
+    event_id: str = Field(max_length=80)
+    event_type: str = Field(max_length=40)
+    seq: int
+    payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="pending", max_length=16)  # pending | delivered | exhausted
+    attempt_count: int = 0
+    next_attempt_at: datetime | None = _ts(nullable=True)  # also the lease of an attempt in flight
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=500)
+    attempts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    updated_at: datetime = _ts(nullable=False, default=utcnow)
+    delivered_at: datetime | None = _ts(nullable=True)
+
+
+class UsageRecord(SQLModel, table=True):
+    """One call served inline by the API (a chat completion): what it used and cost, against
+    the key and tenant. Written once, after the response is done (core/usage.py)."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_tenant_created", "tenant", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)  # the request id (also the slot's lease id)
+    tenant: str = Field(max_length=100)
+    key_id: str = Field(max_length=40)
+    kind: str = Field(default="chat", max_length=16)
+    model: str = Field(max_length=200)  # the catalog model asked for
+    deployment: str | None = Field(default=None, max_length=200)  # the one that answered (None: none did)
+    status: str = Field(max_length=16)  # succeeded | failed | incomplete (a stream that broke or was dropped)
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: int | None = None  # micro-USD at the deployment's price; None when it has none
+    # one entry per deployment tried: {deployment, model, started_at, duration_ms, error: {code, message} | None}
+    attempts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    error_code: str | None = Field(default=None, max_length=40)
+    duration_ms: int = 0
     created_at: datetime = _ts(nullable=False, default=utcnow)

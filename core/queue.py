@@ -12,9 +12,15 @@ from arq.connections import ArqRedis
 from core.settings import Settings
 
 
-async def enqueue_run(redis: ArqRedis, settings: Settings, job_id: str, modality: str, *, suffix: str = "") -> bool:
+async def enqueue_run(
+    redis: ArqRedis, settings: Settings, job_id: str, modality: str, *, suffix: str = "", delay: float = 0.0
+) -> bool:
     job = await redis.enqueue_job(
-        "run_job", job_id, _job_id=f"run:{job_id}{suffix}", _queue_name=settings.queue_for(modality)
+        "run_job",
+        job_id,
+        _job_id=f"run:{job_id}{suffix}",
+        _queue_name=settings.queue_for(modality),
+        _defer_by=delay or None,
     )
     return job is not None
 

@@ -16,6 +16,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from core.catalog import Catalog, load_catalog
 from core.db import Sessions, create_engine, sessionmaker
 from core.jobs import Ledger
+from core.limits import Limiter
 from core.settings import Settings
 
 
@@ -28,6 +29,7 @@ class Runtime:
     catalog: Catalog
     http: httpx.AsyncClient
     store: Any  # storage.BlobStore (typed as Any: core does not import storage)
+    limiter: Limiter  # per-deployment slots, rate windows, cooldowns: shared through Redis
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -53,4 +55,4 @@ async def open_runtime(settings: Settings, stack: AsyncExitStack, store: Any) ->
     await store.start()
     stack.push_async_callback(store.close)
     ledger = Ledger(sessions, redis, settings.redis_prefix)
-    return Runtime(settings, sessions, redis, ledger, catalog, http, store)
+    return Runtime(settings, sessions, redis, ledger, catalog, http, store, Limiter.from_settings(redis, settings))

@@ -105,7 +105,31 @@ class AudioInput(_Input):
         return self
 
 
-INPUT_SCHEMAS: dict[str, type[_Input]] = {"image": ImageInput, "video": VideoInput, "audio": AudioInput}
+class ChatMessage(BaseModel):
+    """One OpenAI chat message; content is text or OpenAI content parts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str, StringConstraints(max_length=200_000)] | list[dict[str, Any]] | None = None
+
+
+class TextInput(_Input):
+    """A chat completion run as a job (batch-style): OpenAI's request fields, minus streaming.
+    The job's output is the chat.completion JSON."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+
+
+INPUT_SCHEMAS: dict[str, type[_Input]] = {"image": ImageInput, "video": VideoInput, "audio": AudioInput, "text": TextInput}
+
+EventName = Literal["job.queued", "job.started", "job.progress", "job.output", "job.succeeded", "job.failed", "job.canceled"]
 
 Metadata = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=500)] | int | float | bool | None]
 
@@ -116,6 +140,12 @@ class JobCreate(BaseModel):
     model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     input: dict[str, Any]
     metadata: Metadata = Field(default_factory=dict)
+    webhook_url: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = Field(
+        default=None, description="http(s) URL called (signed, Standard Webhooks) with this job's events"
+    )
+    webhook_events: list[EventName] | None = Field(
+        default=None, max_length=7, description="events sent to webhook_url (default: the terminal ones)"
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -123,6 +153,12 @@ class JobCreate(BaseModel):
         if len(v) > 32:
             raise ValueError("at most 32 metadata keys")
         return v
+
+    @model_validator(mode="after")
+    def _events_need_url(self) -> JobCreate:
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        return self
 
 
 class AssetPublic(BaseModel):
@@ -148,6 +184,16 @@ class ErrorPublic(BaseModel):
     details: Any = None
 
 
+class AttemptPublic(BaseModel):
+    """One submit of the job to a deployment: where, how long, and how it failed if it did."""
+
+    deployment: str
+    model: str | None = None  # the model it served: the requested one, or a fallback
+    started_at: datetime | None = None
+    duration_ms: int | None = None
+    error: ErrorPublic | None = None
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -162,6 +208,7 @@ class JobPublic(BaseModel):
     error: ErrorPublic | None = None
     deployment: str | None = None
     attempt: int
+    attempts: list[AttemptPublic] = Field(default_factory=list)
     idempotency_key: str | None = None
     created_at: datetime
     updated_at: datetime
@@ -189,3 +236,68 @@ class ModelPublic(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelPublic]
+
+
+# webhooks --------------------------------------------------------------------------------
+class WebhookEndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    events: list[EventName] = Field(
+        default_factory=lambda: ["job.succeeded", "job.failed", "job.canceled"], min_length=1, max_length=7
+    )
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class WebhookEndpointPublic(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[str]
+    description: str | None = None
+    created_at: datetime
+
+
+class WebhookEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpointPublic]
+
+
+class WebhookSecretPublic(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str
+    previous_secret: str | None = None
+    previous_expires_at: datetime | None = None
+    rotated_at: datetime | None = None
+
+
+class WebhookAttemptPublic(BaseModel):
+    at: datetime
+    status_code: int | None = None
+    latency_ms: int
+    error: str | None = None
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: str
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    job_id: str
+    endpoint_id: str | None = None
+    url: str
+    event_id: str
+    event_type: str
+    seq: int
+    status: str
+    attempt_count: int
+    next_attempt_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    attempts: list[WebhookAttemptPublic]
+    created_at: datetime
+    delivered_at: datetime | None = None
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryPublic]
+    next_cursor: str | None = None

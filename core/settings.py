@@ -6,9 +6,11 @@ worker's startup and passed down.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,6 +60,40 @@ class Settings(BaseSettings):
     http_timeout_seconds: float = 60.0
     poll_error_limit: int = 5  # consecutive failed polls before a job fails
 
+    # events, websockets/SSE, webhooks (core/events.py, api/events.py, core/webhooks.py)
+    event_stream_maxlen: int = 1000  # events kept per job stream (approximate trim)
+    event_retention_seconds: int = 86400  # a job's stream expires this long after its last event
+    ws_queue_size: int = 256  # events buffered per websocket/SSE client; past it the client is cut off (4408)
+    ws_send_timeout_seconds: float = 10.0  # a send blocked this long also counts as a slow client
+    ws_ping_seconds: float = 20.0
+    ws_recheck_seconds: float = 5.0  # an idle subscriber re-reads the job's stream this often
+    webhook_timeout_seconds: float = 10.0
+    # retry delays after each failed attempt; the default reaches ~23.7 h, then `exhausted`
+    webhook_backoff_seconds: list[float] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
+    webhook_max_response_bytes: int = 16384  # read (and keep a snippet of) at most this much
+    webhook_allowlist: list[str] = []  # CIDRs admitted although private/loopback, e.g. ["127.0.0.1/32"]
+    webhook_secret_rotation_seconds: int = 86400  # the previous secret keeps signing this long
+    webhook_endpoint_cache_seconds: float = 5.0  # how soon a new tenant endpoint is seen by every process
+    submit_attempts: int = 4  # tries of a create the provider refused with 429/5xx or never received
+    submit_backoff_seconds: float = 1.0  # first retry delay; doubles, with jitter, up to 60 s
+
+    # routing: limits and health shared in Redis (core/router.py, core/limits.py)
+    router_backoff_cap_seconds: float = 60.0  # longest jittered delay between attempts
+    router_max_retry_after_seconds: float = 300.0  # a provider's Retry-After is honoured up to this
+    router_cooldown_failures: int = 3  # consecutive counted failures that open a deployment's breaker
+    router_cooldown_seconds: float = 30.0  # how long an opened breaker keeps the deployment out
+    router_failure_window_seconds: float = 60.0  # failures further apart than this do not add up
+    router_lease_seconds: float = 300.0  # a concurrency slot frees itself this long after its last renewal
+
+    @field_validator("webhook_backoff_seconds", "webhook_allowlist", mode="before")
+    @classmethod
+    def _list(cls, v: Any) -> Any:
+        """Lists come from the environment as JSON (`["127.0.0.1/32"]`); a string given in
+        code may also be JSON or comma-separated."""
+        if isinstance(v, str):
+            return json.loads(v) if v.strip().startswith("[") else [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir}/genroute.db"
 
@@ -78,7 +114,7 @@ class Settings(BaseSettings):
         return f"{self.redis_prefix}:job:{job_id}"
 
 
-QUEUES = ("media", "video")  # slow video work never starves images and audio
+QUEUES = ("media", "video", "webhooks")  # slow video never starves images, audio or webhooks
 
 
 def queue_name(prefix: str, queue: str) -> str:

@@ -80,6 +80,26 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError(f"api did not start:\n{self.log('api')}")
 
+    def start_api_replica(self, name: str, **env: str) -> str:
+        """Another `genroute api` process on its own port, sharing the stack's DB and Redis
+        (GENROUTE_* overrides in `env`, e.g. ws_queue_size="8"). Returns its base URL."""
+        port = free_port()
+        extra = {f"GENROUTE_{k.upper()}": v for k, v in env.items()}
+        self._spawn(name, "api", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
+                    extra_env=extra)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            if self.procs[name].poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not start:\n{self.log(name)}")
+
     def start_worker(self, name: str = "worker", *args: str, **env: str) -> subprocess.Popen[bytes]:
         proc = self._spawn(name, "worker", *args, extra_env=env)
         time.sleep(0.2)
@@ -119,9 +139,11 @@ class Stack:
 
 
 async def make_stack(root: Path, *, redis_url: str, database_url: str = "", storage: str = "local",
-                     s3: Any = None, tenants: tuple[str, ...] = ("alice", "bob"), **extra: str) -> Stack:
+                     s3: Any = None, tenants: tuple[str, ...] = ("alice", "bob"), catalog: Path | None = None,
+                     env: dict[str, str] | None = None, **extra: str) -> Stack:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    extra_env = env or {}
     env = {
         "GENROUTE_DATA_DIR": str(root / "data"),
         "GENROUTE_REDIS_URL": redis_url,
@@ -129,7 +151,7 @@ async def make_stack(root: Path, *, redis_url: str, database_url: str = "", stor
         "GENROUTE_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "GENROUTE_SECRET_KEY": uuid.uuid4().hex,
         "GENROUTE_STORAGE": storage,
-        "GENROUTE_CATALOG": str(write_catalog(root / "catalog.yaml", root / "submits.log")),
+        "GENROUTE_CATALOG": str(catalog or write_catalog(root / "catalog.yaml", root / "submits.log")),
         "GENROUTE_WORKER_POLL_DELAY": "0.05",
         "GENROUTE_RECONCILE_EVERY_SECONDS": "1",
         "GENROUTE_RECONCILE_GRACE_SECONDS": "2",
@@ -147,6 +169,7 @@ async def make_stack(root: Path, *, redis_url: str, database_url: str = "", stor
             GENROUTE_S3_CREATE_BUCKET="true",
         )
     env.update({f"GENROUTE_{k.upper()}": v for k, v in extra.items()})
+    env.update(extra_env)
     stack = Stack(root=root, env=env, api_url=f"http://127.0.0.1:{port}")
     settings = stack.settings()
     await asyncio.to_thread(upgrade, settings)

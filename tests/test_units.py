@@ -27,7 +27,8 @@ def test_transition_table() -> None:
     assert can_transition(JobStatus.running, JobStatus.running)  # progress / handle updates
     assert can_transition(JobStatus.queued, JobStatus.canceled)
     assert not can_transition(JobStatus.queued, JobStatus.succeeded)  # success needs a run
-    assert ALLOWED_FROM[JobStatus.queued] == frozenset()  # nothing goes back to queued
+    # back to queued only for a submit retry; queued -> queued says why a job waits
+    assert ALLOWED_FROM[JobStatus.queued] == frozenset({JobStatus.running, JobStatus.queued})
 
 
 def test_prefer_wait_parsing() -> None:
@@ -43,7 +44,8 @@ def test_prefer_wait_parsing() -> None:
 
 def test_default_catalog_loads() -> None:
     cat = load_catalog()
-    assert {m.id for m in cat.models} == {"local-image", "local-video", "local-audio"}
+    assert {"local-image", "local-video", "local-audio"} <= {m.id for m in cat.models}
+    assert all(d.adapter == "local" for m in cat.models for d in m.deployments)  # no keys needed
 
 
 @pytest.mark.parametrize(
@@ -98,3 +100,15 @@ def test_docker_compose_describes_the_production_stack() -> None:
         out = subprocess.run([docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
                              capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
+
+
+def test_catalog_check_command(tmp_path: Path) -> None:
+    import sys
+
+    exe = Path(sys.executable).parent / "genroute"
+    ok = subprocess.run([str(exe), "catalog", "check", str(ROOT / "examples" / "catalog.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - {id: a, modality: image, deployments: [{name: d, adapter: nope, model: m}]}\n")
+    out = subprocess.run([str(exe), "catalog", "check", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1 and "models[0].deployments[0].adapter" in out.stderr and "nope" in out.stderr

@@ -1,4 +1,4 @@
-"""Running workers: one ARQ Worker per queue (media, video), sharing one Runtime.
+"""Running workers: one ARQ Worker per queue (media, video, webhooks), sharing one Runtime.
 
 `genroute worker` runs them in their own process; `genroute dev` runs them beside the API.
 """
@@ -17,6 +17,7 @@ from core.runtime import Runtime, open_runtime
 from core.settings import Settings, queue_name
 from storage import build_store
 from workers.tasks import cancel_job, poll_job, reconcile, run_job
+from workers.webhooks import deliver_webhook
 
 log = logging.getLogger("genroute.worker")
 
@@ -29,6 +30,7 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
         func(run_job, name="run_job", keep_result=0, timeout=timeout, max_tries=20),
         func(poll_job, name="poll_job", keep_result=0, timeout=timeout, max_tries=20),
         func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),
+        func(deliver_webhook, name="deliver_webhook", keep_result=0, timeout=int(s.webhook_timeout_seconds) * 3 + 30, max_tries=5),
     ]
     every = max(1, s.reconcile_every_seconds)
     crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)), run_at_startup=True, keep_result=0, timeout=timeout)]
@@ -56,6 +58,7 @@ async def serve_workers(settings: Settings, queues: list[str] | None = None, *, 
     """Run the workers until cancelled, then close them and the runtime."""
     async with AsyncExitStack() as stack:
         rt = await open_runtime(settings, stack, build_store(settings))
+        rt.ledger.configure(settings)
         workers = build_workers(rt, queues)
         log.info("worker listening on %s (max_jobs=%d)", [w.queue_name for w in workers], settings.worker_max_jobs)
         if ready is not None:

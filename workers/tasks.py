@@ -14,18 +14,21 @@ re-enqueue) stop instead of forking the poll chain.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from datetime import timedelta
 from typing import Any, TypedDict
 
 from adapters.base import Adapter
 from adapters.registry import UnknownAdapter, build_adapter
-from core.catalog import Deployment
+from core.callbacks import callback_key, callback_secret, callback_url, load_result
+from core.catalog import Deployment, Model
 from core.errors import ErrorCode, ProviderError
 from core.jobs import TERMINAL, JobStatus
 from core.models import Asset, Job, utcnow
 from core.queue import enqueue_poll, enqueue_run
-from core.routing import NoDeployment, route
+from core.limits import Denied, Lease
+from core.router import can_fall_back, plan, reachable
 from core.runtime import Runtime
 from core.types import Done, Failed, OutputRef, Pending, ProviderRequest
 from storage import StorageError, store_output
@@ -47,15 +50,21 @@ def _adapter(ctx: Ctx, dep: Deployment) -> Adapter:
 
 
 def _deployment(rt: Runtime, job: Job) -> Deployment | None:
-    model = rt.catalog.get(job.model)
-    if model is None:
-        return None
-    return next((d for d in model.deployments if d.name == job.deployment), None)
+    return rt.catalog.deployment(job.deployment)  # it may serve a fallback model
 
 
-async def _fail(rt: Runtime, job: Job, code: ErrorCode, message: str, detail: Any = None) -> None:
-    changes: dict[str, Any] = {"error_detail": detail} if detail is not None else {}
-    await rt.ledger.transition(job.id, JobStatus.failed, error=(code, message), **changes)
+async def _fail(rt: Runtime, job: Job, code: ErrorCode, message: str, detail: Any = None, **changes: Any) -> None:
+    if detail is not None:
+        changes["error_detail"] = detail
+    failed = await rt.ledger.transition(job.id, JobStatus.failed, error=(code, message), **changes)
+    if failed is not None:
+        await _release(rt, failed)
+
+
+async def _release(rt: Runtime, job: Job, *, success: bool = False) -> None:
+    """Free the job's concurrency slot at its deployment (idempotent: lease id = job id)."""
+    if job.deployment:
+        await rt.limiter.release(job.deployment, job.id, success=success)
 
 
 async def run_job(ctx: Ctx, job_id: str) -> None:
@@ -74,24 +83,88 @@ async def run_job(ctx: Ctx, job_id: str) -> None:
     if model is None:
         await _fail(rt, job, ErrorCode.invalid_input, f"model {job.model!r} is no longer in the catalog")
         return
-    try:
-        dep = route(model)
-        adapter = _adapter(ctx, dep)
-    except (NoDeployment, UnknownAdapter) as exc:
-        await _fail(rt, job, ErrorCode.provider_unavailable, str(exc))
+    await _route_and_submit(ctx, job, model)
+
+
+async def _route_and_submit(ctx: Ctx, job: Job, model: Model) -> None:
+    """Plan deployments (strategy, health, limits, capabilities: core.router), take a slot
+    (core.limits, shared by every process) and submit; on an error that allows it, fall
+    back to the next candidate at once. Every submit is recorded in `job.attempts`."""
+    rt = ctx["rt"]
+    cat = rt.catalog
+    snap = await rt.limiter.snapshot(reachable(model, cat), catalog_version=cat.version)
+    p = plan(model, job.input, snap.states, now=snap.now, catalog=cat)
+    if p.status == "unavailable":
+        await _fail(rt, job, ErrorCode.provider_unavailable, p.message())
         return
-    started = await rt.ledger.transition(
-        job.id,
-        JobStatus.running,
-        expect_version=job.version,
-        deployment=dep.name,
-        attempt=job.attempt + 1,
-        progress_message="submitting",
-        queue_position=None,
-    )
-    if started is None:  # canceled meanwhile, or another worker got here first
+    attempts = list(job.attempts or [])
+    last: tuple[Adapter, ProviderError] | None = None
+    for i, cand in enumerate(p.candidates):
+        dep = cand.deployment
+        if isinstance(await rt.limiter.acquire(dep, lease_id=job.id, tokens=cand.estimated_tokens), Denied):
+            continue  # taken since the snapshot
+        try:
+            adapter = _adapter(ctx, dep)
+        except UnknownAdapter as exc:
+            await rt.limiter.release(dep.name, job.id)
+            attempts.append(_attempt(dep, cand.model.id, error=(ErrorCode.provider_unavailable, str(exc))))
+            continue
+        attempts.append(_attempt(dep, cand.model.id))
+        started = await rt.ledger.transition(
+            job.id,
+            JobStatus.running,
+            expect_version=job.version,
+            deployment=dep.name,
+            attempt=job.attempt + 1,
+            attempts=attempts,
+            progress_message=f"submitting to {dep.name}" + (f" (fallback for {model.id})" if cand.fallback else ""),
+            queue_position=None,
+        )
+        if started is None:  # canceled meanwhile, or another run started it
+            now = await rt.ledger.get(job.id)
+            if now is None or now.status != JobStatus.running:
+                await rt.limiter.release(dep.name, job.id)
+            return
+        job = started
+        t0 = time.monotonic()
+        try:
+            result = await adapter.submit(_request(rt, job, dep))
+        except ProviderError as exc:
+            await rt.limiter.release(dep.name, job.id)
+            await rt.limiter.record_error(dep, exc, catalog_version=cat.version)
+            attempts[-1].update(duration_ms=_ms(t0), error={"code": exc.code.value, "message": exc.message[:500]})
+            if can_fall_back(exc) and i + 1 < len(p.candidates):
+                last = (adapter, exc)
+                continue
+            await _submit_failed(rt, job, adapter, exc, attempts=attempts)
+            return
+        except Exception as exc:  # an adapter bug must not strand the job
+            log.exception("submit of job %s to %s crashed", job.id, dep.name)
+            attempts[-1].update(duration_ms=_ms(t0), error={"code": "internal", "message": type(exc).__name__})
+            await _fail(rt, job, ErrorCode.internal, f"adapter {dep.adapter} crashed: {type(exc).__name__}", attempts=attempts)
+            return
+        attempts[-1]["duration_ms"] = _ms(t0)
+        await _submitted(rt, job, adapter, result, attempts)
         return
-    await _submit(ctx, started, dep, adapter)
+    if last is not None:  # every candidate tried failed in a way that allowed falling back
+        await _submit_failed(rt, job, last[0], last[1], attempts=attempts)
+        return
+    # nothing could take it now (slots, rate windows, cooldowns): it waits, queued, visibly
+    delay = min(2.0, max(0.2, (p.retry_at - snap.now) if p.retry_at else 1.0))
+    if job.status == JobStatus.queued and job.progress_message != p.message():
+        await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=p.message())
+    await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=f":w{time.time_ns()}", delay=delay)
+
+
+def _attempt(dep: Deployment, model_id: str, error: tuple[ErrorCode, str] | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"deployment": dep.name, "model": model_id, "started_at": utcnow().isoformat()}
+    if error is not None:
+        entry.update(duration_ms=0, error={"code": error[0].value, "message": error[1][:500]})
+    return entry
+
+
+def _ms(t0: float) -> int:
+    return int((time.monotonic() - t0) * 1000)
 
 
 async def _resume(ctx: Ctx, job: Job) -> None:
@@ -100,6 +173,8 @@ async def _resume(ctx: Ctx, job: Job) -> None:
     if job.provider_handle is not None:
         await enqueue_poll(rt.redis, rt.settings, job.id, job.modality, job.poll_seq, delay=0, suffix=":resume")
         return
+    if utcnow() - job.updated_at < timedelta(seconds=rt.settings.task_timeout_seconds):
+        return  # another run may still be inside its submit; the reconciler comes back later
     dep = _deployment(rt, job)
     if dep is None:
         await _fail(rt, job, ErrorCode.internal, f"deployment {job.deployment!r} left the catalog mid-job")
@@ -119,26 +194,37 @@ async def _resume(ctx: Ctx, job: Job) -> None:
         await _submit(ctx, again, dep, adapter)
 
 
-async def _submit(ctx: Ctx, job: Job, dep: Deployment, adapter: Adapter) -> None:
-    rt = ctx["rt"]
-    request = ProviderRequest(
+def _request(rt: Runtime, job: Job, dep: Deployment) -> ProviderRequest:
+    s = rt.settings
+    wants_callbacks = bool(dep.options.get("callbacks")) and bool(s.secret_key)
+    return ProviderRequest(
         job_id=job.id,
         tenant=job.tenant,
         modality=job.modality,
         provider_model=dep.model,
         input=job.input,
         options=dep.options,
+        callback_url=callback_url(s.public_url, s.secret_key, dep.adapter, job.id) if wants_callbacks else None,
+        callback_secret=callback_secret(s.secret_key, job.id) if wants_callbacks else None,
     )
+
+
+async def _submit(ctx: Ctx, job: Job, dep: Deployment, adapter: Adapter) -> None:
+    """Resend an interrupted submit (only for adapters that cannot create a duplicate)."""
+    rt = ctx["rt"]
     try:
-        result = await adapter.submit(request)
+        result = await adapter.submit(_request(rt, job, dep))
     except ProviderError as exc:
-        await _fail(rt, job, exc.code, exc.message, exc.detail)
+        await _submit_failed(rt, job, adapter, exc)
         return
     except Exception as exc:  # an adapter bug must not strand the job
         log.exception("submit of job %s to %s crashed", job.id, dep.name)
         await _fail(rt, job, ErrorCode.internal, f"adapter {dep.adapter} crashed: {type(exc).__name__}")
         return
+    await _submitted(rt, job, adapter, result, list(job.attempts or []))
 
+
+async def _submitted(rt: Runtime, job: Job, adapter: Adapter, result: Pending | Done, attempts: list[dict[str, Any]]) -> None:
     # The handle is saved before anything else, so a crash from here on resumes, never resubmits.
     if isinstance(result, Pending):
         saved = await rt.ledger.transition(
@@ -151,10 +237,14 @@ async def _submit(ctx: Ctx, job: Job, dep: Deployment, adapter: Adapter) -> None
             progress_message=result.message,
             queue_position=result.queue_position,
             next_poll_at=utcnow() + timedelta(seconds=result.poll_after),
+            attempts=attempts,
         )
         if saved is None:  # canceled while we were submitting: tell the provider
             await _cancel_quietly(adapter, result.handle)
+            await _release(rt, job)
             return
+        if job.deployment:
+            await rt.limiter.record_success(job.deployment)  # the slot stays held until the end
         await enqueue_poll(rt.redis, rt.settings, job.id, job.modality, 1, delay=result.poll_after)
         return
 
@@ -163,11 +253,42 @@ async def _submit(ctx: Ctx, job: Job, dep: Deployment, adapter: Adapter) -> None
         JobStatus.running,
         expect_version=job.version,
         provider_handle=result.handle or {"done_at_submit": True},
+        attempts=attempts,
         progress_message="storing outputs",
         next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
     )
     if saved is not None:
         await _finish(rt, saved, result)
+
+
+async def _submit_failed(
+    rt: Runtime, job: Job, adapter: Adapter, exc: ProviderError, *, attempts: list[dict[str, Any]] | None = None
+) -> None:
+    """A create failed. Retry it only when it provably started nothing upstream."""
+    s = rt.settings
+    extra: dict[str, Any] = {"attempts": attempts} if attempts is not None else {}
+    if exc.retryable and not (exc.resend_safe or adapter.idempotent_submit):
+        await _fail(
+            rt, job, ErrorCode.provider_unavailable,
+            f"{exc.message}; the request may have reached the provider, so it was not resent "
+            "(a second create could run and bill the job twice)", exc.detail, **extra,
+        )
+        return
+    if exc.retryable and job.attempt < s.submit_attempts:
+        backoff = s.submit_backoff_seconds * 2 ** (job.attempt - 1) * random.uniform(0.8, 1.2)
+        delay = min(60.0, max(exc.retry_after or 0.0, backoff))
+        waiting = await rt.ledger.transition(
+            job.id,
+            JobStatus.queued,
+            expect_version=job.version,
+            progress_message=f"attempt {job.attempt} refused ({exc.code.value}: {exc.message[:200]}); retrying in {delay:.1f}s",
+            next_poll_at=utcnow() + timedelta(seconds=delay),  # the reconciler waits for it too
+            **extra,
+        )
+        if waiting is not None:
+            await enqueue_run(rt.redis, s, job.id, job.modality, suffix=f":retry{job.attempt}", delay=delay)
+        return
+    await _fail(rt, job, exc.code, exc.message, exc.detail, **extra)
 
 
 async def poll_job(ctx: Ctx, job_id: str, seq: int) -> None:
@@ -184,8 +305,11 @@ async def poll_job(ctx: Ctx, job_id: str, seq: int) -> None:
         await _cancel_quietly(adapter, job.provider_handle)
         await _fail(rt, job, ErrorCode.timeout, f"the provider did not finish before the job's deadline ({job.deadline_at.isoformat()})")
         return
+    if job.deployment:  # a long provider task keeps its slot: renew the lease
+        await rt.limiter.renew(Lease(job.deployment, job.id, 0.0))
     try:
-        result = await adapter.poll(job.provider_handle)
+        handed = await rt.redis.getdel(callback_key(rt.settings.redis_prefix, job.id))
+        result = load_result(handed) if handed else await adapter.poll(job.provider_handle)
     except ProviderError as exc:
         if exc.retryable and job.poll_errors + 1 < rt.settings.poll_error_limit:
             delay = max(exc.retry_after or 0.0, min(60.0, 2.0 ** (job.poll_errors + 1)))
@@ -277,7 +401,9 @@ async def _finish(rt: Runtime, job: Job, done: Done) -> None:
     except StorageError as exc:
         await _fail(rt, job, ErrorCode(exc.code), str(exc))
         return
-    await rt.ledger.transition(job.id, JobStatus.succeeded, assets=assets, progress_message="done")
+    done = await rt.ledger.transition(job.id, JobStatus.succeeded, assets=assets, progress_message="done")
+    if done is not None:
+        await _release(rt, done, success=True)
 
 
 async def cancel_job(ctx: Ctx, job_id: str) -> None:
@@ -289,6 +415,7 @@ async def cancel_job(ctx: Ctx, job_id: str) -> None:
     dep = _deployment(rt, job)
     if dep is not None:
         await _cancel_quietly(_adapter(ctx, dep), job.provider_handle)
+    await _release(rt, job)
 
 
 async def _cancel_quietly(adapter: Adapter, handle: dict[str, Any]) -> None:
@@ -330,6 +457,8 @@ async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
         if job.deadline_at is not None and now >= job.deadline_at:
             await _fail(rt, job, ErrorCode.timeout, "the job passed its deadline while queued")
             counts["timed_out"] += 1
+        elif job.next_poll_at is not None and job.next_poll_at > stale:
+            continue  # a submit retry is scheduled for then
         elif await enqueue_run(rt.redis, s, job.id, job.modality):
             counts["requeued"] += 1
     for job in running:
@@ -341,6 +470,10 @@ async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
             # a submit that never reported back: run_job decides whether it may be resent
             await enqueue_run(rt.redis, s, job.id, job.modality, suffix=tag)
             counts["resubmitted"] += 1
+    # webhook deliveries that are due but whose deferred task was lost (Redis flushed, worker killed)
+    from workers.webhooks import due_deliveries
+
+    counts["webhooks"] = await due_deliveries(rt, older_than=s.reconcile_grace_seconds, limit=limit)
     if any(counts.values()):
         log.info("reconciler: %s", counts)
     return counts

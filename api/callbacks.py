@@ -1,0 +1,72 @@
+"""Provider webhooks: `POST /v1/callbacks/{provider}/{token}`.
+
+The token names the job and proves we issued it (core.callbacks). The job's adapter
+verifies the provider's signature (Standard Webhooks for Replicate, Ed25519 for fal,
+HMAC for BFL). A final result is handed to the worker, which stores the outputs and
+finishes the job exactly once; polling stays on as the fallback. Unverified or replayed
+callbacks get 401 and leave the job untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from adapters.base import Adapter
+from adapters.registry import UnknownAdapter, build_adapter
+from api.deps import RuntimeDep
+from core.callbacks import callback_key, callback_secret, dump_result, job_id_from_token
+from core.errors import ProviderError, ProviderErrorKind, Unauthorized
+from core.jobs import JobStatus
+from core.queue import enqueue_poll
+from core.types import Pending
+
+router = APIRouter(tags=["callbacks"])
+
+REPLAY_WINDOW_SECONDS = 900
+
+
+@router.post("/v1/callbacks/{provider}/{token}")
+async def receive_callback(provider: str, token: str, request: Request, rt: RuntimeDep) -> JSONResponse:
+    s = rt.settings
+    job_id = job_id_from_token(s.secret_key, token) if s.secret_key else None
+    job = await rt.ledger.get(job_id) if job_id else None
+    model = rt.catalog.get(job.model) if job else None
+    dep = next((d for d in model.deployments if d.name == job.deployment), None) if job and model else None
+    if job is None or dep is None or dep.adapter != provider:
+        raise Unauthorized("unknown callback address")
+    if job.status != JobStatus.running or job.provider_handle is None:
+        return JSONResponse({"status": "ignored", "reason": f"job is {job.status}"})
+    body = await request.body()
+    try:
+        # one adapter per deployment per process, so what it caches (an account's webhook
+        # secret, a JWKS) is fetched once, not on every callback
+        adapters: dict[str, Adapter] = request.app.state.callback_adapters
+        adapter = adapters.get(dep.name) or adapters.setdefault(dep.name, build_adapter(dep, rt.http))
+        result = await adapter.verify_callback(dict(request.headers), body, job.provider_handle, callback_secret(s.secret_key, job.id))
+    except UnknownAdapter:
+        raise Unauthorized("unknown callback address") from None
+    except ProviderError as exc:
+        if exc.kind is ProviderErrorKind.auth:
+            raise Unauthorized(f"callback signature does not verify: {exc.message}") from None
+        raise
+    # A verified body seen before is a replay (providers re-send only what we did not 2xx).
+    digest = hashlib.sha256(token.encode() + b"\n" + body).hexdigest()
+    if not await rt.redis.set(f"{s.redis_prefix}:callback-seen:{digest}", "1", nx=True, ex=REPLAY_WINDOW_SECONDS):
+        raise Unauthorized("callback already received (replay)")
+    if result is None:
+        return JSONResponse({"status": "ok"})
+    if isinstance(result, Pending):
+        await rt.ledger.transition(
+            job.id,
+            JobStatus.running,
+            progress=result.progress if result.progress is not None else job.progress,
+            progress_message=result.message,
+            queue_position=result.queue_position,
+        )
+        return JSONResponse({"status": "ok"})
+    await rt.redis.set(callback_key(s.redis_prefix, job.id), dump_result(result), ex=3600)
+    await enqueue_poll(rt.redis, s, job.id, job.modality, job.poll_seq, delay=0, suffix=":cb")
+    return JSONResponse({"status": "accepted"}, status_code=202)

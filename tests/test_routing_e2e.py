@@ -1,0 +1,120 @@
+"""The router in the running system: fallback on a failing deployment with the attempt
+history on the job, priority keeping traffic on a healthy primary, and a concurrency limit
+that holds across two worker processes (the provider's fake records its peak)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.fakes import bfl
+from tests.fakes.server import free_port, serve
+from tests.stack import Stack, make_stack
+
+KEY = "bfl-routing"
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[str]:
+    with ExitStack() as stack:
+        poll_port = free_port()
+        app = bfl.create_app(api_key=KEY, polling_base=f"http://127.0.0.1:{poll_port}")
+        url = stack.enter_context(serve(app))
+        stack.enter_context(serve(app, port=poll_port))
+        yield url
+
+
+def _catalog(path: Path, bfl_url: str, submit_log: Path) -> Path:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connect refused, provably not sent
+    local = {"adapter": "local", "options": {"submit_log": str(submit_log)}}
+    fast = {"poll_interval": 0.05}
+    data = {"models": [
+        {"id": "fallback-image", "modality": "image", "deployments": [
+            {"name": "dead-bfl", "adapter": "bfl", "model": "flux-pro-1.1", "base_url": dead, "api_key_env": "E2E_BFL_KEY"},
+            {"name": "local-backup", "model": "image", **local},
+        ]},
+        {"id": "dead-only", "modality": "image", "fallback_models": ["local-image"], "deployments": [
+            {"name": "dead-bfl-2", "adapter": "bfl", "model": "flux-pro-1.1", "base_url": dead, "api_key_env": "E2E_BFL_KEY"},
+        ]},
+        {"id": "local-image", "modality": "image", "deployments": [{"name": "local-image", "model": "image", **local}]},
+        {"id": "two-locals", "modality": "image", "strategy": "priority", "deployments": [
+            {"name": "local-primary", "model": "image", "priority": 0, **local},
+            {"name": "local-secondary", "model": "image", "priority": 1, **local},
+        ]},
+        {"id": "limited-flux", "modality": "image", "deployments": [
+            {"name": "bfl-limited", "adapter": "bfl", "model": "flux-pro-1.1", "base_url": bfl_url,
+             "api_key_env": "E2E_BFL_KEY", "limits": {"max_concurrency": 3}, "options": fast},
+        ]},
+    ]}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+async def stack(fake: str, tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> AsyncIterator[Stack]:
+    root = tmp_path_factory.mktemp("routing")
+    st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=_catalog(root / "catalog.yaml", fake, root / "submits.log"),
+                          env={"E2E_BFL_KEY": KEY})
+    st.start_api()
+    st.start_worker("worker1")
+    st.start_worker("worker2")
+    try:
+        yield st
+    finally:
+        st.stop()
+
+
+async def _run(c: httpx.AsyncClient, model: str, prompt: str = "a fox") -> dict[str, Any]:
+    r = await c.post("/v1/jobs", json={"model": model, "input": {"prompt": prompt, "size": "1024x768"}}, headers={"Prefer": "wait=40"})
+    return r.json()
+
+
+async def test_failing_deployment_falls_back_and_the_attempts_show_both(stack: Stack) -> None:
+    async with stack.client() as c:
+        job = await _run(c, "fallback-image")
+    assert job["status"] == "succeeded" and job["deployment"] == "local-backup", job
+    first, second = job["attempts"]
+    assert first["deployment"] == "dead-bfl" and first["error"]["code"] == "provider_unavailable"
+    assert second["deployment"] == "local-backup" and second["error"] is None
+    assert first["duration_ms"] is not None and second["started_at"]
+
+
+async def test_fallback_model_serves_when_all_deployments_fail(stack: Stack) -> None:
+    async with stack.client() as c:
+        job = await _run(c, "dead-only")
+    assert job["status"] == "succeeded" and job["deployment"] == "local-image", job
+    assert [a["model"] for a in job["attempts"]] == ["dead-only", "local-image"]
+
+
+async def test_priority_keeps_all_traffic_on_a_healthy_primary(stack: Stack) -> None:
+    async with stack.client() as c:
+        jobs = await asyncio.gather(*(_run(c, "two-locals", f"p{i}") for i in range(10)))
+    assert {j["deployment"] for j in jobs} == {"local-primary"}, [j["deployment"] for j in jobs]
+
+
+async def test_concurrency_limit_holds_across_two_worker_processes(stack: Stack, fake: str) -> None:
+    async with httpx.AsyncClient() as h:
+        await h.post(f"{fake}/_control/reset")
+    async with stack.client() as c:
+        rs = await asyncio.gather(*(c.post("/v1/jobs", json={"model": "limited-flux", "input": {"prompt": f"fox {i} [slow]"}})
+                                    for i in range(10)))
+        ids = [r.json()["id"] for r in rs]
+        waiting_seen = False
+        for _ in range(400):
+            jobs = [(await c.get(f"/v1/jobs/{i}")).json() for i in ids]
+            waiting_seen |= any(j["status"] == "queued" and "waiting for a free slot" in (j["progress"]["message"] or "") for j in jobs)
+            if all(j["status"] in ("succeeded", "failed") for j in jobs):
+                break
+            await asyncio.sleep(0.1)
+    assert {j["status"] for j in jobs} == {"succeeded"}, [(j["status"], j["error"]) for j in jobs]
+    async with httpx.AsyncClient() as h:
+        stats = (await h.get(f"{fake}/_control/stats")).json()
+    assert stats["creates"] == 10 and stats["peak_inflight"] == 3, stats
+    assert waiting_seen, "jobs waiting for a slot should say so while queued"
