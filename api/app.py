@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from api import errors
 from api.deps import KeyCache
 from api.events import router as events_router
+from api.admin import router as admin_router
 from api.callbacks import router as callbacks_router
 from api.chat import router as chat_router
 from api.openai_media import router as openai_media_router
@@ -20,7 +21,7 @@ from api.webhooks import router as webhooks_router
 from api.limits import BodyLimit
 from api.meta import router as meta_router
 from core.events import EventHub
-from core.runtime import open_runtime
+from core.runtime import open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings
 from storage import build_store
 
@@ -33,6 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with AsyncExitStack() as stack:
             app.state.runtime = rt = await open_runtime(s, stack, build_store(s))
             rt.ledger.configure(s)
+            watch_sighup(rt)
+            stack.callback(unwatch_sighup, rt)
             app.state.key_cache = KeyCache(s.key_cache_seconds)
             app.state.callback_adapters = {}  # deployment name -> adapter (api/callbacks.py)
             hub = EventHub(rt.redis, f"{s.redis_prefix}:hub")  # one pub/sub connection for all subscribers
@@ -54,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events_router)
     app.include_router(webhooks_router)
     app.include_router(callbacks_router)
+    app.include_router(admin_router)
     app.include_router(chat_router)  # OpenAI-compatible: errors in OpenAI's shape
     app.include_router(openai_media_router)
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)

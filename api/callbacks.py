@@ -44,7 +44,8 @@ async def receive_callback(provider: str, token: str, request: Request, rt: Runt
         # one adapter per deployment per process, so what it caches (an account's webhook
         # secret, a JWKS) is fetched once, not on every callback
         adapters: dict[str, Adapter] = request.app.state.callback_adapters
-        adapter = adapters.get(dep.name) or adapters.setdefault(dep.name, build_adapter(dep, rt.http))
+        key = f"{rt.catalog.version}:{dep.name}"  # a reloaded catalog builds fresh adapters
+        adapter = adapters.get(key) or adapters.setdefault(key, build_adapter(dep, rt.http))
         result = await adapter.verify_callback(dict(request.headers), body, job.provider_handle, callback_secret(s.secret_key, job.id))
     except UnknownAdapter:
         raise Unauthorized("unknown callback address") from None

@@ -34,6 +34,13 @@ async def list_models(rt: RuntimeDep, _: PrincipalDep) -> ModelList:
                 parameters=_parameters(m.modality),
                 capabilities=m.capabilities.model_dump(exclude_none=True),
                 providers=sorted({d.adapter for d in m.deployments}),
+                strategy=m.strategy,
+                deployments=[
+                    {"name": d.name, "provider": d.adapter, "model": d.model,
+                     "price": d.price.model_dump(exclude_defaults=True) if d.price else None}
+                    for d in m.deployments
+                ],
+                fallback_models=list(m.fallback_models),
             )
             for m in rt.catalog.models
         ]

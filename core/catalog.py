@@ -281,6 +281,22 @@ def _capability_problems(caps: Capabilities, data: dict[str, Any]) -> list[dict[
     return out
 
 
+def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
+    """The 1-based line in the YAML source of the deepest node `loc` reaches."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
 def load_catalog(path: Path | None = None) -> Catalog:
     path = path or DEFAULT_CATALOG
     try:
@@ -293,10 +309,12 @@ def load_catalog(path: Path | None = None) -> Catalog:
     try:
         catalog = Catalog.model_validate(raw)
     except ValidationError as exc:
-        lines = [
-            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        ]
+        root = yaml.compose(text)
+        lines = []
+        for e in exc.errors(include_url=False):
+            line = _line_of(root, list(e["loc"]))
+            where = f"{path}:{line}" if line else str(path)
+            lines.append(f"{where}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}")
         raise CatalogError("invalid catalog:\n" + "\n".join(lines)) from None
     catalog._version = hashlib.sha256(text.encode()).hexdigest()[:16]
     return catalog

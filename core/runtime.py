@@ -56,3 +56,44 @@ async def open_runtime(settings: Settings, stack: AsyncExitStack, store: Any) ->
     stack.push_async_callback(store.close)
     ledger = Ledger(sessions, redis, settings.redis_prefix)
     return Runtime(settings, sessions, redis, ledger, catalog, http, store, Limiter.from_settings(redis, settings))
+
+
+async def reload_catalog(rt: Runtime) -> Catalog:
+    """Load the catalog file again and swap it in. Requests already routed keep the object
+    they hold, so nothing in flight is dropped; a broken file raises CatalogError and the
+    old catalog keeps serving. provider_auth marks are lifted (the operator fixed a key)."""
+    new = load_catalog(rt.settings.catalog)
+    rt.catalog = new
+    await rt.limiter.clear_unhealthy([d.name for m in new.models for d in m.deployments])
+    return new
+
+
+_WATCHED: list[Runtime] = []  # runtimes of this process that reload on SIGHUP (dev mode has two)
+
+
+def watch_sighup(rt: Runtime) -> None:
+    """Reload the catalog of every watched runtime on SIGHUP (`kill -HUP <pid>`)."""
+    import asyncio
+    import logging
+    import signal
+
+    log = logging.getLogger("genroute.catalog")
+
+    async def reload_all() -> None:
+        for watched in list(_WATCHED):
+            try:
+                new = await reload_catalog(watched)
+                log.warning("catalog reloaded on SIGHUP: %d models, version %s", len(new.models), new.version)
+            except Exception as exc:  # a bad file must not take the process down
+                log.error("catalog reload refused, the previous catalog keeps serving: %s", exc)
+
+    _WATCHED.append(rt)
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_all()))
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no signals
+        pass
+
+
+def unwatch_sighup(rt: Runtime) -> None:
+    if rt in _WATCHED:
+        _WATCHED.remove(rt)

@@ -231,6 +231,10 @@ class ModelPublic(BaseModel):
     parameters: dict[str, Any]
     capabilities: dict[str, Any]
     providers: list[str]
+    strategy: str = "priority"
+    # each deployment in routing order: name, provider (adapter), price in micro-USD
+    deployments: list[dict[str, Any]] = Field(default_factory=list)
+    fallback_models: list[str] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

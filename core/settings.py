@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     url_ttl_seconds: int = 3600  # lifetime of presigned / signed download URLs
 
     # api
+    admin_key: str = ""  # enables /v1/admin/... (catalog reload) with `Authorization: Bearer <admin_key>`
     public_url: str = "http://127.0.0.1:8000"  # base of signed local file URLs
     secret_key: str = ""  # HMAC key for local file URLs; dev mode makes one in data_dir
     max_body_bytes: int = 8 * 1024 * 1024

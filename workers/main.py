@@ -13,7 +13,7 @@ from typing import Any
 from arq import cron, func
 from arq.worker import Worker
 
-from core.runtime import Runtime, open_runtime
+from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings, queue_name
 from storage import build_store
 from workers.tasks import cancel_job, poll_job, reconcile, run_job
@@ -59,6 +59,8 @@ async def serve_workers(settings: Settings, queues: list[str] | None = None, *, 
     async with AsyncExitStack() as stack:
         rt = await open_runtime(settings, stack, build_store(settings))
         rt.ledger.configure(settings)
+        watch_sighup(rt)
+        stack.callback(unwatch_sighup, rt)
         workers = build_workers(rt, queues)
         log.info("worker listening on %s (max_jobs=%d)", [w.queue_name for w in workers], settings.worker_max_jobs)
         if ready is not None:

@@ -44,9 +44,10 @@ class Ctx(TypedDict, total=False):
 
 def _adapter(ctx: Ctx, dep: Deployment) -> Adapter:
     cache = ctx.setdefault("adapters", {})
-    if dep.name not in cache:
-        cache[dep.name] = build_adapter(dep, ctx["rt"].http)
-    return cache[dep.name]
+    key = f"{ctx['rt'].catalog.version}:{dep.name}"  # a reloaded catalog builds fresh adapters
+    if key not in cache:
+        cache[key] = build_adapter(dep, ctx["rt"].http)
+    return cache[key]
 
 
 def _deployment(rt: Runtime, job: Job) -> Deployment | None:
