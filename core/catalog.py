@@ -124,11 +124,53 @@ class Model(BaseModel):
         return dep.capabilities if dep.capabilities is not None else self.capabilities
 
 
+class Provider(BaseModel):
+    """Connection settings shared by the deployments that name it (`provider: openai`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(min_length=1)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Catalog(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    providers: dict[str, Provider] = Field(default_factory=dict)
     models: list[Model]
     _by_id: dict[str, Model] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_providers(cls, data: Any) -> Any:
+        """A deployment's `provider: NAME` fills adapter, base_url, api_key_env and options
+        (headers included) from `providers.NAME`; the deployment's own fields win."""
+        if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
+            return data
+        providers = data["providers"]
+        for i, model in enumerate(data.get("models") or []):
+            for j, dep in enumerate((model or {}).get("deployments") or [] if isinstance(model, dict) else []):
+                if not isinstance(dep, dict) or "provider" not in dep:
+                    continue
+                name = dep.pop("provider")
+                prov = providers.get(name)
+                if not isinstance(prov, dict):
+                    raise ValueError(
+                        f"models.{i}.deployments.{j}.provider: unknown provider {name!r}; "
+                        f"define it under `providers:` (known: {sorted(providers)})"
+                    )
+                for key in ("adapter", "base_url", "api_key_env"):
+                    if key in prov:
+                        dep.setdefault(key, prov[key])
+                options = {**(prov.get("options") or {}), **(dep.get("options") or {})}
+                headers = {**(prov.get("headers") or {}), **options.get("headers", {})}
+                if headers:
+                    options["headers"] = headers
+                dep["options"] = options
+        return data
     _version: str = PrivateAttr(default="")
 
     @model_validator(mode="after")

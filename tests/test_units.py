@@ -112,3 +112,21 @@ def test_catalog_check_command(tmp_path: Path) -> None:
     bad.write_text("models:\n  - {id: a, modality: image, deployments: [{name: d, adapter: nope, model: m}]}\n")
     out = subprocess.run([str(exe), "catalog", "check", str(bad)], capture_output=True, text=True)
     assert out.returncode == 1 and "models[0].deployments[0].adapter" in out.stderr and "nope" in out.stderr
+
+
+def test_providers_section_fills_deployments(tmp_path: Path) -> None:
+    f = tmp_path / "cat.yaml"
+    f.write_text(
+        "providers:\n"
+        "  openai: {adapter: openai, base_url: 'https://api.openai.com/v1', api_key_env: OPENAI_API_KEY,\n"
+        "           headers: {OpenAI-Organization: org-1}, options: {poll_interval: 10}}\n"
+        "models:\n"
+        "  - id: gpt-image-1\n    modality: image\n"
+        "    deployments: [{name: d, provider: openai, model: gpt-image-1, options: {poll_interval: 2}}]\n"
+    )
+    dep = load_catalog(f).models[0].deployments[0]
+    assert (dep.adapter, dep.base_url, dep.api_key_env) == ("openai", "https://api.openai.com/v1", "OPENAI_API_KEY")
+    assert dep.options == {"poll_interval": 2, "headers": {"OpenAI-Organization": "org-1"}}  # the deployment wins
+    f.write_text(f.read_text().replace("provider: openai", "provider: nope"))
+    with pytest.raises(CatalogError, match="unknown provider 'nope'"):
+        load_catalog(f)
