@@ -23,6 +23,7 @@ from api.meta import router as meta_router
 from core.events import EventHub
 from core.runtime import open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings
+from core.usage import UsageWriter
 from storage import build_store
 
 
@@ -36,6 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rt.ledger.configure(s)
             watch_sighup(rt)
             stack.callback(unwatch_sighup, rt)
+            rt.usage = UsageWriter(rt.sessions)
+            rt.usage.start()
+            stack.push_async_callback(rt.usage.close)  # closed before the engine: rows are flushed
             app.state.key_cache = KeyCache(s.key_cache_seconds)
             app.state.callback_adapters = {}  # deployment name -> adapter (api/callbacks.py)
             hub = EventHub(rt.redis, f"{s.redis_prefix}:hub")  # one pub/sub connection for all subscribers

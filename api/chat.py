@@ -124,13 +124,17 @@ class _Call:
             if counted is None:
                 counted = (count_tokens(prompt_text(self.body.get("messages"))), count_tokens("".join(self.text)))
             prompt, completion = counted if dep is not None else (0, 0)
-            await record_usage(self.rt.sessions, UsageRecord(
+            record = UsageRecord(
                 id=self.id, tenant=self.principal.tenant, key_id=self.principal.key_id, kind="chat",
                 model=self.model.id, deployment=dep.name if dep else None, status=self.status, stream=self.stream,
                 prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                 cost=chat_cost(dep.price, prompt, completion) if dep is not None else None,
                 attempts=self.attempts, error_code=self.error_code, duration_ms=int((time.monotonic() - self.t0) * 1000),
-            ))
+            )
+            if self.rt.usage is not None:
+                self.rt.usage.add(record)  # batched off the request path
+            else:
+                await record_usage(self.rt.sessions, record)
 
     def finish_detached(self) -> None:
         """`finish` in its own task: it must run even when a dropped client cancels the stream."""

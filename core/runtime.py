@@ -30,6 +30,7 @@ class Runtime:
     http: httpx.AsyncClient
     store: Any  # storage.BlobStore (typed as Any: core does not import storage)
     limiter: Limiter  # per-deployment slots, rate windows, cooldowns: shared through Redis
+    usage: Any = None  # core.usage.UsageWriter in the API process (chat calls' usage rows)
 
 
 def redis_settings(settings: Settings) -> RedisSettings:

@@ -3,20 +3,27 @@
 A call is recorded once, after its response is done (the last byte of a stream sent, or
 the client gone), so recording never delays the first byte:
 
-    chat route ──► response finished ──► record_usage(...) ──► one INSERT into usage_records
+    chat route ──► response finished ──► UsageWriter.add ──► batched INSERT into usage_records
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import insert
+
 from core.catalog import Price
 from core.db import Sessions
-from core.models import UsageRecord
+from core.models import UsageRecord, utcnow
 
 CHARS_PER_TOKEN = 4  # as core.router estimates: used only when a provider reports no usage
+
+
+log = logging.getLogger("genroute.usage")
 
 
 def count_tokens(text: str) -> int:
@@ -57,3 +64,57 @@ async def record_usage(sessions: Sessions, record: UsageRecord) -> None:
     async with sessions() as s:
         s.add(record)
         await s.commit()
+
+
+class UsageWriter:
+    """Buffers usage rows and writes them in batches, one multi-row INSERT at a time, off
+    the request path: a chat call costs a queue append, not an ORM session and a commit.
+
+    Rows wait at most `interval` seconds. `close()` writes what is left (the API's
+    shutdown calls it), so an orderly stop loses nothing; a crash loses at most one
+    interval's rows, which the trade for ~1 ms of CPU per call accepts.
+    """
+
+    def __init__(self, sessions: Sessions, *, interval: float = 0.05, max_batch: int = 500) -> None:
+        self.sessions = sessions
+        self.interval = interval
+        self.max_batch = max_batch
+        self._rows: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def add(self, record: UsageRecord) -> None:
+        if record.created_at is None:  # column defaults do not apply to explicit values
+            record.created_at = utcnow()
+        self._rows.append({c.name: getattr(record, c.key) for c in UsageRecord.__table__.columns})
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            await asyncio.sleep(self.interval)  # let a batch gather
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self._rows:
+            batch, self._rows = self._rows[: self.max_batch], self._rows[self.max_batch :]
+            try:
+                async with self.sessions() as s:
+                    await s.execute(insert(UsageRecord.__table__), batch)
+                    await s.commit()
+            except Exception:  # keep serving; the rows are logged, not retried forever
+                log.exception("could not write %d usage rows", len(batch))
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush()
+
