@@ -16,6 +16,8 @@ import email.utils
 import json
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -25,19 +27,12 @@ from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
-async def send(
-    http: httpx.AsyncClient,
-    method: str,
-    url: str,
-    *,
-    provider: str,
-    create: bool = False,
-    **kwargs: Any,
-) -> httpx.Response:
-    """One request; transport failures become ProviderError(retryable). Reads (GET, polls)
-    are always safe to resend; a create only when it provably never left."""
+@contextmanager
+def transport_errors(provider: str, *, create: bool) -> Iterator[None]:
+    """Transport failures become ProviderError(retryable). Reads (GET, polls) are always
+    safe to resend; a create only when it provably never left."""
     try:
-        return await http.request(method, url, **kwargs)
+        yield
     except _NOT_SENT as exc:
         raise ProviderError(
             ProviderErrorKind.retryable,
@@ -56,6 +51,26 @@ async def send(
             f"{provider}: connection failed mid-request ({type(exc).__name__})",
             resend_safe=not create,
         ) from exc
+
+
+async def send(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    provider: str,
+    create: bool = False,
+    **kwargs: Any,
+) -> httpx.Response:
+    """One request, its body read; transport failures mapped by `transport_errors`."""
+    with transport_errors(provider, create=create):
+        return await http.request(method, url, **kwargs)
+
+
+async def send_stream(http: httpx.AsyncClient, request: httpx.Request, *, provider: str, create: bool = True) -> httpx.Response:
+    """Like `send`, but the body is left to stream (the caller closes the response)."""
+    with transport_errors(provider, create=create):
+        return await http.send(request, stream=True)
 
 
 def body_json(resp: httpx.Response) -> Any:

@@ -42,7 +42,7 @@ from typing import Any, Literal, overload
 import httpx
 
 from adapters.base import Adapter
-from adapters.http import body_json, error_from_response, moderated, send, unsupported
+from adapters.http import body_json, error_from_response, moderated, send, send_stream, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
@@ -528,14 +528,8 @@ def ext_of(content_type: str) -> str:
 
 
 async def open_stream(http: httpx.AsyncClient, request: httpx.Request, provider: str) -> httpx.Response:
-    """`adapters.http.send` for a streamed create (it cannot stream): the same mapping.
-    Only a request that never left is safe to resend."""
-    try:
-        return await http.send(request, stream=True)
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol) as exc:
-        raise ProviderError(ProviderErrorKind.retryable, f"{provider}: cannot connect ({type(exc).__name__})", resend_safe=True) from exc
-    except httpx.TransportError as exc:
-        raise ProviderError(ProviderErrorKind.retryable, f"{provider}: connection failed mid-request ({type(exc).__name__})") from exc
+    """A streamed create (speech, chat): only a request that never left is safe to resend."""
+    return await send_stream(http, request, provider=provider, create=True)
 
 
 async def stream_to_tempfile(resp: httpx.Response, provider: str) -> str:
