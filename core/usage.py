@@ -105,16 +105,20 @@ class UsageWriter:
             batch, self._rows = self._rows[: self.max_batch], self._rows[self.max_batch :]
             try:
                 async with self.sessions() as s:
-                    await s.execute(insert(UsageRecord.__table__), batch)
+                    await s.exec(insert(UsageRecord.__table__), params=batch)  # type: ignore[call-overload]
                     await s.commit()
             except Exception:  # keep serving; the rows are logged, not retried forever
                 log.exception("could not write %d usage rows", len(batch))
 
     async def close(self) -> None:
+        """Write what is buffered. The loop is woken to finish its flush, not cancelled:
+        a cancel mid-INSERT would lose the batch it had taken."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=10)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
         await self.flush()
 
