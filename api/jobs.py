@@ -10,9 +10,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import select
 
 from api.deps import PrincipalDep, RuntimeDep
+from api.pagination import page
 from api.views import job_public
 from core import netguard
 from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
@@ -225,21 +226,15 @@ async def list_jobs(
     model: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobList:
     q = select(Job).where(Job.tenant == principal.tenant)
-    if cursor:
-        q = q.where(Job.id < cursor)
     if status is not None:
         q = q.where(Job.status == status.value)
     if model:
         q = q.where(Job.model == model)
-    q = q.order_by(col(Job.id).desc()).limit(limit + 1)
-    async with rt.sessions() as s:
-        rows = list((await s.exec(q)).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, next_cursor = await page(rt.sessions, q, Job.id, cursor, limit)
     assets = await rt.ledger.assets([j.id for j in rows if j.status == JobStatus.succeeded])
     ttl = rt.settings.url_ttl_seconds
     data = [await job_public(rt.store, j, assets.get(j.id, []), ttl) for j in rows]
-    return JobList(data=data, next_cursor=rows[-1].id if more and rows else None)
+    return JobList(data=data, next_cursor=next_cursor)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

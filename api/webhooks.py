@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from sqlmodel import col, select
 
+from api.pagination import page
 from api.deps import PrincipalDep, RuntimeDep
 from api.jobs import check_webhook_url
 from core.errors import Conflict, NotFound
@@ -128,18 +129,12 @@ async def list_deliveries(
     status: Literal["pending", "delivered", "exhausted"] | None = None,
 ) -> WebhookDeliveryList:
     q = select(WebhookDelivery).where(WebhookDelivery.tenant == principal.tenant)
-    if cursor:
-        q = q.where(WebhookDelivery.id < cursor)
     if job_id:
         q = q.where(WebhookDelivery.job_id == job_id)
     if status:
         q = q.where(WebhookDelivery.status == status)
-    q = q.order_by(col(WebhookDelivery.id).desc()).limit(limit + 1)
-    async with rt.sessions() as s:
-        rows = list((await s.exec(q)).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return WebhookDeliveryList(data=[_delivery(d) for d in rows], next_cursor=rows[-1].id if more and rows else None)
+    rows, next_cursor = await page(rt.sessions, q, WebhookDelivery.id, cursor, limit)
+    return WebhookDeliveryList(data=[_delivery(d) for d in rows], next_cursor=next_cursor)
 
 
 async def _load(rt: Runtime, tenant: str, delivery_id: str) -> WebhookDelivery:
