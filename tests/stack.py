@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,3 +183,16 @@ async def make_stack(root: Path, *, redis_url: str, database_url: str = "", stor
     finally:
         await engine.dispose()
     return stack
+
+
+@asynccontextmanager
+async def running(stack: Stack, *workers: tuple[str, ...]) -> AsyncIterator[Stack]:
+    """Start the API and workers (default: one `worker` on every queue), stop them all after.
+    Each entry of `workers` is (name, *args), e.g. ("worker", "--queue", "media")."""
+    stack.start_api()
+    for name, *args in workers or (("worker",),):
+        stack.start_worker(name, *args)
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -9,18 +9,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.stack import Stack, make_stack
+from tests.stack import Stack, make_stack, running
 
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> AsyncIterator[Stack]:
     st = await make_stack(tmp_path_factory.mktemp("api"), redis_url=f"{redis_base}/0", max_body_bytes="65536")
-    st.start_api()
-    st.start_worker("worker", "--queue", "media")  # nobody serves the video queue: video jobs stay queued
-    try:
+    async with running(st, ("worker", "--queue", "media")):  # nobody serves the video queue: video jobs stay queued
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from core.catalog import DEFAULT_CATALOG
-from tests.stack import Stack, make_stack
+from tests.stack import Stack, make_stack, running
 
 ADMIN = "admin-secret-for-tests"
 
@@ -32,12 +32,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> As
     root = tmp_path_factory.mktemp("reload")
     _write(root / "catalog.yaml")
     st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=root / "catalog.yaml", admin_key=ADMIN)
-    st.start_api()
-    st.start_worker()
-    try:
+    async with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 async def _models(c: httpx.AsyncClient) -> set[str]:

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from core.events import Event, EventBus, EventType
-from tests.stack import BIN, Stack, make_stack
+from tests.stack import BIN, Stack, make_stack, running
 
 TERMINAL = {"job.succeeded", "job.failed", "job.canceled"}
 
@@ -29,12 +29,8 @@ TERMINAL = {"job.succeeded", "job.failed", "job.canceled"}
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> AsyncIterator[Stack]:
     st = await make_stack(tmp_path_factory.mktemp("events"), redis_url=f"{redis_base}/0", ws_recheck_seconds="1")
-    st.start_api()
-    st.start_worker()
-    try:
+    async with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 def _job(i: int | str, latency: float = 1.0, steps: int = 4) -> dict[str, Any]:

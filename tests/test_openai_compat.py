@@ -25,7 +25,7 @@ from core.db import create_engine, sessionmaker
 from core.models import UsageRecord
 from tests.fakes import openai as openai_fake
 from tests.fakes.server import serve
-from tests.stack import Stack, make_stack
+from tests.stack import Stack, make_stack, running
 
 KEY = "sk-compat"
 KEY_ENV = "COMPAT_OPENAI_KEY"
@@ -67,12 +67,8 @@ async def stack(fake: str, tmp_path_factory: pytest.TempPathFactory, redis_base:
     root = tmp_path_factory.mktemp("openai_compat")
     st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=_catalog(root / "catalog.yaml", fake),
                           env={KEY_ENV: KEY})
-    st.start_api()
-    st.start_worker()
-    try:
+    async with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture
@@ -331,12 +327,8 @@ async def test_other_routes_keep_genroute_error_shape(stack: Stack) -> None:
 async def s3_stack(tmp_path_factory: pytest.TempPathFactory, redis_base: str, seaweed: Any) -> AsyncIterator[Stack]:
     """The default catalog with S3 storage: outputs are read back through presigned URLs."""
     st = await make_stack(tmp_path_factory.mktemp("openai_compat_s3"), redis_url=f"{redis_base}/0", storage="s3", s3=seaweed)
-    st.start_api()
-    st.start_worker()
-    try:
+    async with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.services import fresh_postgres
-from tests.stack import Stack, make_stack
+from tests.stack import Stack, make_stack, running
 
 CONFIGS = ["s3+sqlite", "local+postgres"]
 
@@ -26,20 +26,12 @@ async def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     if db == "postgres":
         async with fresh_postgres() as url:
             st = await make_stack(root, redis_url=f"{redis_base}/0", database_url=url, storage=storage, s3=s3)
-            st.start_api()
-            st.start_worker()
-            try:
+            async with running(st):
                 yield st
-            finally:
-                st.stop()
     else:
         st = await make_stack(root, redis_url=f"{redis_base}/0", storage=storage, s3=s3)
-        st.start_api()
-        st.start_worker()
-        try:
+        async with running(st):
             yield st
-        finally:
-            st.stop()
 
 
 async def _run(stack: Stack, body: dict) -> dict:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from tests.fakes import bfl, fal, google_veo, openai, replicate
 from tests.fakes.server import free_port, serve
-from tests.stack import Stack, make_stack
+from tests.stack import Stack, make_stack, running
 
 KEYS = {"BFL": "bfl-e2e", "OPENAI": "sk-e2e", "VEO": google_veo.API_KEY, "REPLICATE": "r8_e2e", "FAL": fal.API_KEY}
 
@@ -73,12 +73,8 @@ async def stack(fakes: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
     st = await make_stack(root, redis_url=f"{redis_base}/0", storage="s3", s3=seaweed,
                           catalog=_catalog(root / "catalog.yaml", fakes),
                           env={f"E2E_{k}_KEY": v for k, v in KEYS.items()}, submit_attempts="3", submit_backoff_seconds="0.2")
-    st.start_api()
-    st.start_worker()
-    try:
+    async with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 async def _job(stack: Stack, body: dict[str, Any], wait: int = 40) -> dict[str, Any]:

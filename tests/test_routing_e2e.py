@@ -16,7 +16,7 @@ import yaml
 
 from tests.fakes import bfl
 from tests.fakes.server import free_port, serve
-from tests.stack import Stack, make_stack
+from tests.stack import Stack, make_stack, running
 
 KEY = "bfl-routing"
 
@@ -62,13 +62,8 @@ async def stack(fake: str, tmp_path_factory: pytest.TempPathFactory, redis_base:
     root = tmp_path_factory.mktemp("routing")
     st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=_catalog(root / "catalog.yaml", fake, root / "submits.log"),
                           env={"E2E_BFL_KEY": KEY})
-    st.start_api()
-    st.start_worker("worker1")
-    st.start_worker("worker2")
-    try:
+    async with running(st, ("worker1",), ("worker2",)):
         yield st
-    finally:
-        st.stop()
 
 
 async def _run(c: httpx.AsyncClient, model: str, prompt: str = "a fox") -> dict[str, Any]:

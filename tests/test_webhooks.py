@@ -26,7 +26,7 @@ from core.db import normalize_url
 from core.migrate import alembic_config, upgrade
 from core.settings import Settings
 from tests.services import fresh_postgres
-from tests.stack import Stack, make_stack
+from tests.stack import Stack, make_stack, running
 
 BACKOFF = [0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.0]  # 8 retries, ~4.8 s in all
 ALL_EVENTS = ["job.queued", "job.started", "job.progress", "job.output", "job.succeeded", "job.failed", "job.canceled"]
@@ -90,12 +90,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> As
         webhook_timeout_seconds="3",
         webhook_endpoint_cache_seconds="0.5",
     )
-    st.start_api()
-    st.start_worker()
-    try:
+    async with running(st):
         yield st
-    finally:
-        st.stop()
 
 
 @pytest.fixture
