@@ -29,7 +29,7 @@ from typing import Any
 from adapters import local_media
 from adapters.base import Adapter
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
-from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
+from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult, text_of
 
 IMAGE_LONG_SIDE = 1024
 DEFAULT_FPS = 12
@@ -100,8 +100,8 @@ class LocalAdapter(Adapter):
         then the finish chunk, then the usage chunk). A token is a whitespace-separated
         word; the answer is a fixed function of the last user message, cut at max_tokens."""
         messages = body.get("messages") or []
-        prompt = [w for m in messages if isinstance(m, dict) for w in _text_of(m.get("content")).split()]
-        last = next((_text_of(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
+        prompt = [w for m in messages if isinstance(m, dict) for w in text_of(m.get("content")).split()]
+        last = next((text_of(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
         words = local_reply(last).split()
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         finish = "stop"
@@ -125,6 +125,8 @@ class LocalAdapter(Adapter):
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             for i, word in enumerate(words):
                 yield chunk([{"index": 0, "delta": {"content": word if i == 0 else " " + word}, "logprobs": None, "finish_reason": None}])
+                if i % 64 == 63:
+                    await asyncio.sleep(0)  # a long answer must not hold the event loop (a real provider waits on I/O)
             yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
             yield chunk([], usage=usage)
 
@@ -138,14 +140,6 @@ class LocalAdapter(Adapter):
                 os.write(fd, f"{job_id}\n".encode())
             finally:
                 os.close(fd)
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
 
 
 def local_reply(text: str) -> str:

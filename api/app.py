@@ -9,18 +9,20 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
-from api.deps import KeyCache
-from api.events import router as events_router
 from api.admin import router as admin_router
 from api.callbacks import router as callbacks_router
 from api.chat import router as chat_router
-from api.openai_media import router as openai_media_router
+from api.deps import KeyCache, KeyWatcher
+from api.events import router as events_router
 from api.files import router as files_router
 from api.jobs import router as jobs_router
-from api.webhooks import router as webhooks_router
 from api.limits import BodyLimit
 from api.meta import router as meta_router
+from api.openai_media import router as openai_media_router
+from api.usage import router as usage_router
+from api.webhooks import router as webhooks_router
 from core.events import EventHub
+from core.keys import changed_channel
 from core.runtime import open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings
 from core.usage import UsageWriter
@@ -41,6 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rt.usage.start()
             stack.push_async_callback(rt.usage.close)  # closed before the engine: rows are flushed
             app.state.key_cache = KeyCache(s.key_cache_seconds)
+            watcher = KeyWatcher(s.redis_url, changed_channel(s.redis_prefix), app.state.key_cache)  # revocations
+            await watcher.start()
+            stack.push_async_callback(watcher.close)
             app.state.callback_adapters = {}  # deployment name -> adapter (api/callbacks.py)
             hub = EventHub(rt.redis, f"{s.redis_prefix}:hub")  # one pub/sub connection for all subscribers
             await hub.start()
@@ -62,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks_router)
     app.include_router(callbacks_router)
     app.include_router(admin_router)
+    app.include_router(usage_router)
     app.include_router(chat_router)  # OpenAI-compatible: errors in OpenAI's shape
     app.include_router(openai_media_router)
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)

@@ -1,10 +1,12 @@
 """POST /v1/chat/completions: OpenAI's chat API, routed inline by the same catalog and router
 as jobs (DESIGN.md §1: text runs in the API process and streams back).
 
+    key gate (scopes, rate, concurrency) ─► hold (budgeted tenants: 402 when it does not fit)
     snapshot ─► plan ─► for each candidate: acquire slot (lease = request id)
                                              ├─ adapter.chat (stream: and its first chunk)
                                              │    ProviderError + can_fall_back ─► release, next
-                                             └─ answer ─► ... last byte ─► release + record usage
+                                             └─ answer ─► ... last byte ─► release, record usage,
+                                                          settle the tokens used (or release)
 
 Falling back happens only before the first byte: a stream is committed to its deployment
 once its first chunk is in hand (errors raised before the first chunk fall back too).
@@ -26,12 +28,14 @@ from adapters.base import Adapter
 from adapters.registry import UnknownAdapter, build_adapter
 from api.deps import PrincipalDep, RuntimeDep
 from api.openai_compat import OpenAIError, from_provider, invalid, model_for, openai_router
+from core.billing import Close, hold, hold_for
 from core.catalog import Deployment, Model
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.ids import new_id
 from core.keys import Principal
 from core.limits import Denied
 from core.models import UsageRecord, utcnow
+from core.quotas import admit, take_or_refuse
 from core.router import Candidate, can_fall_back, plan, reachable
 from core.runtime import Runtime
 from core.usage import chat_cost, count_tokens, prompt_text, record_usage, tokens_of
@@ -95,7 +99,9 @@ class _Call:
 
     def __init__(self, rt: Runtime, principal: Principal, model: Model, body: dict[str, Any], stream: bool) -> None:
         self.rt = rt
-        self.id = new_id("chat")
+        self.id = new_id("chat")  # "chat_" ids: the reconciler releases their holds if the call never ends
+        self.held = 0  # micro-USD held against the tenant's budget
+        self.slot = False  # holds one of the key's concurrency slots
         self.principal = principal
         self.model = model
         self.body = body
@@ -113,12 +119,37 @@ class _Call:
         self.attempts.append(entry)
         return entry
 
+    async def open(self) -> None:
+        """The key's concurrency slot (429 when full) and, for a budgeted tenant, the hold."""
+        quotas = self.rt.ledger.quotas
+        await take_or_refuse(quotas, self.principal, self.id)
+        self.slot = self.principal.max_concurrency is not None
+        if not self.principal.budgeted:
+            return  # nothing to check against: the call is settled when it ends
+        amount = hold_for(self.model, self.rt.catalog, self.body)
+        try:
+            async with self.rt.sessions() as s:
+                await hold(s, tenant=self.principal.tenant, key_id=self.principal.key_id, subject_id=self.id,
+                           amount=amount, model=self.model.id)
+                await s.commit()
+        except BaseException:
+            await self._free_slot()
+            raise
+        self.held = amount
+
+    async def _free_slot(self) -> None:
+        if self.slot and self.rt.ledger.quotas is not None:
+            self.slot = False
+            await self.rt.ledger.quotas.free(self.principal.key_id, self.id)
+
     async def finish(self) -> None:
-        """Free the slot and record the call: after the response, never before its first byte."""
+        """Free the slots, record the call and settle it: after the response, never before
+        its first byte. A call no deployment answered is released (nothing charged)."""
         dep = self.deployment
         try:
             if dep is not None:
                 await self.rt.limiter.release(dep.name, self.id, success=self.status == "succeeded")
+            await self._free_slot()
         finally:
             counted = tokens_of(self.usage)
             if counted is None:
@@ -131,10 +162,14 @@ class _Call:
                 cost=chat_cost(dep.price, prompt, completion) if dep is not None else None,
                 attempts=self.attempts, error_code=self.error_code, duration_ms=int((time.monotonic() - self.t0) * 1000),
             )
+            p = self.principal
+            close = Close(p.tenant, p.key_id, self.id, self.held, (record.cost or 0) if dep is not None else None,
+                          ("tokens" if dep.price is not None else "unpriced") if dep is not None else None,
+                          self.model.id, record.deployment)
             if self.rt.usage is not None:
-                self.rt.usage.add(record)  # batched off the request path
+                self.rt.usage.add(record, close)  # batched off the request path
             else:
-                await record_usage(self.rt.sessions, record)
+                await record_usage(self.rt.sessions, record, close)
 
     def finish_detached(self) -> None:
         """`finish` in its own task: it must run even when a dropped client cancels the stream."""
@@ -149,12 +184,14 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
     if not body.get("model"):
         raise invalid("you must provide a model parameter", "model", code="missing_required_parameter")
     model = model_for(rt, body["model"], "text")
+    await admit(rt.ledger.quotas, principal, model.id, model.modality)
     stream = bool(body.get("stream"))
     client_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else True
     upstream = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     if stream:
         upstream["stream_options"] = {"include_usage": True}  # so usage is recorded; stripped below if not asked
     call = _Call(rt, principal, model, body, stream)
+    await call.open()
 
     cat = rt.catalog
     snap = await rt.limiter.snapshot(reachable(model, cat), catalog_version=cat.version)
@@ -179,8 +216,9 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
             if can_fall_back(exc):
                 continue
             break
-        except BaseException:  # a bug, or the client gone: free the slot, let it propagate
+        except BaseException:  # a bug, or the client gone: free the slots, release the hold, let it propagate
             await rt.limiter.release(dep.name, call.id)
+            call.finish_detached()
             raise
         entry["duration_ms"] = _ms(t0)
         call.deployment = dep

@@ -1,15 +1,31 @@
-"""FastAPI dependencies: the runtime, and the caller's principal from `Authorization: Bearer`."""
+"""FastAPI dependencies: the runtime, and the caller's principal from `Authorization: Bearer`.
+
+Keys are cached per process so the hot path reads no SQL. A change to a key or a tenant's
+budget is announced on Redis (core.keys.announce_change); every API process listens
+(KeyWatcher) and drops its whole cache, so a revoked key stops working everywhere within
+moments. The cache's TTL (`key_cache_seconds`) is only the backstop for lost messages.
+
+    admin API ── commit ── PUBLISH {prefix}:keys:changed ──► KeyWatcher (each API process)
+                                                             └─► KeyCache.clear()
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
+import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from redis.asyncio import Redis
 
-from core.errors import Unauthorized
+from core.errors import Forbidden, Unauthorized
 from core.keys import Principal, hash_key, lookup
 from core.runtime import Runtime
+
+log = logging.getLogger("genroute.keys")
 
 
 async def get_runtime(request: Request) -> Runtime:  # async: a sync dependency costs a thread hop
@@ -22,23 +38,111 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 class KeyCache:
     """Valid keys are cached for a short time, so the hot path does not query SQL per request.
-    Unknown keys are not cached (a revoked key stays usable at most `ttl` seconds)."""
+    Unknown keys are not cached. `clear()` (on every announced change) bumps `generation`: a
+    lookup that started before a clear must not store what it read (it may be stale)."""
 
     def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
+        self.generation = 0
         self._entries: dict[str, tuple[Principal, float]] = {}
 
     def get(self, digest: str) -> Principal | None:
         hit = self._entries.get(digest)
-        if hit is None or hit[1] < time.monotonic():
+        if hit is None:
             return None
-        return hit[0]
+        principal, until = hit
+        if until < time.monotonic() or (principal.expires_at is not None and principal.expires_at <= time.time()):
+            self._entries.pop(digest, None)
+            return None
+        return principal
 
-    def put(self, digest: str, principal: Principal) -> None:
+    def put(self, digest: str, principal: Principal, generation: int | None = None) -> None:
+        if generation is not None and generation != self.generation:
+            return  # cleared while the lookup ran
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
         self._entries[digest] = (principal, time.monotonic() + self.ttl)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+
+class KeyWatcher:
+    """Clears a KeyCache whenever a key change is announced on `channel`. It owns its Redis
+    connection (named, so operators can see it in CLIENT LIST) and re-subscribes after any
+    error; each (re)subscription clears the cache too, as messages may have been missed."""
+
+    def __init__(self, redis_url: str, channel: str, cache: KeyCache, client_name: str | None = None) -> None:
+        self.channel = channel
+        self.cache = cache
+        self._redis: Redis = Redis.from_url(redis_url, client_name=client_name or channel,
+                                            socket_connect_timeout=5, health_check_interval=30)
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self, timeout: float = 5.0) -> None:
+        """Start listening; waits (up to `timeout`) for the first subscription, so changes made
+        once the process serves are not missed. If Redis is down, it keeps trying in the background."""
+        self._task = asyncio.create_task(self._run(), name="key-watcher")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._redis.aclose()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            pubsub: Any = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is None:
+                        continue
+                    # "subscribe" also arrives when redis-py reconnects on its own: clear then too
+                    if msg["type"] in ("message", "subscribe"):
+                        self.cache.clear()
+                    if msg["type"] == "subscribe":
+                        self._subscribed.set()
+                        delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("key watcher lost Redis; re-subscribing in %.1f s (cache TTL covers the gap)", delay,
+                            exc_info=True)
+                self.cache.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+
+def _admin_key_matches(token: str, admin_key: str) -> bool:
+    return bool(admin_key) and hmac.compare_digest(token.encode(), admin_key.encode())
+
+
+ADMIN = Principal(key_id="admin", tenant="admin", admin=True)  # the settings' GENROUTE_ADMIN_KEY
+
+
+async def resolve_principal(cache: KeyCache, rt: Runtime, token: str) -> Principal | None:
+    """The principal behind a key (the settings' admin key, then the cache, then SQL), or None."""
+    if _admin_key_matches(token, rt.settings.admin_key):
+        return ADMIN
+    digest = hash_key(token)
+    principal = cache.get(digest)
+    if principal is None:
+        generation = cache.generation
+        principal = await lookup(rt.sessions, token)
+        if principal is not None:
+            cache.put(digest, principal, generation)
+    return principal
 
 
 async def get_principal(request: Request, rt: RuntimeDep) -> Principal:
@@ -49,15 +153,19 @@ async def get_principal(request: Request, rt: RuntimeDep) -> Principal:
         raise Unauthorized(
             "missing API key: send `Authorization: Bearer <key>` (make one with `genroute keys create --name NAME`)"
         )
-    cache: KeyCache = request.app.state.key_cache
-    digest = hash_key(token)
-    principal = cache.get(digest)
+    principal = await resolve_principal(request.app.state.key_cache, rt, token)
     if principal is None:
-        principal = await lookup(rt.sessions, token)
-        if principal is None:
-            raise Unauthorized("unknown or revoked API key")
-        cache.put(digest, principal)
+        raise Unauthorized("unknown, revoked or expired API key")
     return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_admin(principal: PrincipalDep) -> Principal:
+    if not principal.admin:
+        raise Forbidden("this endpoint needs an admin key (GENROUTE_ADMIN_KEY, or a key made with admin: true)")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -18,6 +18,7 @@ log = logging.getLogger("genroute.api")
 HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
+    402: "budget_exceeded",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
@@ -44,8 +45,10 @@ def _loc(loc: tuple[Any, ...] | list[Any]) -> list[Any]:
 
 async def _genroute(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GenrouteError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, headers or None)
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:

@@ -40,12 +40,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
-from api.deps import KeyCache, PrincipalDep, RuntimeDep
+from api.deps import PrincipalDep, RuntimeDep, resolve_principal
 from api.views import job_public
 from core.errors import InvalidRequest, NotFound
 from core.events import OVERFLOW, Event, EventBus, EventHub, Subscription, parse_last_event_id
 from core.jobs import TERMINAL, JobStatus
-from core.keys import Principal, hash_key, lookup
+from core.keys import Principal
 from core.models import Job
 from core.runtime import Runtime
 
@@ -141,14 +141,7 @@ async def follow_job(rt: Runtime, hub: EventHub, tenant: str, job_id: str, last_
 
 
 async def _principal_from_token(ws: WebSocket, rt: Runtime, token: str) -> Principal | None:
-    cache: KeyCache = ws.app.state.key_cache
-    digest = hash_key(token)
-    principal = cache.get(digest)
-    if principal is None:
-        principal = await lookup(rt.sessions, token)
-        if principal is not None:
-            cache.put(digest, principal)
-    return principal
+    return await resolve_principal(ws.app.state.key_cache, rt, token)
 
 
 async def _close(ws: WebSocket, code: int, reason: str, timeout: float = 5.0) -> None:

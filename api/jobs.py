@@ -8,7 +8,8 @@ import json
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi.responses import RedirectResponse
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
@@ -16,6 +17,7 @@ from api.deps import PrincipalDep, RuntimeDep
 from api.pagination import page
 from api.views import job_public
 from core import netguard
+from core.billing import hold_for
 from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
 from core.events import Event
 from core.ids import new_id
@@ -23,6 +25,7 @@ from core.jobs import TERMINAL, JobStatus, deadline_for
 from core.keys import Principal
 from core.models import Job, utcnow
 from core.queue import enqueue_cancel, enqueue_run, queue_position
+from core.quotas import admit, take_or_refuse
 from core.runtime import Runtime
 from core.schemas import JobCreate, JobList, JobPublic
 
@@ -140,14 +143,17 @@ async def create_job(
 
 
 async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """The core of POST /v1/jobs, shared with the OpenAI-compatible facades: validate the
-    input against the model, insert the job (once per Idempotency-Key) and enqueue it
-    after the commit. Returns the job and whether this call created it (False: a replay)."""
+    """The core of POST /v1/jobs, shared with the OpenAI-compatible facades: the key's
+    scopes and rate (core/quotas.py), the input against the model, then one transaction
+    inserts the job with its billing hold (402 when the budget cannot cover it), once per
+    Idempotency-Key; it is enqueued after the commit. Returns the job and whether this
+    call created it (False: a replay)."""
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
     model = rt.catalog.get(body.model)
     if model is None:
         raise NotFound(f"unknown model {body.model!r}; GET /v1/models lists the models you can use", code="model_not_found")
+    await admit(rt.ledger.quotas, principal, model.id, model.modality)
     normalized = rt.catalog.validate_input(model, body.input)
     if body.webhook_url is not None:
         await check_webhook_url(rt, body.webhook_url, loc="webhook_url")
@@ -161,6 +167,7 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
         job = Job(
             id=new_id("job"),
             tenant=principal.tenant,
+            key_id=principal.key_id,
             model=model.id,
             modality=model.modality,
             input=normalized,
@@ -174,12 +181,20 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
             webhook_url=body.webhook_url,
             webhook_events=list(body.webhook_events) if body.webhook_events is not None else None,
         )
+        slot = principal.max_concurrency is not None and not principal.queue_when_busy
+        if slot:  # this key refuses rather than queues: its slot is taken now (the worker renews it)
+            await take_or_refuse(rt.ledger.quotas, principal, job.id)
         try:
-            job = await rt.ledger.create(job)  # one INSERT; announces job.queued after the commit
+            # one transaction: the INSERT and the hold; announces job.queued after the commit
+            job = await rt.ledger.create(job, hold=hold_for(model, rt.catalog, normalized), budgeted=principal.budgeted)
         except IntegrityError:  # a concurrent request with the same key won the insert
+            await _free(rt, principal, job.id, slot)
             job = await _by_idempotency_key(rt, principal.tenant, idempotency_key or "")
             if job is None:
                 raise
+        except BaseException:
+            await _free(rt, principal, job.id, slot)
+            raise
         else:
             # enqueue after the commit: a worker never sees a job the DB does not have
             await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
@@ -192,6 +207,11 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
             details={"job_id": job.id},
         )
     return job, False
+
+
+async def _free(rt: Runtime, principal: Principal, lease_id: str, taken: bool) -> None:
+    if taken and rt.ledger.quotas is not None:
+        await rt.ledger.quotas.free(principal.key_id, lease_id)
 
 
 async def _by_idempotency_key(rt: Runtime, tenant: str, key: str) -> Job | None:
@@ -214,6 +234,25 @@ async def get_job(
         response.status_code = _status_for_wait(job)
         response.headers["Preference-Applied"] = f"wait={wait}"
     return await _public(rt, job, with_position=True)
+
+
+@router.get("/{job_id}/outputs/{index}", status_code=307, response_class=RedirectResponse)
+async def get_output(
+    job_id: str,
+    index: Annotated[int, Path(ge=0, le=1000)],
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    thumbnail: bool = False,
+) -> RedirectResponse:
+    """A fresh download URL for one output (the URLs in a job expire): 307 to it."""
+    job = await _load(rt, principal, job_id)
+    asset = next((a for a in (await rt.ledger.assets([job.id]))[job.id] if a.index == index), None)
+    if asset is None:
+        raise NotFound(f"job {job.id} has no output {index}" + ("" if job.status == JobStatus.succeeded else f" (it is {job.status})"))
+    key = asset.thumbnail_key if thumbnail else asset.key
+    if key is None:
+        raise NotFound(f"output {index} of job {job.id} has no thumbnail")
+    return RedirectResponse(await rt.store.url(key, expires_in=rt.settings.url_ttl_seconds), status_code=307)
 
 
 @router.get("", response_model=JobList)

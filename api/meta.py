@@ -24,7 +24,8 @@ def _parameters(modality: str) -> dict[str, Any]:
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])
-async def list_models(rt: RuntimeDep, _: PrincipalDep) -> ModelList:
+async def list_models(rt: RuntimeDep, principal: PrincipalDep) -> ModelList:
+    """The models this key may use (its scopes), with their deployments' prices."""
     return ModelList(
         data=[
             ModelPublic(
@@ -43,6 +44,7 @@ async def list_models(rt: RuntimeDep, _: PrincipalDep) -> ModelList:
                 fallback_models=list(m.fallback_models),
             )
             for m in rt.catalog.models
+            if principal.allows(m.id, m.modality)
         ]
     )
 

@@ -137,7 +137,8 @@ def translate(exc: Exception) -> OpenAIError:
         if exc.code == "model_not_found":
             return OpenAIError(404, exc.message, param="model", code="model_not_found")
         status = 400 if exc.status_code == 422 else exc.status_code
-        return OpenAIError(status, exc.message, type="invalid_request_error" if status < 500 else "server_error", code=exc.code)
+        kind = {402: "insufficient_quota", 429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+        return OpenAIError(status, exc.message, type=kind, code=exc.code, headers=exc.headers)
     log.exception("unhandled error in an OpenAI-compatible route", exc_info=exc)
     return OpenAIError(500, "internal error; it has been logged", type="server_error", code="internal")
 

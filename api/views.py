@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.models import Asset, Job
-from core.schemas import AssetPublic, AttemptPublic, ErrorPublic, JobPublic, ProgressPublic
+from core.schemas import AssetPublic, AttemptPublic, CostPublic, ErrorPublic, JobPublic, ProgressPublic
 
 
 async def asset_public(store: Any, asset: Asset, ttl: int) -> AssetPublic:
@@ -40,9 +40,19 @@ async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_
         attempt=job.attempt,
         attempts=[AttemptPublic.model_validate(a) for a in job.attempts or []],
         idempotency_key=job.idempotency_key,
+        cost=_cost(job),
         created_at=job.created_at,
         updated_at=job.updated_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
         deadline_at=job.deadline_at,
     )
+
+
+def _cost(job: Job) -> CostPublic | None:
+    if job.cost_held is None:
+        return None
+    if job.cost_settled is None:
+        return CostPublic(status="held", held=job.cost_held)
+    released = job.status != "succeeded" and not (job.status == "canceled" and job.provider_handle is not None)
+    return CostPublic(status="released" if released else "settled", held=job.cost_held, settled=job.cost_settled)

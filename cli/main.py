@@ -4,7 +4,10 @@
     genroute api                 the HTTP API (production)
     genroute worker              ARQ workers for the media and video queues (production)
     genroute migrate             create / upgrade the database schema
-    genroute keys create --name  print a new API key (shown once)
+    genroute keys create --name  print a new API key (shown once); --tenant, --admin, scopes, limits, expiry
+    genroute tenants create ID   make a tenant [--budget MICRO_USD]
+    genroute tenants budget ID   set a tenant's budget (MICRO_USD, or none for no cap)
+    genroute billing audit       recompute each tenant's spent and held from the ledger rows
     genroute submit --model M --input k=v ... [--wait]
     genroute catalog check FILE  validate a catalog
 """
@@ -18,7 +21,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from core.settings import Settings
@@ -64,22 +67,142 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _with_db(settings: Settings, work: Callable[[Any], Awaitable[str | int]]) -> int:
+    """Run `work(sessions)` against the configured database: a string result is printed
+    (exit 0), an int is the exit code, a GenrouteError is printed as `error: ...` (exit 1)."""
     from core.db import create_engine, sessionmaker
+    from core.errors import GenrouteError
+
+    async def go() -> str | int:
+        engine = create_engine(settings)
+        try:
+            return await work(sessionmaker(engine))
+        finally:
+            await engine.dispose()
+
+    try:
+        out = asyncio.run(go())
+    except GenrouteError as exc:
+        return _fail(exc.message)
+    if isinstance(out, str):
+        print(out)
+        return 0
+    return out
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from core.catalog import CatalogError, load_catalog
     from core.keys import create_key
+    from core.models import utcnow
+
+    settings = _settings()
+    scopes = {"models": args.model, "modalities": args.modality} if args.model or args.modality else None
+    try:
+        catalog = load_catalog(settings.catalog) if args.model else None  # scoped model ids must exist
+    except CatalogError as exc:
+        return _fail(f"cannot check --model against the catalog: {exc}")
+    expires_at = utcnow() + timedelta(seconds=args.expires_in) if args.expires_in else None
+
+    async def go(sessions: Any) -> str:
+        row, plain = await create_key(
+            sessions, name=args.name, tenant=args.tenant, admin=args.admin, scopes=scopes,
+            rpm=args.rpm, max_concurrency=args.max_concurrency, queue_when_busy=not args.no_queue,
+            expires_at=expires_at, catalog=catalog,
+        )
+        kind = "admin key" if row.is_admin else "key"
+        until = f", expires {row.expires_at.isoformat(timespec='seconds')}" if row.expires_at else ""
+        return f"{plain}\n# {kind} {row.id}, tenant {row.tenant!r}{until}: store it now, it is not shown again"
+
+    return _with_db(settings, go)
+
+
+def _budget(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected micro-USD (an integer >= 0) or 'none', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a budget cannot be negative, got {value}")
+    return value
+
+
+def _budget_text(budget: int | None) -> str:
+    from core.billing import usd
+
+    return "no cap" if budget is None else f"{budget} micro-USD ({usd(budget)})"
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    from core.tenants import create_tenant
+
+    async def go(sessions: Any) -> str:
+        row = await create_tenant(sessions, args.id, name=args.name, budget=args.budget)
+        return f"tenant {row.id!r} created, budget: {_budget_text(row.budget)}"
+
+    return _with_db(_settings(), go)
+
+
+def cmd_billing_audit(args: argparse.Namespace) -> int:
+    from sqlmodel import select
+
+    from core.billing import audit
+    from core.models import Tenant
+
+    async def go(sessions: Any) -> int:
+        bad = 0
+        async with sessions() as s:
+            ids = [args.tenant] if args.tenant else list((await s.exec(select(Tenant.id).order_by(Tenant.id))).all())
+            for tenant in ids:
+                a = await audit(s, tenant)
+                bad += not a.ok
+                print(f"{'ok ' if a.ok else 'BAD'} {tenant}: spent {a.spent} (ledger {a.ledger_spent}), "
+                      f"held {a.held} (ledger {a.ledger_held}) micro-USD")
+        return 1 if bad else 0
+
+    return _with_db(_settings(), go)
+
+
+def cmd_tenants_budget(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from core.keys import announce_change
+    from core.tenants import update_tenant
 
     settings = _settings()
 
-    async def go() -> str:
-        engine = create_engine(settings)
-        try:
-            row, plain = await create_key(sessionmaker(engine), name=args.name, tenant=args.tenant)
+    async def go(sessions: Any) -> int:
+        row = await update_tenant(sessions, args.id, budget=args.budget)
+        if row is None:
+            return _fail(f"no tenant {args.id!r}; make it with `genroute tenants create {args.id}`")
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        try:  # running API processes drop their key caches (each key knows if its tenant is budgeted)
+            told = await announce_change(redis, settings.redis_prefix, f"tenant:{row.id}")
         finally:
-            await engine.dispose()
-        return f"{plain}\n# key {row.id}, tenant {row.tenant!r}: store it now, it is not shown again"
+            await redis.aclose()
+        spent, held = await _balance(sessions, row)
+        print(f"tenant {row.id!r}: budget {_budget_text(row.budget)}; spent {spent}, held {held} micro-USD")
+        if not told:
+            print(f"note: Redis did not answer; API processes see the change within key_cache_seconds "
+                  f"({settings.key_cache_seconds:g} s)", file=sys.stderr)
+        return 0
 
-    print(asyncio.run(go()))
-    return 0
+    return _with_db(settings, go)
+
+
+async def _balance(sessions: Any, row: Any) -> tuple[int, int]:
+    from core.billing import balance
+
+    async with sessions() as s:
+        return await balance(s, row)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -226,10 +349,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="manage API keys")
     ksub = k.add_subparsers(dest="keys_command", required=True)
-    kc = ksub.add_parser("create", help="create a key and print it once")
+    kc = ksub.add_parser("create", help="create a key and print it once (its tenant is made if missing)")
     kc.add_argument("--name", required=True)
     kc.add_argument("--tenant", help="tenant the key acts for (default: the name)")
+    kc.add_argument("--admin", action="store_true", help="an admin key: may use /v1/admin/... (tenants, keys, catalog)")
+    kc.add_argument("--rpm", type=int, metavar="N", help="at most N generation requests per sliding minute")
+    kc.add_argument("--max-concurrency", type=int, metavar="N", help="at most N jobs and chat calls in flight at once")
+    kc.add_argument("--no-queue", action="store_true",
+                    help="over --max-concurrency, refuse with 429 instead of queueing the job")
+    kc.add_argument("--model", action="extend", nargs="+", default=[], metavar="ID",
+                    help="scope the key to these catalog model ids (repeatable; with --modality: either matches)")
+    kc.add_argument("--modality", action="extend", nargs="+", default=[], choices=["image", "video", "audio", "text"],
+                    help="scope the key to every model of these modalities (repeatable)")
+    kc.add_argument("--expires-in", type=int, metavar="SECONDS", help="the key stops working this many seconds from now")
     kc.set_defaults(fn=cmd_keys_create)
+
+    t = sub.add_parser("tenants", help="manage tenants and their budgets (micro-USD: 1 USD = 1000000)")
+    tsub = t.add_subparsers(dest="tenants_command", required=True)
+    tc = tsub.add_parser("create", help="create a tenant")
+    tc.add_argument("id", help="1-100 characters: letters, digits, '.', '_', '-'")
+    tc.add_argument("--name", help="display name (default: the id)")
+    tc.add_argument("--budget", type=_budget, metavar="MICRO_USD", help="spend cap in micro-USD (default: no cap)")
+    tc.set_defaults(fn=cmd_tenants_create)
+    tb = tsub.add_parser("budget", help="set a tenant's spend cap; running API processes see it at once")
+    tb.add_argument("id")
+    tb.add_argument("budget", type=_budget, metavar="MICRO_USD|none", help="cap in micro-USD, or 'none' for no cap")
+    tb.set_defaults(fn=cmd_tenants_budget)
+
+    b = sub.add_parser("billing", help="check the money ledger")
+    bsub = b.add_subparsers(dest="billing_command", required=True)
+    ba = bsub.add_parser("audit", help="recompute spent/held from billing entries; exit 1 on a mismatch")
+    ba.add_argument("--tenant", help="one tenant (default: all)")
+    ba.set_defaults(fn=cmd_billing_audit)
 
     c = sub.add_parser("catalog", help="work with catalog files")
     csub = c.add_subparsers(dest="catalog_command", required=True)

@@ -16,8 +16,11 @@ and validated at load; errors name the file, the path inside it and what to fix.
             options: {}
             weight: 1                  # share of traffic under `weighted` (0: only when others cannot)
             priority: 0                # lower is tried first (every strategy breaks ties by it)
-            price: {per_image: 40000}  # micro-USD; also per_request, per_second, per_1k_characters,
-                                       # per_1k_input_tokens, per_1k_output_tokens
+            price: {per_image: 40000}  # micro-USD (core/pricing.py); also per_request, per_second,
+                                       # per_1k_characters, per_1k_input_tokens, per_1k_output_tokens,
+                                       # per_credit, per_compute_second, hold; per_image by size and
+                                       # quality {default: 42000, high: 167000, 1024x1536/high: 250000},
+                                       # per_second by resolution {default: 400000, 1080p: 500000}
             limits: {max_concurrency: 3, rpm: 60, tpm: null}   # held in Redis across every process
             capabilities: null         # this deployment's own, replacing the model's (a fallback
                                        # that cannot honour 1080p is then skipped, not downgraded)
@@ -36,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from core.errors import InvalidInput
+from core.pricing import Price
 from core.schemas import INPUT_SCHEMAS
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalog.yaml"
@@ -45,20 +49,6 @@ Strategy = Literal["priority", "weighted", "least_busy", "lowest_cost"]
 
 class CatalogError(ValueError):
     pass
-
-
-class Price(BaseModel):
-    """What one call costs, in micro-USD (1 USD = 1,000,000) so sums stay exact integers.
-    Every component present is added: e.g. per_request + per_image * n."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    per_request: int = Field(default=0, ge=0)
-    per_image: int = Field(default=0, ge=0)
-    per_second: int = Field(default=0, ge=0, description="of generated video or audio")
-    per_1k_characters: int = Field(default=0, ge=0, description="of input text (speech)")
-    per_1k_input_tokens: int = Field(default=0, ge=0)
-    per_1k_output_tokens: int = Field(default=0, ge=0)
 
 
 class Limits(BaseModel):

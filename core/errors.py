@@ -4,9 +4,12 @@
      ├─ InvalidRequest       400 malformed request (broken JSON, bad header)
      ├─ InvalidInput         422 input fails the model's schema (details: field paths)
      ├─ Unauthorized         401 missing or unknown API key
+     ├─ BudgetExceeded       402 the tenant's budget cannot cover the request's hold
+     ├─ Forbidden            403 the key may not do this (admin route, model outside its scopes)
      ├─ NotFound             404 job / model / file not found for this tenant
      ├─ Conflict             409 idempotency key reused with another body, job not cancelable
      ├─ PayloadTooLarge      413 request body over the limit
+     ├─ RateLimited          429 the key's request rate or concurrency limit (Retry-After)
      └─ Unavailable          503 a dependency does not answer
 
     ProviderError            raised by adapters; `kind` decides retry and the job's error code
@@ -16,6 +19,7 @@ One table in api/errors.py turns these into HTTP responses; no route raises HTTP
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any
 
@@ -40,12 +44,13 @@ class GenrouteError(Exception):
     status_code = 400
     code = "invalid_request"
 
-    def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.details = details
+        self.headers = headers
 
 
 class InvalidRequest(GenrouteError):
@@ -63,6 +68,16 @@ class Unauthorized(GenrouteError):
     code = "unauthorized"
 
 
+class BudgetExceeded(GenrouteError):
+    status_code = 402
+    code = "budget_exceeded"
+
+
+class Forbidden(GenrouteError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(GenrouteError):
     status_code = 404
     code = "not_found"
@@ -76,6 +91,15 @@ class Conflict(GenrouteError):
 class PayloadTooLarge(GenrouteError):
     status_code = 413
     code = "payload_too_large"
+
+
+class RateLimited(GenrouteError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message, code=code, details=details, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+        self.retry_after = retry_after
 
 
 class Unavailable(GenrouteError):

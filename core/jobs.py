@@ -20,7 +20,9 @@ transaction, then enqueued after the commit:
     running→queued: job.progress   or queue position changed
     →succeeded: job.output per asset, job.succeeded    →failed / →canceled: job.failed / job.canceled
 
-`Ledger.create` inserts a new job and announces job.queued.
+`Ledger.create` inserts a new job, with its billing hold, and announces job.queued. A
+terminal transition closes the hold in its own transaction (core/billing.py: settle on
+success, release on failure), writes the job's usage row and frees the key's slot.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy import case, func, or_, update
+from sqlalchemy import Text, case, cast, func, or_, update
 from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core import billing
 from core.db import Sessions
 from core.errors import ErrorCode
 from core.events import Event, EventBus, EventType
-from core.models import Asset, Job, WebhookDelivery, utcnow
+from core.models import Asset, Job, UsageRecord, WebhookDelivery, utcnow
+from core.pricing import Cost
+from core.quotas import KeyQuotas
 from core.settings import Settings
 from core.webhooks import WebhookPlanner, enqueue_delivery
 
@@ -98,6 +104,7 @@ class Ledger:
         self.channel_prefix = channel_prefix
         self.events: EventBus | None = EventBus(redis, channel_prefix) if redis is not None else None
         self.webhooks = WebhookPlanner()
+        self.quotas: KeyQuotas | None = KeyQuotas(redis, channel_prefix) if redis is not None else None
 
     def configure(self, settings: Settings) -> None:
         """Apply the event and webhook settings (the API's lifespan and the worker's startup call it)."""
@@ -109,6 +116,8 @@ class Ledger:
                 retention_seconds=settings.event_retention_seconds,
             )
         self.webhooks = WebhookPlanner(settings.webhook_endpoint_cache_seconds)
+        if self.redis is not None:
+            self.quotas = KeyQuotas(self.redis, self.channel_prefix, lease_seconds=settings.router_lease_seconds)
 
     def channel(self, job_id: str) -> str:
         return f"{self.channel_prefix}:job:{job_id}"
@@ -127,15 +136,21 @@ class Ledger:
                 out[a.job_id].append(a)
         return out
 
-    async def create(self, job: Job) -> Job:
-        """Insert a new queued job (with any job.queued webhook deliveries) and announce
-        job.queued. Raises IntegrityError when the tenant's idempotency key is taken."""
+    async def create(self, job: Job, *, hold: int | None = None, budgeted: bool = True) -> Job:
+        """Insert a new queued job (with its billing hold of `hold` micro-USD and any
+        job.queued webhook deliveries) and announce job.queued. Raises IntegrityError when
+        the tenant's idempotency key is taken, BudgetExceeded when the hold does not fit.
+        `budgeted`: whether the tenant is thought to have a budget (a hint, core/billing.py)."""
         job.event_seq = 1
         event = Event.make(job.id, 1, EventType.queued, job.created_at, _event_data(job))
         async with self.sessions() as s:
             deliveries = await self.webhooks.plan(s, job, [event])
             s.add(job)
             s.add_all(deliveries)
+            if hold is not None:  # last: the tenant's row stays locked only until the commit
+                job.cost_held = hold
+                await billing.hold(s, tenant=job.tenant, key_id=job.key_id, subject_id=job.id, amount=hold,
+                                   model=job.model, budgeted=budgeted)
             await s.commit()
         # after the commit: nobody may hear of a job the DB does not have (an idempotent
         # retry that loses the insert above must not announce its discarded id)
@@ -152,11 +167,14 @@ class Ledger:
         expect_poll_seq: int | None = None,
         error: tuple[ErrorCode, str] | None = None,
         assets: list[Asset] | None = None,
+        cost: Cost | None = None,
+        usage: dict[str, Any] | None = None,
         **changes: Any,
     ) -> Job | None:
         """Move a job to `to` if it is in a status allowed to get there (and, when given,
         at `expect_version` / `expect_poll_seq`). Returns the new row, or None when the
-        compare-and-set lost (the job moved on: canceled, finished, or another worker)."""
+        compare-and-set lost (the job moved on: canceled, finished, or another worker).
+        To succeeded, `cost` is what to settle (None: nothing) and `usage` the provider's."""
         unknown = set(changes) - WRITABLE
         if unknown:
             raise ValueError(f"transition cannot write {sorted(unknown)}")
@@ -170,6 +188,17 @@ class Ledger:
             values["queue_position"] = None
             if to is JobStatus.succeeded:
                 values["progress"] = 1.0
+            # the hold's end: charged on success (and on a cancel after the provider took
+            # the task, which it bills), released on everything else
+            if to is JobStatus.succeeded:
+                settle: Any = cost.amount if cost is not None else 0
+            elif to is JobStatus.canceled:
+                # no handle saved: SQL NULL, or JSON null (what the ORM's INSERT of None writes)
+                untaken = or_(Job.provider_handle.is_(None), cast(Job.provider_handle, Text) == "null")  # type: ignore[union-attr]
+                settle = case((untaken, 0), else_=Job.cost_held)
+            else:
+                settle = 0
+            values["cost_settled"] = case((Job.cost_held.is_(None), None), else_=settle)  # type: ignore[union-attr]
         if error is not None:
             values["error_code"] = error[0].value
             values["error_message"] = error[1][:2000]
@@ -210,6 +239,9 @@ class Ledger:
                 # assets are written only together with success, so a running job has none yet
                 s.add_all(assets)
                 await s.flush()  # a failing insert must fail before anything is published
+            if to in TERMINAL:  # before publishing: the window from event to commit stays short
+                await _account(s, job, to, cost, usage, now)
+                await self._free_key_slot(job)  # before the event: a client resubmitting on it finds the slot free
             events = _events_of(job, kind, now, assets or [])
             # published while the row is locked: events of one job reach Redis in commit order
             sent = await self._publish(job.tenant, events)
@@ -218,6 +250,13 @@ class Ledger:
             await s.commit()
         await self._enqueue(deliveries)
         return job
+
+    async def _free_key_slot(self, job: Job) -> None:
+        if job.key_id and self.quotas is not None:
+            try:
+                await self.quotas.free(job.key_id, job.id)
+            except Exception:  # the lease expires by itself (router_lease_seconds)
+                log.warning("could not free key slot of job %s", job.id, exc_info=True)
 
     async def _publish(self, tenant: str, events: list[Event]) -> list[Event]:
         """Publish; returns the events that are news (and so get webhooks). A progress
@@ -241,6 +280,31 @@ class Ledger:
 
 
 PROGRESS_FIELDS = ("progress", "progress_message", "queue_position")
+
+
+async def _account(s: AsyncSession, job: Job, to: JobStatus, cost: Cost | None, usage: dict[str, Any] | None, now: datetime) -> None:
+    """In the terminal transition's transaction: write the usage row and close the hold."""
+    tokens = usage or {}
+    prompt = _int(tokens.get("prompt_tokens", tokens.get("input_tokens")))
+    completion = _int(tokens.get("completion_tokens", tokens.get("output_tokens")))
+    s.add(
+        UsageRecord(
+            id=job.id, tenant=job.tenant, key_id=job.key_id or "", kind=job.modality, model=job.model,
+            deployment=job.deployment, status=to.value, prompt_tokens=prompt, completion_tokens=completion,
+            total_tokens=prompt + completion, cost=job.cost_settled, attempts=job.attempts or [],
+            error_code=job.error_code, duration_ms=int((now - job.created_at).total_seconds() * 1000), created_at=now,
+        )
+    )
+    if job.cost_held is not None:
+        settled = to is JobStatus.succeeded or (to is JobStatus.canceled and job.provider_handle is not None)
+        basis = (cost.basis if cost is not None else "unpriced") if to is JobStatus.succeeded else "canceled after the provider started"
+        dep = job.deployment
+        await billing.close(s, [billing.Close(job.tenant, job.key_id, job.id, job.cost_held, job.cost_settled if settled else None,
+                                              basis if settled else None, job.model, dep)])
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 def _event_data(job: Job, **extra: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, Integer, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -39,6 +39,27 @@ def _ts(**kw: Any) -> Any:
     return Field(sa_column=Column(UTCDateTime(), **kw))
 
 
+def _money(nullable: bool = False) -> Any:
+    """Micro-USD (1 USD = 1,000,000): integers, never floats, so sums are exact."""
+    return Field(default=None if nullable else 0, sa_column=Column(BigInteger, nullable=nullable, default=None if nullable else 0))
+
+
+class Tenant(SQLModel, table=True):
+    """Owns keys, jobs, assets, webhooks and a budget. `spent` and `held` are the sums of the
+    tenant's billing entries, kept in step with them in the same transactions (core/billing.py),
+    so the budget check is one conditional UPDATE; `genroute billing audit` recomputes them."""
+
+    __tablename__ = "tenants"
+
+    id: str = Field(primary_key=True, max_length=100)
+    name: str = Field(max_length=200)
+    budget: int | None = _money(nullable=True)  # spend cap; None: no cap
+    spent: int = _money()  # settled
+    held: int = _money()  # held by work not finished yet
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    updated_at: datetime = _ts(nullable=False, default=utcnow)
+
+
 class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
 
@@ -49,6 +70,14 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(unique=True, max_length=64)  # sha256 hex; the key itself is never stored
     created_at: datetime = _ts(nullable=False, default=utcnow)
     revoked_at: datetime | None = _ts(nullable=True)
+    # issue 6: admin keys, scopes and per-key limits (core/keys.py)
+    is_admin: bool = False
+    # {"models": [...], "modalities": [...]}: the key may use a model named in either; None: any
+    scopes: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    rpm: int | None = None  # generation requests per sliding minute, across every API process
+    max_concurrency: int | None = None  # its jobs and calls in flight at once
+    queue_when_busy: bool = True  # over max_concurrency: False answers 429 instead of queueing
+    expires_at: datetime | None = _ts(nullable=True)
 
 
 class Job(SQLModel, table=True):
@@ -87,6 +116,12 @@ class Job(SQLModel, table=True):
 
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_hash: str | None = Field(default=None, max_length=64)
+
+    # billing (core/billing.py): the key that submitted it, the hold taken at submit and
+    # what was settled at the end (None while held; 0 when released)
+    key_id: str | None = Field(default=None, max_length=40)
+    cost_held: int | None = _money(nullable=True)
+    cost_settled: int | None = _money(nullable=True)
 
     # events and webhooks (core/events.py, core/webhooks.py)
     event_seq: int = 0  # seq of the job's last event; allocated by the ledger in the same UPDATE
@@ -177,11 +212,15 @@ class WebhookDelivery(SQLModel, table=True):
 
 
 class UsageRecord(SQLModel, table=True):
-    """One call served inline by the API (a chat completion): what it used and cost, against
-    the key and tenant. Written once, after the response is done (core/usage.py)."""
+    """One finished piece of work, against the key and tenant: an inline chat call (written
+    after its response is done, core/usage.py) or a job (written by its terminal transition,
+    kind = its modality). GET /v1/usage sums these."""
 
     __tablename__ = "usage_records"
-    __table_args__ = (Index("ix_usage_records_tenant_created", "tenant", "created_at"),)
+    __table_args__ = (
+        Index("ix_usage_records_tenant_created", "tenant", "created_at"),
+        Index("ix_usage_records_tenant_key", "tenant", "key_id", "created_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)  # the request id (also the slot's lease id)
     tenant: str = Field(max_length=100)
@@ -194,9 +233,32 @@ class UsageRecord(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-    cost: int | None = None  # micro-USD at the deployment's price; None when it has none
+    cost: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # micro-USD charged; None: unpriced
     # one entry per deployment tried: {deployment, model, started_at, duration_ms, error: {code, message} | None}
     attempts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     error_code: str | None = Field(default=None, max_length=40)
     duration_ms: int = 0
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class BillingEntry(SQLModel, table=True):
+    """The append-only money ledger. Per subject (a job, or an inline chat call): one `hold`
+    at submit, then one `settle` (the actual cost) or one `release` (nothing charged). The
+    unique (subject_id, kind) makes a second settle or release impossible, whatever retries."""
+
+    __tablename__ = "billing_entries"
+    __table_args__ = (
+        UniqueConstraint("subject_id", "kind", name="uq_billing_entries_subject_kind"),
+        Index("ix_billing_entries_tenant_id", "tenant", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True))
+    tenant: str = Field(max_length=100)
+    key_id: str | None = Field(default=None, max_length=40)
+    subject_id: str = Field(max_length=40)
+    kind: str = Field(max_length=16)  # hold | settle | release
+    amount: int = _money()  # micro-USD, >= 0 (a release carries the amount it frees)
+    model: str | None = Field(default=None, max_length=200)
+    deployment: str | None = Field(default=None, max_length=200)
+    basis: str | None = Field(default=None, max_length=40)  # how a settle was priced (core/pricing.py)
     created_at: datetime = _ts(nullable=False, default=utcnow)

@@ -19,15 +19,15 @@ by its strategy; then each fallback model's (depth first, in catalog order).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from core.catalog import Catalog, Deployment, Model, Price, capability_problems
+from core.catalog import Catalog, Deployment, Model, capability_problems
 from core.errors import ProviderError, ProviderErrorKind
+from core.pricing import estimate_cost, token_estimate
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,53 +257,12 @@ def _order(
     return [c for _, c in ready]
 
 
-# --- estimates ------------------------------------------------------------------------------
-
-CHARS_PER_TOKEN = 4  # the usual rough rule for English text with BPE tokenizers
-DEFAULT_MAX_OUTPUT_TOKENS = 512  # reserved against tpm when a chat request names no max_tokens
-SPEECH_CHARS_PER_SECOND = 15  # ~150 words a minute
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
+# --- estimates (money: core/pricing.py) ------------------------------------------------------
 
 
 def estimate_tokens(modality: str, request: Mapping[str, Any]) -> int:
-    """Input plus the most output a text request may produce; 0 for media."""
-    inp, out = _token_estimate(modality, request)
-    return inp + out
-
-
-def _token_estimate(modality: str, request: Mapping[str, Any]) -> tuple[int, int]:
-    if modality != "text":
-        return 0, 0
-    chars = sum(len(_text_of(m.get("content"))) for m in request.get("messages") or () if isinstance(m, dict))
-    chars += len(_text_of(request.get("prompt")))
-    out = request.get("max_completion_tokens") or request.get("max_tokens") or DEFAULT_MAX_OUTPUT_TOKENS
-    return math.ceil(chars / CHARS_PER_TOKEN), int(out)
-
-
-def estimate_cost(price: Price, modality: str, request: Mapping[str, Any]) -> int:
-    """Micro-USD this request should cost at `price` (an upper bound for text: max_tokens)."""
-    total = float(price.per_request)
-    if modality == "image":
-        total += price.per_image * int(request.get("n") or 1)
-    seconds = request.get("duration_seconds")
-    text = request.get("text") or ""
-    if modality == "audio" and seconds is None and text:
-        seconds = len(text) / SPEECH_CHARS_PER_SECOND
-    if modality in ("video", "audio") and seconds:
-        total += price.per_second * float(seconds)
-    if text:
-        total += price.per_1k_characters * len(text) / 1000
-    if modality == "text":
-        inp, out = _token_estimate(modality, request)
-        total += price.per_1k_input_tokens * inp / 1000 + price.per_1k_output_tokens * out / 1000
-    return math.ceil(total)
+    """Input plus the most output a text request may produce (reserved against tpm); 0 for media."""
+    return sum(token_estimate(modality, request))
 
 
 # --- retries and health ---------------------------------------------------------------------

@@ -194,6 +194,16 @@ class AttemptPublic(BaseModel):
     error: ErrorPublic | None = None
 
 
+class CostPublic(BaseModel):
+    """Micro-USD (1 USD = 1,000,000). `held` is taken at submit; `settled` is what the job
+    was charged at its end (0 when the hold was released: failures are never charged)."""
+
+    unit: Literal["micro_usd"] = "micro_usd"
+    status: Literal["held", "settled", "released"]
+    held: int
+    settled: int | None = None
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -210,6 +220,7 @@ class JobPublic(BaseModel):
     attempt: int
     attempts: list[AttemptPublic] = Field(default_factory=list)
     idempotency_key: str | None = None
+    cost: CostPublic | None = None  # None: submitted before billing existed
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None = None

@@ -39,12 +39,12 @@ class Settings(BaseSettings):
     url_ttl_seconds: int = 3600  # lifetime of presigned / signed download URLs
 
     # api
-    admin_key: str = ""  # enables /v1/admin/... (catalog reload) with `Authorization: Bearer <admin_key>`
+    admin_key: str = ""  # a bearer key for /v1/admin/... (tenants, keys, catalog) besides `keys create --admin` keys
     public_url: str = "http://127.0.0.1:8000"  # base of signed local file URLs
     secret_key: str = ""  # HMAC key for local file URLs; dev mode makes one in data_dir
     max_body_bytes: int = 8 * 1024 * 1024
     max_wait_seconds: int = 60
-    key_cache_seconds: float = 30.0
+    key_cache_seconds: float = 5.0  # backstop only: key changes are announced on Redis and drop caches at once
 
     # worker
     worker_max_jobs: int = 50

@@ -73,3 +73,12 @@ class Failed:
 
 PollResult = Pending | Done | Failed
 SubmitResult = Pending | Done
+
+
+def text_of(content: Any) -> str:
+    """The text of a chat message's `content`: a string, or OpenAI content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""

@@ -1,9 +1,11 @@
 """Usage of calls served inline by the API (chat completions): tokens, cost, deployment.
 
 A call is recorded once, after its response is done (the last byte of a stream sent, or
-the client gone), so recording never delays the first byte:
+the client gone), so recording never delays the first byte; its hold is settled (or
+released) in the same batch, so usage and money never disagree:
 
     chat route ──► response finished ──► UsageWriter.add ──► batched INSERT into usage_records
+                                                             + billing entries, tenant sums
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from core.catalog import Price
+from core.billing import Close
+from core.billing import close as billing_close
 from core.db import Sessions
 from core.models import UsageRecord, utcnow
-
-CHARS_PER_TOKEN = 4  # as core.router estimates: used only when a provider reports no usage
-
+from core.pricing import CHARS_PER_TOKEN, chat_cost  # noqa: F401 (chat_cost: re-exported for the chat routes)
 
 log = logging.getLogger("genroute.usage")
 
@@ -52,17 +53,11 @@ def tokens_of(usage: Mapping[str, Any] | None) -> tuple[int, int] | None:
         return None
 
 
-def chat_cost(price: Price | None, prompt_tokens: int, completion_tokens: int) -> int | None:
-    """Micro-USD for one chat call at `price` (None: the deployment has no price)."""
-    if price is None:
-        return None
-    total = price.per_request + price.per_1k_input_tokens * prompt_tokens / 1000 + price.per_1k_output_tokens * completion_tokens / 1000
-    return math.ceil(total)
-
-
-async def record_usage(sessions: Sessions, record: UsageRecord) -> None:
+async def record_usage(sessions: Sessions, record: UsageRecord, close: Close | None = None) -> None:
     async with sessions() as s:
         s.add(record)
+        if close is not None:
+            await billing_close(s, [close])
         await s.commit()
 
 
@@ -80,6 +75,7 @@ class UsageWriter:
         self.interval = interval
         self.max_batch = max_batch
         self._rows: list[dict[str, Any]] = []
+        self._closes: list[Close] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -87,10 +83,12 @@ class UsageWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    def add(self, record: UsageRecord) -> None:
+    def add(self, record: UsageRecord, close: Close | None = None) -> None:
         if record.created_at is None:  # column defaults do not apply to explicit values
             record.created_at = utcnow()
         self._rows.append({c.name: getattr(record, c.key) for c in UsageRecord.__table__.columns})
+        if close is not None:
+            self._closes.append(close)
         self._wake.set()
 
     async def _run(self) -> None:
@@ -101,14 +99,18 @@ class UsageWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        while self._rows:
+        while self._rows or self._closes:
             batch, self._rows = self._rows[: self.max_batch], self._rows[self.max_batch :]
+            closes, self._closes = self._closes[: self.max_batch], self._closes[self.max_batch :]
             try:
                 async with self.sessions() as s:
-                    await s.exec(insert(UsageRecord.__table__), params=batch)  # type: ignore[call-overload]
+                    if batch:
+                        await s.exec(insert(UsageRecord.__table__), params=batch)  # type: ignore[call-overload]
+                    await billing_close(s, closes)
                     await s.commit()
-            except Exception:  # keep serving; the rows are logged, not retried forever
-                log.exception("could not write %d usage rows", len(batch))
+            except Exception:  # keep serving; the rows are logged, not retried forever (a lost
+                # hold's release is redone by the reconciler's stale-hold sweep)
+                log.exception("could not write %d usage rows and %d billing entries", len(batch), len(closes))
 
     async def close(self) -> None:
         """Write what is buffered. The loop is woken to finish its flush, not cancelled:

@@ -103,4 +103,4 @@ async def test_sighup_reloads_the_api(stack: Stack) -> None:
 async def test_admin_endpoint_needs_the_admin_key(stack: Stack) -> None:
     async with stack.client() as c:  # a tenant key is not the admin key
         r = await c.post("/v1/admin/catalog/reload")
-        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"

@@ -19,15 +19,19 @@ import time
 from datetime import timedelta
 from typing import Any, TypedDict
 
+from sqlmodel import select
+
 from adapters.base import Adapter
 from adapters.registry import UnknownAdapter, build_adapter
+from core.billing import release_stale_holds
 from core.callbacks import callback_key, callback_secret, callback_url, load_result
 from core.catalog import Deployment, Model
 from core.errors import ErrorCode, ProviderError
 from core.jobs import TERMINAL, JobStatus
-from core.models import Asset, Job, utcnow
-from core.queue import enqueue_poll, enqueue_run
 from core.limits import Denied, Lease
+from core.models import ApiKey, Asset, Job, utcnow
+from core.pricing import actual_cost
+from core.queue import enqueue_poll, enqueue_run
 from core.router import can_fall_back, plan, reachable
 from core.runtime import Runtime
 from core.types import Done, Failed, OutputRef, Pending, ProviderRequest
@@ -84,7 +88,50 @@ async def run_job(ctx: Ctx, job_id: str) -> None:
     if model is None:
         await _fail(rt, job, ErrorCode.invalid_input, f"model {job.model!r} is no longer in the catalog")
         return
+    if not await _key_slot(ctx, job):
+        return
     await _route_and_submit(ctx, job, model)
+
+
+async def _key_slot(ctx: Ctx, job: Job) -> bool:
+    """Take the submitting key's concurrency slot (core/quotas.py), or leave the job queued,
+    saying why, and look again shortly. The slot is freed by the job's terminal transition."""
+    rt = ctx["rt"]
+    if not job.key_id or rt.ledger.quotas is None:
+        return True
+    limit = await _key_limit(ctx, job.key_id)
+    if limit is None or await rt.ledger.quotas.take(job.key_id, job.id, limit) is None:
+        return True
+    await _wait_queued(rt, job, f"waiting: its API key has {limit} jobs in flight, its concurrency limit", 0.5, "k")
+    return False
+
+
+async def _wait_queued(rt: Runtime, job: Job, message: str, delay: float, tag: str) -> None:
+    """Leave the job queued, saying why, and run it again after `delay`. A marker in Redis
+    (living a little longer than the delay) tells the reconciler this wait loop is alive,
+    so it does not start a second one beside it however long the job waits."""
+    if job.status == JobStatus.queued and job.progress_message != message:
+        await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=message)
+    await rt.redis.set(_waiting_key(rt, job.id), tag, px=int((delay + rt.settings.reconcile_grace_seconds) * 1000))
+    await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=f":{tag}{time.time_ns()}", delay=delay)
+
+
+def _waiting_key(rt: Runtime, job_id: str) -> str:
+    return f"{rt.settings.redis_prefix}:waiting:{job_id}"
+
+
+async def _key_limit(ctx: Ctx, key_id: str) -> int | None:
+    """The key's max_concurrency, read at most every few seconds per worker."""
+    cache: dict[str, tuple[int | None, float]] = ctx.setdefault("key_limits", {})  # type: ignore[typeddict-item]
+    hit = cache.get(key_id)
+    if hit is not None and hit[1] > time.monotonic():
+        return hit[0]
+    async with ctx["rt"].sessions() as s:
+        limit = (await s.exec(select(ApiKey.max_concurrency).where(ApiKey.id == key_id))).first()
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[key_id] = (limit, time.monotonic() + ctx["rt"].settings.key_cache_seconds)
+    return limit
 
 
 async def _route_and_submit(ctx: Ctx, job: Job, model: Model) -> None:
@@ -151,10 +198,7 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model) -> None:
         await _submit_failed(rt, job, last[0], last[1], attempts=attempts)
         return
     # nothing could take it now (slots, rate windows, cooldowns): it waits, queued, visibly
-    delay = min(2.0, max(0.2, (p.retry_at - snap.now) if p.retry_at else 1.0))
-    if job.status == JobStatus.queued and job.progress_message != p.message():
-        await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=p.message())
-    await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=f":w{time.time_ns()}", delay=delay)
+    await _wait_queued(rt, job, p.message(), min(2.0, max(0.2, (p.retry_at - snap.now) if p.retry_at else 1.0)), "w")
 
 
 def _attempt(dep: Deployment, model_id: str, error: tuple[ErrorCode, str] | None = None) -> dict[str, Any]:
@@ -306,8 +350,10 @@ async def poll_job(ctx: Ctx, job_id: str, seq: int) -> None:
         await _cancel_quietly(adapter, job.provider_handle)
         await _fail(rt, job, ErrorCode.timeout, f"the provider did not finish before the job's deadline ({job.deadline_at.isoformat()})")
         return
-    if job.deployment:  # a long provider task keeps its slot: renew the lease
+    if job.deployment:  # a long provider task keeps its slots: renew the leases
         await rt.limiter.renew(Lease(job.deployment, job.id, 0.0))
+    if job.key_id and rt.ledger.quotas is not None:
+        await rt.ledger.quotas.renew(job.key_id, job.id)
     try:
         handed = await rt.redis.getdel(callback_key(rt.settings.redis_prefix, job.id))
         result = load_result(handed) if handed else await adapter.poll(job.provider_handle)
@@ -402,9 +448,19 @@ async def _finish(rt: Runtime, job: Job, done: Done) -> None:
     except StorageError as exc:
         await _fail(rt, job, ErrorCode(exc.code), str(exc))
         return
-    done = await rt.ledger.transition(job.id, JobStatus.succeeded, assets=assets, progress_message="done")
-    if done is not None:
-        await _release(rt, done, success=True)
+    dep = _deployment(rt, job)
+    delivered = [a for a, ref in zip(assets, outputs, strict=True) if ref.role == "output"]
+    seconds = [a.duration_seconds for a in delivered if a.duration_seconds is not None]
+    cost = (
+        actual_cost(dep.price, job.modality, job.input, done.usage, outputs=len(delivered), output_seconds=sum(seconds) if seconds else None)
+        if dep is not None and dep.price is not None
+        else None
+    )
+    finished = await rt.ledger.transition(
+        job.id, JobStatus.succeeded, assets=assets, progress_message="done", cost=cost, usage=done.usage
+    )
+    if finished is not None:
+        await _release(rt, finished, success=True)
 
 
 async def cancel_job(ctx: Ctx, job_id: str) -> None:
@@ -434,8 +490,6 @@ async def reconcile(ctx: Ctx) -> dict[str, int]:
 
 
 async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
-    from sqlmodel import select
-
     s = rt.settings
     now = utcnow()
     stale = now - timedelta(seconds=s.reconcile_grace_seconds)
@@ -460,6 +514,8 @@ async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
             counts["timed_out"] += 1
         elif job.next_poll_at is not None and job.next_poll_at > stale:
             continue  # a submit retry is scheduled for then
+        elif await rt.redis.exists(_waiting_key(rt, job.id)):
+            continue  # its wait loop (for a slot, a rate window, the key's limit) is alive
         elif await enqueue_run(rt.redis, s, job.id, job.modality):
             counts["requeued"] += 1
     for job in running:
@@ -475,6 +531,11 @@ async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
     from workers.webhooks import due_deliveries
 
     counts["webhooks"] = await due_deliveries(rt, older_than=s.reconcile_grace_seconds, limit=limit)
+    # holds of chat calls whose API process died mid-call (jobs' holds close with the job)
+    async with rt.sessions() as session:
+        older = timedelta(seconds=s.deadline_text_seconds + s.reconcile_grace_seconds)
+        counts["stale_holds"] = await release_stale_holds(session, prefix="chat_", older_than=older, limit=limit)
+        await session.commit()
     if any(counts.values()):
         log.info("reconciler: %s", counts)
     return counts
