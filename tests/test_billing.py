@@ -27,7 +27,7 @@ import pytest
 import yaml
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
-from sqlalchemy import func, update
+from sqlalchemy import func
 from sqlmodel import select
 
 from core import billing
@@ -39,7 +39,7 @@ from core.models import BillingEntry, Job, Tenant
 from tests.services import fresh_postgres
 from tests.stack import TERMINAL, Stack, make_stack, running
 
-TENANTS = ("outcomes", "poor", "bystander", "race", "scale", "chatty", "broke")
+TENANTS = ("outcomes", "poor", "bystander", "race", "scale", "chatty", "broke", "reporter")
 DEFAULT_PRICES = {m["id"]: m["deployments"][0].get("price") for m in yaml.safe_load(DEFAULT_CATALOG.read_text())["models"]}
 PER_IMAGE = DEFAULT_PRICES["local-image"]["per_image"]  # by quality: low, medium, ...
 PER_SECOND = DEFAULT_PRICES["local-video"]["per_second"]  # by resolution
@@ -119,9 +119,10 @@ async def until(check: Callable[[], Awaitable[Any]], *, timeout: float = 30, wha
 
 
 async def set_budget(stack: Stack, db: Sessions, tenant_id: str, budget: int | None) -> None:
-    """What the admin API will do: write the budget and tell every API process's key cache."""
+    """What the admin API does: set the budget (recomputing the sums) and tell every API
+    process's key cache."""
     async with db() as s:
-        await s.exec(update(Tenant).where(Tenant.id == tenant_id).values(budget=budget))  # type: ignore[call-overload,arg-type]
+        assert await billing.set_budget(s, tenant_id, budget)
         await s.commit()
     redis = Redis.from_url(stack.settings().redis_url)
     try:
@@ -444,3 +445,55 @@ async def test_a_chat_the_budget_cannot_cover_gets_402_in_openais_shape(stack: S
     assert await entries(db, "broke") == {}
     row = await assert_books_balance(db, "broke")
     assert (row.spent, row.held) == (0, 0)
+
+
+# -- 6. the usage report ------------------------------------------------------------------------
+
+
+async def test_usage_report_adds_up_what_was_charged(stack: Stack, db: Sessions) -> None:
+    """GET /v1/usage: per model, key and day, counts by outcome, durations, tokens and cost,
+    the same numbers billing settled; and the balance (no budget: added up from the entries)."""
+    low = PER_IMAGE["low"]
+    async with stack.client("reporter") as c:
+        jobs = [await submit(c, image(n=2)), await submit(c, image()), await submit(c, image(fail="provider_error"))]
+        for j in jobs:
+            assert (await stack.wait_job(c, j["id"]))["status"] in TERMINAL
+    async with openai_client(stack, "reporter") as oai:
+        raw = await oai.chat.completions.with_raw_response.create(
+            model="local-text", messages=[{"role": "user", "content": "one two three"}])
+        call_id = raw.headers["x-genroute-request-id"]
+    await until(lambda: _closed(db, "reporter", call_id), what="the chat call to settle")
+    async with db() as s:
+        key_id = (await s.exec(select(Job.key_id).where(Job.tenant == "reporter"))).first()
+
+    async with stack.client("reporter") as c:
+        by_model = (await c.get("/v1/usage", params={"group_by": "model"})).json()
+        groups = {g["group"]: g for g in by_model["data"]}
+        assert groups["local-image"] | {"duration_ms_total": 0, "duration_ms_avg": 0} == {
+            "group": "local-image", "requests": 3, "succeeded": 2, "failed": 1, "canceled": 0, "incomplete": 0,
+            "duration_ms_total": 0, "duration_ms_avg": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 3 * low}
+        assert groups["local-image"]["duration_ms_total"] > 0
+        assert groups["local-text"]["requests"] == 1 and groups["local-text"]["cost"] == chat_price(3, 5)
+        assert (groups["local-text"]["prompt_tokens"], groups["local-text"]["completion_tokens"]) == (3, 5)
+        total = 3 * low + chat_price(3, 5)
+        assert by_model["total"]["cost"] == total and by_model["total"]["requests"] == 4
+        assert by_model["balance"] == {"budget": None, "spent": total, "held": 0, "available": None}
+
+        by_key = (await c.get("/v1/usage", params={"group_by": "key"})).json()
+        assert [(g["group"], g["requests"], g["cost"]) for g in by_key["data"]] == [(key_id, 4, total)]
+        by_day = (await c.get("/v1/usage", params={"group_by": "day"})).json()
+        assert [(g["group"], g["cost"]) for g in by_day["data"]] == [(time.strftime("%Y-%m-%d", time.gmtime()), total)]
+
+        later = (await c.get("/v1/usage", params={"from": "2099-01-01T00:00:00Z", "to": "2099-01-02T00:00:00Z"})).json()
+        assert later["data"] == [] and later["total"]["requests"] == 0
+        for bad in ({"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, {"group_by": "hour"}, {"from": "yesterday"},
+                    {"from": "2020-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}):
+            r = await c.get("/v1/usage", params=bad)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input", (bad, r.text)
+        # another tenant's usage does not exist for this key; an admin key may read it
+        assert (await c.get("/v1/usage", params={"tenant": "outcomes"})).status_code == 404
+    _, admin_key = await create_key(db, name="auditor", tenant="ops", admin=True)
+    async with client(stack.api_url, admin_key) as admin:
+        report = (await admin.get("/v1/usage", params={"tenant": "reporter"})).json()
+        assert report["tenant"] == "reporter" and report["total"]["cost"] == total
+        assert (await admin.get("/v1/usage", params={"tenant": "nobody-here"})).status_code == 404
