@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import GenrouteError
@@ -73,6 +75,31 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
+# SQLSTATE classes that mean "the database cannot take this now", not "this request is wrong":
+# 08 connection exception, 53 insufficient resources (too many connections), 57P0x shutdown
+_DB_BUSY = ("08", "53", "57P0")
+
+
+def database_busy(exc: BaseException) -> bool:
+    """The database is overloaded or away (pool exhausted, too many connections, restarting)."""
+    if isinstance(exc, SATimeoutError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = str(getattr(exc.orig, "sqlstate", "") or "")
+    return code.startswith(_DB_BUSY) or bool(exc.connection_invalidated)
+
+
+async def _database(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After when the database cannot take the request now, so clients retry
+    instead of treating it as a bug; anything else from the database stays a logged 500."""
+    if database_busy(exc):
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "unavailable", "the database is overloaded or unavailable; retry shortly",
+                              headers={"Retry-After": "1"})
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal", "internal error; it has been logged")
@@ -82,4 +109,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(GenrouteError, _genroute)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(DBAPIError, _database)
+    app.add_exception_handler(SATimeoutError, _database)
     app.add_exception_handler(Exception, _unexpected)

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from api.errors import database_busy
 from core.catalog import Model
 from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
 from core.runtime import Runtime
@@ -139,6 +140,9 @@ def translate(exc: Exception) -> OpenAIError:
         status = 400 if exc.status_code == 422 else exc.status_code
         kind = {402: "insufficient_quota", 429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         return OpenAIError(status, exc.message, type=kind, code=exc.code, headers=exc.headers)
+    if database_busy(exc):
+        return OpenAIError(503, "the database is overloaded or unavailable; retry shortly", type="server_error",
+                           code="unavailable", headers={"Retry-After": "1"})
     log.exception("unhandled error in an OpenAI-compatible route", exc_info=exc)
     return OpenAIError(500, "internal error; it has been logged", type="server_error", code="internal")
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -130,3 +131,46 @@ def test_providers_section_fills_deployments(tmp_path: Path) -> None:
     f.write_text(f.read_text().replace("provider: openai", "provider: nope"))
     with pytest.raises(CatalogError, match="unknown provider 'nope'"):
         load_catalog(f)
+
+
+async def test_an_overloaded_database_answers_503_not_500() -> None:
+    """Too many connections, a lost connection or an exhausted pool: 503 + Retry-After (in both
+    error shapes); any other database error stays a 500."""
+    from fastapi import FastAPI
+    from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
+
+    from api import errors
+    from api.openai_compat import openai_router
+
+    class Orig(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            super().__init__(sqlstate)
+            self.sqlstate = sqlstate
+
+    failures = {
+        "too_many": DBAPIError("SELECT 1", {}, Orig("53300")),
+        "lost": DBAPIError("SELECT 1", {}, Orig("08006")),
+        "pool": PoolTimeout("QueuePool limit of size 30 overflow 0 reached"),
+        "bug": DBAPIError("SELECT 1", {}, Orig("42P01")),  # undefined table: ours, a 500
+    }
+    app = FastAPI()
+    errors.install(app)
+    oai = openai_router()
+
+    @app.get("/x/{kind}")
+    async def ours(kind: str) -> None:
+        raise failures[kind]
+
+    @oai.get("/y/{kind}")
+    async def openai_shaped(kind: str) -> None:
+        raise failures[kind]
+
+    app.include_router(oai)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
+        for kind in ("too_many", "lost", "pool"):
+            r = await c.get(f"/x/{kind}")
+            assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "unavailable"
+            r = await c.get(f"/v1/y/{kind}")
+            assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert (await c.get("/x/bug")).status_code == 500
+        assert (await c.get("/v1/y/bug")).status_code == 500
