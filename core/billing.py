@@ -34,6 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, literal, update
+from sqlalchemy.orm import aliased
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -218,17 +219,22 @@ async def audit(s: AsyncSession, tenant: str) -> Audit:
     return Audit(tenant, row.spent, row.held, spent, held)
 
 
-async def release_stale_holds(s: AsyncSession, *, prefix: str, older_than: timedelta, limit: int = 1000) -> int:
+async def release_stale_holds(
+    s: AsyncSession, *, prefix: str, older_than: timedelta, window: timedelta = timedelta(days=1), limit: int = 1000
+) -> int:
     """Release holds of inline calls (`prefix`: their subject ids' prefix) that never closed:
-    the API process died between the hold and the end of the call. Jobs need no sweep:
-    their holds close with their terminal transition, which the reconciler guarantees."""
-    e = BillingEntry
-    closed = select(e.subject_id).where(e.kind.in_(["settle", "release"]), e.subject_id.like(f"{prefix}%"))  # type: ignore[attr-defined]
+    the API process died between the hold and the end of the call. Only holds made in the
+    `window` before `older_than` are looked at (the reconciler runs every few seconds, so
+    older ones were seen already): an index range, not a scan of the whole ledger. Jobs need
+    no sweep: their holds close with their terminal transition, which the reconciler guarantees."""
+    e, c = BillingEntry, aliased(BillingEntry)
+    until = utcnow() - older_than
+    closed = select(c.id).where(c.subject_id == e.subject_id, c.kind.in_(["settle", "release"]))  # type: ignore[attr-defined]
     stale = (
         await s.exec(
             select(e)
-            .where(e.kind == "hold", e.subject_id.like(f"{prefix}%"), e.created_at < utcnow() - older_than)  # type: ignore[attr-defined,operator]
-            .where(e.subject_id.not_in(closed))  # type: ignore[attr-defined]
+            .where(e.kind == "hold", e.created_at >= until - window, e.created_at < until)  # type: ignore[operator]
+            .where(e.subject_id.like(f"{prefix}%"), ~closed.exists())  # type: ignore[attr-defined]
             .limit(limit)
         )
     ).all()

@@ -250,6 +250,7 @@ class BillingEntry(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("subject_id", "kind", name="uq_billing_entries_subject_kind"),
         Index("ix_billing_entries_tenant_id", "tenant", "id"),
+        Index("ix_billing_entries_kind_created", "kind", "created_at"),  # the stale-hold sweep
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True))

@@ -149,3 +149,29 @@ async def test_concurrent_holds_never_overdraw(sessions: Any) -> None:
     assert sum(results) == 10
     a = await _audit(sessions, "t")
     assert a.ok and a.held == 70
+
+
+async def test_the_sweep_releases_only_chat_holds_that_never_closed(sessions: Any) -> None:
+    """An API process that died mid-call leaves a hold open: the reconciler's sweep releases it
+    (and only it: not closed ones, not recent ones, not jobs'), once."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.models import BillingEntry
+
+    await _tenant(sessions, "t", 1000)
+    for subject in ("chat_dead", "chat_done", "chat_live", "job_running"):
+        await _hold(sessions, "t", subject, 10)
+    async with sessions() as s:
+        await billing.close(s, [billing.Close("t", "k", "chat_done", 10, 7, "tokens")])
+        old = utcnow() - timedelta(hours=2)
+        for subject in ("chat_dead", "chat_done", "job_running"):
+            await s.exec(update(BillingEntry).where(BillingEntry.subject_id == subject).values(created_at=old))  # type: ignore[call-overload,arg-type]
+        await s.commit()
+    for expected in (1, 0):
+        async with sessions() as s:
+            assert await billing.release_stale_holds(s, prefix="chat_", older_than=timedelta(hours=1)) == expected
+            await s.commit()
+    a = await _audit(sessions, "t")
+    assert a.ok and (a.spent, a.held) == (7, 20), a  # chat_live and job_running still held

@@ -50,6 +50,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("subject_id", "kind", name="uq_billing_entries_subject_kind"),
     )
     op.create_index("ix_billing_entries_tenant_id", "billing_entries", ["tenant", "id"], unique=False)
+    op.create_index("ix_billing_entries_kind_created", "billing_entries", ["kind", "created_at"], unique=False)
     with op.batch_alter_table("api_keys") as t:
         t.add_column(sa.Column("is_admin", sa.Boolean(), nullable=False, server_default=sa.false()))
         t.add_column(sa.Column("scopes", sa.JSON(), nullable=True))
@@ -76,6 +77,7 @@ def downgrade() -> None:
     with op.batch_alter_table("api_keys") as t:
         for c in ("expires_at", "queue_when_busy", "max_concurrency", "rpm", "scopes", "is_admin"):
             t.drop_column(c)
+    op.drop_index("ix_billing_entries_kind_created", table_name="billing_entries")
     op.drop_index("ix_billing_entries_tenant_id", table_name="billing_entries")
     op.drop_table("billing_entries")
     op.drop_table("tenants")
