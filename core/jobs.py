@@ -340,14 +340,19 @@ def _events_of(job: Job, kind: EventType, at: datetime, assets: list[Asset]) -> 
             )
             for a in assets
         ]
-        items.append((kind, _event_data(job, outputs=len(assets))))
+        items.append((kind, _event_data(job, outputs=len(assets), cost=_cost_data(job))))
     elif kind in (EventType.failed, EventType.canceled):
         error = {"code": job.error_code, "message": job.error_message}
-        items = [(kind, _event_data(job, error=error))]
+        items = [(kind, _event_data(job, error=error, cost=_cost_data(job)))]
     else:
         items = [(kind, _event_data(job))]
     first = job.event_seq - len(items) + 1
     return [Event.make(job.id, first + i, t, at, data) for i, (t, data) in enumerate(items)]
+
+
+def _cost_data(job: Job) -> dict[str, Any] | None:
+    """What a terminal event says of money: the hold, and what was settled (0: released)."""
+    return None if job.cost_held is None else {"unit": "micro_usd", "held": job.cost_held, "settled": job.cost_settled}
 
 
 def deadline_for(created: datetime, seconds: int) -> datetime:

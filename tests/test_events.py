@@ -113,6 +113,8 @@ async def test_job_socket_sends_state_then_every_event_then_closes(stack: Stack)
     assert progress == sorted(progress) and 0.5 in progress
     out = next(e for e in events if e["type"] == "job.output")["data"]
     assert out["content_type"] == "image/png" and out["width"] == 256
+    cost = events[-1]["data"]["cost"]  # the terminal event says what the job was charged
+    assert cost["unit"] == "micro_usd" and cost["settled"] == cost["held"] > 0, cost
     # a finished job: the state says so and the socket closes at once (nothing is missed)
     msgs, code = await read_job_ws(ws_url(stack.api_url, f"/v1/jobs/{job_id}/events"), auth(stack))
     assert [m["type"] for m in msgs] == ["job.state"] and msgs[0]["job"]["status"] == "succeeded" and code == 1000
