@@ -45,17 +45,18 @@ def _money(nullable: bool = False) -> Any:
 
 
 class Tenant(SQLModel, table=True):
-    """Owns keys, jobs, assets, webhooks and a budget. `spent` and `held` are the sums of the
-    tenant's billing entries, kept in step with them in the same transactions (core/billing.py),
-    so the budget check is one conditional UPDATE; `genroute billing audit` recomputes them."""
+    """Owns keys, jobs, assets, webhooks and a budget. With a budget, `spent` and `held` are the
+    sums of the tenant's billing entries, kept in step with them in the same transactions, so
+    the budget check is one conditional UPDATE; without one they are not kept (0) and the
+    entries are summed when asked (core/billing.py). `genroute billing audit` recomputes them."""
 
     __tablename__ = "tenants"
 
     id: str = Field(primary_key=True, max_length=100)
     name: str = Field(max_length=200)
     budget: int | None = _money(nullable=True)  # spend cap; None: no cap
-    spent: int = _money()  # settled
-    held: int = _money()  # held by work not finished yet
+    spent: int = _money()  # settled (kept only while the tenant has a budget)
+    held: int = _money()  # held by work not finished yet (likewise)
     created_at: datetime = _ts(nullable=False, default=utcnow)
     updated_at: datetime = _ts(nullable=False, default=utcnow)
 
