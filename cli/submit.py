@@ -63,6 +63,9 @@ def submit(args: argparse.Namespace) -> int:
             print(json.dumps(job, indent=2))
             return 0
         job = _follow(client, job, headers["Authorization"].removeprefix("Bearer "))
+    cost = job.get("cost") or {}
+    if cost.get("settled") is not None:  # stderr: stdout stays the output URLs, one a line
+        print(f"cost: {cost['settled'] / 1_000_000:.6f} USD ({cost['status']}; held {cost['held']} micro-USD)", file=sys.stderr)
     if job["status"] == "succeeded":
         for out in job["outputs"]:
             print(out["url"])

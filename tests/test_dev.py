@@ -55,6 +55,7 @@ def test_dev_mode_serves_readyz_and_completes_an_image_job(tmp_path: Path) -> No
                               "--url", base], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "/v1/files/" in out.stdout and ".wav" in out.stdout
+        assert "cost: 0.000120 USD (settled" in out.stderr, out.stderr  # "hi there": 8 characters at 15000 per 1k
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
