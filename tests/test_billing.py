@@ -442,6 +442,9 @@ async def test_a_chat_the_budget_cannot_cover_gets_402_in_openais_shape(stack: S
             assert body == {"error": {"message": body["error"]["message"], "type": "insufficient_quota", "param": None,
                                       "code": "budget_exceeded"}}
             assert "Raise the budget" in body["error"]["message"], body
+        with pytest.raises(openai.APIStatusError) as refused:  # the OpenAI media doors hold the same way
+            await oai.images.generate(model="local-image", prompt="a lighthouse", size="1024x1024")
+        assert refused.value.status_code == 402 and refused.value.response.json()["error"]["code"] == "budget_exceeded"
     assert await entries(db, "broke") == {}
     row = await assert_books_balance(db, "broke")
     assert (row.spent, row.held) == (0, 0)
