@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.jobs import charged
 from core.models import Asset, Job
 from core.schemas import AssetPublic, AttemptPublic, CostPublic, ErrorPublic, JobPublic, ProgressPublic
 
@@ -54,5 +55,4 @@ def _cost(job: Job) -> CostPublic | None:
         return None
     if job.cost_settled is None:
         return CostPublic(status="held", held=job.cost_held)
-    released = job.status != "succeeded" and not (job.status == "canceled" and job.provider_handle is not None)
-    return CostPublic(status="released" if released else "settled", held=job.cost_held, settled=job.cost_settled)
+    return CostPublic(status="settled" if charged(job) else "released", held=job.cost_held, settled=job.cost_settled)

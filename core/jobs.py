@@ -296,7 +296,7 @@ async def _account(s: AsyncSession, job: Job, to: JobStatus, cost: Cost | None, 
         )
     )
     if job.cost_held is not None:
-        settled = to is JobStatus.succeeded or (to is JobStatus.canceled and job.provider_handle is not None)
+        settled = charged(job)
         basis = (cost.basis if cost is not None else "unpriced") if to is JobStatus.succeeded else "canceled after the provider started"
         dep = job.deployment
         await billing.close(s, [billing.Close(job.tenant, job.key_id, job.id, job.cost_held, job.cost_settled if settled else None,
@@ -348,6 +348,12 @@ def _events_of(job: Job, kind: EventType, at: datetime, assets: list[Asset]) -> 
         items = [(kind, _event_data(job))]
     first = job.event_seq - len(items) + 1
     return [Event.make(job.id, first + i, t, at, data) for i, (t, data) in enumerate(items)]
+
+
+def charged(job: Job) -> bool:
+    """Whether a finished job's hold is settled (charged) rather than released: it succeeded,
+    or it was canceled after the provider took the task (which the provider bills)."""
+    return job.status == JobStatus.succeeded or (job.status == JobStatus.canceled and job.provider_handle is not None)
 
 
 def _cost_data(job: Job) -> dict[str, Any] | None:
