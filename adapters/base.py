@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from core.catalog import Deployment
+from core.routing.catalog import Deployment
 from core.errors import ProviderError, ProviderErrorKind
 from core.types import PollResult, ProviderRequest, SubmitResult
 

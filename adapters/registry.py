@@ -11,7 +11,7 @@ import importlib
 import httpx
 
 from adapters.base import Adapter
-from core.catalog import Deployment
+from core.routing.catalog import Deployment
 
 ADAPTERS: dict[str, str] = {
     "local": "adapters.local:LocalAdapter",
@@ -45,3 +45,21 @@ def build_adapter(deployment: Deployment, http: httpx.AsyncClient) -> Adapter:
             f"deployment {deployment.name!r} names adapter {deployment.adapter!r}; known: {sorted(ADAPTERS)}"
         ) from None
     return cls(deployment, http)
+
+
+class AdapterCache:
+    """The one adapter registry of a process (on the Runtime, as `rt.adapters`): one adapter
+    per deployment, built on first use and rebuilt when a catalog reload replaces the
+    deployment, so what an adapter caches (an account's webhook secret, a JWKS) is fetched
+    once. The worker, inline chat and the callback receiver all take adapters from here."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self._by_name: dict[str, tuple[Deployment, Adapter]] = {}
+
+    def get(self, deployment: Deployment) -> Adapter:
+        hit = self._by_name.get(deployment.name)
+        if hit is None or hit[0] is not deployment:
+            hit = (deployment, build_adapter(deployment, self.http))
+            self._by_name[deployment.name] = hit
+        return hit[1]

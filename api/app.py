@@ -23,9 +23,10 @@ from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
 from core.events import EventHub
 from core.keys import changed_channel
+from adapters.registry import AdapterCache
 from core.runtime import open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings
-from core.usage import UsageWriter
+from core.billing.usage import UsageWriter
 from storage import build_store
 
 
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with AsyncExitStack() as stack:
             app.state.runtime = rt = await open_runtime(s, stack, build_store(s))
             rt.ledger.configure(s)
+            rt.adapters = AdapterCache(rt.http)
             watch_sighup(rt)
             stack.callback(unwatch_sighup, rt)
             rt.usage = UsageWriter(rt.sessions)
@@ -46,11 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             watcher = KeyWatcher(s.redis_url, changed_channel(s.redis_prefix), app.state.key_cache)  # revocations
             await watcher.start()
             stack.push_async_callback(watcher.close)
-            app.state.callback_adapters = {}  # deployment name -> adapter (api/callbacks.py)
             hub = EventHub(rt.redis, f"{s.redis_prefix}:hub")  # one pub/sub connection for all subscribers
             await hub.start()
             stack.push_async_callback(hub.close)
-            app.state.event_hub = hub
+            app.state.event_hub = rt.hub = hub
             yield
 
     app = FastAPI(

@@ -15,12 +15,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from adapters.base import Adapter
-from adapters.registry import UnknownAdapter, build_adapter
+from adapters.registry import UnknownAdapter
 from api.deps import RuntimeDep
-from core.callbacks import callback_key, callback_secret, dump_result, job_id_from_token
+from core.callbacks import callback_secret, dump_result, job_id_from_token
 from core.errors import ProviderError, ProviderErrorKind, Unauthorized
-from core.jobs import JobStatus
-from core.queue import enqueue_poll
+from core.jobs.ledger import JobStatus
 from core.types import Pending
 
 router = APIRouter(tags=["callbacks"])
@@ -33,19 +32,16 @@ async def receive_callback(provider: str, token: str, request: Request, rt: Runt
     s = rt.settings
     job_id = job_id_from_token(s.secret_key, token) if s.secret_key else None
     job = await rt.ledger.get(job_id) if job_id else None
-    model = rt.catalog.get(job.model) if job else None
-    dep = next((d for d in model.deployments if d.name == job.deployment), None) if job and model else None
+    dep = rt.catalog.deployment(job.deployment) if job and job.deployment else None  # a fallback's too
     if job is None or dep is None or dep.adapter != provider:
         raise Unauthorized("unknown callback address")
     if job.status != JobStatus.running or job.provider_handle is None:
         return JSONResponse({"status": "ignored", "reason": f"job is {job.status}"})
     body = await request.body()
     try:
-        # one adapter per deployment per process, so what it caches (an account's webhook
+        # the process's one adapter per deployment: what it caches (an account's webhook
         # secret, a JWKS) is fetched once, not on every callback
-        adapters: dict[str, Adapter] = request.app.state.callback_adapters
-        key = f"{rt.catalog.version}:{dep.name}"  # a reloaded catalog builds fresh adapters
-        adapter = adapters.get(key) or adapters.setdefault(key, build_adapter(dep, rt.http))
+        adapter: Adapter = rt.adapters.get(dep)
         result = await adapter.verify_callback(dict(request.headers), body, job.provider_handle, callback_secret(s.secret_key, job.id))
     except UnknownAdapter:
         raise Unauthorized("unknown callback address") from None
@@ -68,6 +64,6 @@ async def receive_callback(provider: str, token: str, request: Request, rt: Runt
             queue_position=result.queue_position,
         )
         return JSONResponse({"status": "ok"})
-    await rt.redis.set(callback_key(s.redis_prefix, job.id), dump_result(result), ex=3600)
-    await enqueue_poll(rt.redis, s, job.id, job.modality, job.poll_seq, delay=0, suffix=":cb")
+    # the job's next poll, due now, takes this result instead of asking the provider
+    await rt.polls.kick(job.id, job.modality, dump_result(result))
     return JSONResponse({"status": "accepted"}, status_code=202)

@@ -24,43 +24,23 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from adapters.base import Adapter
-from adapters.registry import UnknownAdapter, build_adapter
 from api.deps import PrincipalDep, RuntimeDep
 from api.openai_compat import OpenAIError, from_provider, invalid, model_for, openai_router
-from core.billing import Close, hold, hold_for
-from core.catalog import Deployment, Model
+from core.billing.ledger import Close, hold, hold_for
+from core.routing.catalog import Deployment, Model
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.ids import new_id
 from core.keys import Principal
-from core.limits import Denied
-from core.models import UsageRecord, utcnow
-from core.quotas import admit, take_or_refuse
-from core.router import Candidate, can_fall_back, plan, reachable
+from core.models import UsageRecord
+from core.limits.keys import admit, take_or_refuse
+from core.routing.dispatch import Placed, Refused, Unplaced, dispatch, release
+from core.routing.router import Candidate
 from core.runtime import Runtime
-from core.usage import chat_cost, count_tokens, prompt_text, record_usage, tokens_of
+from core.billing.usage import chat_cost, count_tokens, prompt_text, record_usage, tokens_of
 
 router = openai_router(tags=["openai"])
 
 _background: set[asyncio.Task[None]] = set()  # detached end-of-call work, kept from the GC
-
-
-def _chat_of(request: Request, dep: Deployment, rt: Runtime) -> Any:
-    """The deployment's adapter's `chat` (one adapter per deployment per process, rebuilt
-    when a catalog reload replaces the deployment). A deployment that cannot chat is a
-    catalog mistake: a ProviderError that falls back and does not count against health."""
-    cache: dict[str, tuple[Deployment, Adapter]] = request.app.state.__dict__.setdefault("chat_adapters", {})
-    hit = cache.get(dep.name)
-    if hit is None or hit[0] is not dep:
-        try:
-            hit = (dep, build_adapter(dep, rt.http))
-        except UnknownAdapter as exc:
-            raise _config_error(str(exc)) from exc
-        cache[dep.name] = hit
-    chat = getattr(hit[1], "chat", None)
-    if chat is None:
-        raise _config_error(f"deployment {dep.name!r}: adapter {dep.adapter!r} has no chat endpoint")
-    return chat
 
 
 class CannotChat(ProviderError):
@@ -114,11 +94,6 @@ class _Call:
         self.status = "failed"
         self.error_code: str | None = None
 
-    def attempt(self, cand: Candidate) -> dict[str, Any]:
-        entry = {"deployment": cand.deployment.name, "model": cand.model.id, "started_at": utcnow().isoformat()}
-        self.attempts.append(entry)
-        return entry
-
     async def open(self) -> None:
         """The key's concurrency slot (429 when full) and, for a budgeted tenant, the hold."""
         quotas = self.rt.ledger.quotas
@@ -148,7 +123,7 @@ class _Call:
         dep = self.deployment
         try:
             if dep is not None:
-                await self.rt.limiter.release(dep.name, self.id, success=self.status == "succeeded")
+                await release(self.rt, dep, self.id, success=self.status == "succeeded")
             await self._free_slot()
         finally:
             counted = tokens_of(self.usage)
@@ -193,34 +168,24 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
     call = _Call(rt, principal, model, body, stream)
     await call.open()
 
-    cat = rt.catalog
-    snap = await rt.limiter.snapshot(reachable(model, cat), catalog_version=cat.version)
-    p = plan(model, body, snap.states, now=snap.now, catalog=cat)
-    last: ProviderError | None = None
-    for cand in p.candidates:
-        dep = cand.deployment
-        if isinstance(await rt.limiter.acquire(dep, lease_id=call.id, tokens=cand.estimated_tokens), Denied):
-            continue  # taken since the snapshot
-        entry = call.attempt(cand)
-        t0 = time.monotonic()
-        try:
-            chat = _chat_of(request, dep, rt)
-            result = await chat(upstream, stream=stream)
-            first = await anext(result, None) if stream else None
-        except ProviderError as exc:
-            await rt.limiter.release(dep.name, call.id)
-            if not isinstance(exc, CannotChat):  # our catalog's fault is not the provider's health
-                await rt.limiter.record_error(dep, exc, catalog_version=cat.version)
-            entry.update(duration_ms=_ms(t0), error={"code": exc.code.value, "message": exc.message[:500]})
-            last = exc
-            if can_fall_back(exc):
-                continue
-            break
-        except BaseException:  # a bug, or the client gone: free the slots, release the hold, let it propagate
-            await rt.limiter.release(dep.name, call.id)
-            call.finish_detached()
-            raise
-        entry["duration_ms"] = _ms(t0)
+    async def call_chat(cand: Candidate, adapter: Any, attempts: list[dict[str, Any]]) -> tuple[Any, Any]:
+        call.attempts = attempts
+        chat = getattr(adapter, "chat", None)
+        if chat is None:
+            raise _config_error(f"deployment {cand.deployment.name!r}: adapter {cand.deployment.adapter!r} has no chat endpoint")
+        result = await chat(upstream, stream=stream)
+        first = await anext(result, None) if stream else None
+        return result, first
+
+    try:
+        out = await dispatch(rt, model, body, call.id, call_chat, counts=lambda exc: not isinstance(exc, CannotChat))
+    except BaseException:  # a bug, or the client gone: the slot is free; release the hold, let it propagate
+        call.finish_detached()
+        raise
+    call.attempts = out.attempts
+    if isinstance(out, Placed):
+        result, first = out.value
+        dep = out.deployment
         call.deployment = dep
         headers = {"x-genroute-request-id": call.id, "x-genroute-deployment": dep.name}
         if not stream:
@@ -229,20 +194,20 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
             answer = {**result, "model": model.id}
             return JSONResponse(answer, headers=headers, background=BackgroundTask(call.finish))
         return StreamingResponse(
-            _sse(call, first, result, client_usage),  # type: ignore[arg-type]
+            _sse(call, first, result, client_usage),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
-
+    last = out.error if isinstance(out, Refused) else None
     call.error_code = last.code.value if last is not None else ErrorCode.provider_unavailable.value
     call.finish_detached()
     if last is not None:
         raise from_provider(last)
-    if p.status in ("wait", "cooldown"):
-        retry = (p.retry_at - snap.now) if p.retry_at else 1.0
-        raise OpenAIError(429, p.message(), type="rate_limit_error", code="rate_limit_exceeded",
-                          headers={"retry-after": str(max(1, round(retry)))})
-    raise OpenAIError(503, p.message(), type="server_error", code="provider_unavailable")
+    if isinstance(out, Unplaced) and out.plan.status in ("wait", "cooldown"):
+        raise OpenAIError(429, out.plan.message(), type="rate_limit_error", code="rate_limit_exceeded",
+                          headers={"retry-after": str(max(1, round(out.retry_in(1.0, 3600.0))))})
+    message = out.plan.message() if isinstance(out, Unplaced) else "no usable deployment"
+    raise OpenAIError(503, message, type="server_error", code="provider_unavailable")
 
 
 def _ms(t0: float) -> int:

@@ -43,8 +43,8 @@ from fastapi.responses import StreamingResponse
 from api.deps import PrincipalDep, RuntimeDep, resolve_principal
 from api.views import job_public
 from core.errors import InvalidRequest, NotFound
-from core.events import OVERFLOW, Event, EventBus, EventHub, Subscription, parse_last_event_id
-from core.jobs import TERMINAL, JobStatus
+from core.events import OVERFLOW, Event, EventBus, EventHub, Pos, Subscription, parse_last_event_id
+from core.jobs.ledger import TERMINAL, JobStatus
 from core.keys import Principal
 from core.models import Job
 from core.runtime import Runtime
@@ -74,6 +74,7 @@ def _bus(rt: Runtime) -> EventBus:
 
 async def _state(rt: Runtime, job: Job) -> dict[str, Any]:
     assets = (await rt.ledger.assets([job.id]))[job.id] if job.status == JobStatus.succeeded else []
+    await rt.ledger.overlay([job])
     public = await job_public(rt.store, job, assets, rt.settings.url_ttl_seconds)
     return {"type": "job.state", "seq": job.event_seq, "job": public.model_dump(mode="json")}
 
@@ -85,7 +86,7 @@ async def _visible_job(rt: Runtime, tenant: str, job_id: str) -> Job:
     return job
 
 
-async def follow_job(rt: Runtime, hub: EventHub, tenant: str, job_id: str, last_seq: int | None) -> AsyncIterator[Any]:
+async def follow_job(rt: Runtime, hub: EventHub, tenant: str, job_id: str, last_seq: Pos | None) -> AsyncIterator[Any]:
     """Yield the job's state, then its events (missed ones first), until the terminal
     event. Yields PING when idle. Raises NotFound, or SlowConsumer on overflow."""
     s = rt.settings
@@ -96,10 +97,10 @@ async def follow_job(rt: Runtime, hub: EventHub, tenant: str, job_id: str, last_
     try:
         job = await _visible_job(rt, tenant, job_id)
         yield await _state(rt, job)
-        after = last_seq if last_seq is not None else job.event_seq
+        after: Pos = last_seq if last_seq is not None else (job.event_seq, 0)
         for ev in await bus.replay(job_id, after):  # missed events, and any newer than the row
             yield ev
-            after = ev.seq
+            after = ev.pos
             if ev.terminal:
                 return
         if job.status in TERMINAL:
@@ -114,26 +115,26 @@ async def follow_job(rt: Runtime, hub: EventHub, tenant: str, job_id: str, last_
                 missed = await bus.replay(job_id, after)
                 for ev in missed:
                     yield ev
-                    after = ev.seq
+                    after = ev.pos
                     if ev.terminal:
                         return
                 if not missed and idle % 6 == 0:
                     fresh = await rt.ledger.get(job_id)
-                    if fresh is None or (fresh.status in TERMINAL and fresh.event_seq <= after):
+                    if fresh is None or (fresh.status in TERMINAL and fresh.event_seq <= after[0]):
                         return  # over, and its terminal event is gone from Redis
                 yield PING
                 continue
             if item is OVERFLOW:
                 raise SlowConsumer
             ev = Event.from_json(item)
-            if ev.seq <= after:
+            if ev.pos <= after:
                 continue  # already sent (replayed)
-            if ev.seq > after + 1:  # a gap: a message was lost; the stream has it
+            if ev.seq > after[0] + 1:  # a gap in durable events: a message was lost; the stream has it
                 for missed_ev in await bus.replay(job_id, after, ev.seq - 1):
                     yield missed_ev
-                    after = missed_ev.seq
+                    after = missed_ev.pos
             yield ev
-            after = ev.seq
+            after = ev.pos
             if ev.terminal:
                 return
     finally:
@@ -251,7 +252,7 @@ class _Marker:
     """Queued behind live messages: from here on, events of `job_id` above `after` go out."""
 
     job_id: str
-    after: int
+    after: Pos
     state: dict[str, Any]
 
 
@@ -265,7 +266,7 @@ class _Mux:
         self.sub = Subscription(rt.settings.ws_queue_size)
         self.jobs: set[str] = set()  # subscribed one by one
         self.all = False
-        self.last: dict[str, int] = {}  # job -> last seq sent
+        self.last: dict[str, Pos] = {}  # job -> position of the last event sent
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._send()), asyncio.create_task(self._ping())]
@@ -328,7 +329,7 @@ class _Mux:
         for job_id in job_ids:
             if job_id in self.jobs:
                 continue
-            last_seq: int | None = None
+            last_seq: Pos | None = None
             if job_id in last_ids:
                 try:
                     last_seq = parse_last_event_id(job_id, str(last_ids[job_id]))
@@ -341,7 +342,7 @@ class _Mux:
                 job = await _visible_job(self.rt, self.tenant, job_id)
             except NotFound as exc:
                 raise _Close(CLOSE_NOT_FOUND, f"no job {job_id[:60]!r}") from exc
-            after = last_seq if last_seq is not None else job.event_seq
+            after = last_seq if last_seq is not None else (job.event_seq, 0)
             self.sub.offer(_Marker(job_id, after, await _state(self.rt, job)))
             for ev in await self.bus.replay(job_id, after):
                 self.sub.offer(ev)
@@ -365,15 +366,15 @@ class _Mux:
                 raise _Close(CLOSE_SLOW, "slow consumer: resubscribe with last_event_ids")
             out: Any = item
             if isinstance(item, _Marker):
-                self.last[item.job_id] = max(self.last.get(item.job_id, 0), item.after)
+                self.last[item.job_id] = max(self.last.get(item.job_id, (0, 0)), item.after)
                 out = item.state
             elif isinstance(item, (bytes, str, Event)):
                 ev = item if isinstance(item, Event) else Event.from_json(item)
                 if ev.job_id not in self.last and (not self.all or ev.job_id in self.jobs):
                     continue  # its marker is still queued; the replay behind it covers this
-                if ev.seq <= self.last.get(ev.job_id, 0):
+                if ev.pos <= self.last.get(ev.job_id, (0, 0)):
                     continue
-                self.last[ev.job_id] = ev.seq
+                self.last[ev.job_id] = ev.pos
                 out = ev
                 if ev.terminal:  # nothing follows a terminal event: stop listening for it
                     if ev.job_id in self.jobs:

@@ -17,15 +17,15 @@ from api.deps import PrincipalDep, RuntimeDep
 from api.pagination import page
 from api.views import job_public
 from core import netguard
-from core.billing import hold_for
+from core.billing.ledger import hold_for
 from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
-from core.events import Event
+from core.events import OVERFLOW, Event, EventHub, Subscription
 from core.ids import new_id
-from core.jobs import TERMINAL, JobStatus, deadline_for
+from core.jobs.ledger import TERMINAL, JobStatus, deadline_for
 from core.keys import Principal
 from core.models import Job, utcnow
-from core.queue import enqueue_cancel, enqueue_run, queue_position
-from core.quotas import admit, take_or_refuse
+from core.jobs.queue import enqueue_cancel, enqueue_run, queue_position
+from core.limits.keys import admit, take_or_refuse
 from core.runtime import Runtime
 from core.schemas import JobCreate, JobList, JobPublic
 
@@ -66,44 +66,66 @@ async def _load(rt: Runtime, principal: Principal, job_id: str) -> Job:
 
 async def _public(rt: Runtime, job: Job, *, with_position: bool = False) -> JobPublic:
     assets = (await rt.ledger.assets([job.id]))[job.id] if job.status == JobStatus.succeeded else []
-    position = None
+    await rt.ledger.overlay([job])
+    position, eta = None, None
     if with_position and job.status == JobStatus.queued:
-        position = await queue_position(rt.redis, rt.settings, job.id, job.modality)
-    return await job_public(rt.store, job, assets, rt.settings.url_ttl_seconds, position)
+        position, eta = await _position(rt, job)
+    return await job_public(rt.store, job, assets, rt.settings.url_ttl_seconds, position, eta)
+
+
+async def _position(rt: Runtime, job: Job) -> tuple[int | None, float | None]:
+    """A waiting job's place: in the wait queues of the deployments (or key) it waits for,
+    else in the ARQ queue it has not been picked from yet."""
+    model = rt.catalog.get(job.model)
+    gates = {f"d:{d.name}": d.limits.max_concurrency or 1 for d in (model.deployments if model else [])}
+    pos = await rt.waits.position(job.id, gates)
+    if pos is not None:
+        return pos.ahead, pos.eta_seconds
+    return await queue_position(rt.redis, rt.settings, job.id, job.modality), None
 
 
 async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
-    """Hold until the job is terminal or `seconds` pass. Listens on the job's channel
-    (where its events are published) and re-reads the row, which stays the truth."""
-    if job.status in TERMINAL:
+    """Hold until the job is terminal or `seconds` pass, listening on the job's channel
+    through the process's one shared subscription (`rt.hub`); the row, read once more
+    after the terminal event, stays the truth."""
+    hub: EventHub | None = rt.hub
+    if job.status in TERMINAL or hub is None or rt.ledger.events is None:
         return job
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    pubsub = rt.redis.pubsub()
-    terminal_heard = False
+    sub = Subscription(64)
+    channel = rt.ledger.events.job_channel(job.id)
+    await hub.add(channel, sub)
     try:
-        await pubsub.subscribe(rt.ledger.channel(job.id))
-        while True:
-            fresh = await rt.ledger.get(job.id)  # after subscribing: no change slips between
-            if fresh is None or fresh.status in TERMINAL:
-                return fresh or job
-            job = fresh
+        fresh = await rt.ledger.get(job.id)  # after subscribing: no change slips between
+        while fresh is not None and fresh.status not in TERMINAL:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return job
-            if terminal_heard:
-                # events are published just before their row commits: read again shortly
-                await asyncio.sleep(min(remaining, 0.02))
+                return fresh
+            try:
+                # a missed message costs one re-read every 5 s
+                item = await asyncio.wait_for(sub.get(), min(remaining, 5.0))
+            except TimeoutError:
+                fresh = await rt.ledger.get(job.id)
                 continue
-            # a missed message only costs a re-read every 2 s
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 2.0))
-            if msg is not None:
-                try:
-                    terminal_heard = Event.from_json(msg["data"]).terminal
-                except (ValueError, KeyError, TypeError):
-                    pass
+            if item is OVERFLOW:
+                fresh = await rt.ledger.get(job.id)
+                continue
+            try:
+                terminal = Event.from_json(item).terminal
+            except (ValueError, KeyError, TypeError):
+                terminal = False
+            if terminal:
+                # published just before the row commits: read until the commit shows
+                for _ in range(50):
+                    fresh = await rt.ledger.get(job.id)
+                    if fresh is None or fresh.status in TERMINAL:
+                        break
+                    await asyncio.sleep(0.02)
+                break
+        return fresh or job
     finally:
-        await pubsub.aclose()
+        await hub.remove(channel, sub)
 
 
 async def check_webhook_url(rt: Runtime, url: str, *, loc: str) -> None:
@@ -144,7 +166,7 @@ async def create_job(
 
 async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """The core of POST /v1/jobs, shared with the OpenAI-compatible facades: the key's
-    scopes and rate (core/quotas.py), the input against the model, then one transaction
+    scopes and rate (core/limits/keys.py), the input against the model, then one transaction
     inserts the job with its billing hold (402 when the budget cannot cover it), once per
     Idempotency-Key; it is enqueued after the commit. Returns the job and whether this
     call created it (False: a replay)."""
@@ -271,6 +293,7 @@ async def list_jobs(
         q = q.where(Job.model == model)
     rows, next_cursor = await page(rt.sessions, q, Job.id, cursor, limit)
     assets = await rt.ledger.assets([j.id for j in rows if j.status == JobStatus.succeeded])
+    await rt.ledger.overlay(rows)
     ttl = rt.settings.url_ttl_seconds
     data = [await job_public(rt.store, j, assets.get(j.id, []), ttl) for j in rows]
     return JobList(data=data, next_cursor=next_cursor)

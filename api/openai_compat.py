@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from api.errors import database_busy
-from core.catalog import Model
+from core.routing.catalog import Model
 from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
 from core.runtime import Runtime
 

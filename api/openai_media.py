@@ -31,7 +31,7 @@ from api.deps import PrincipalDep, RuntimeDep
 from api.jobs import submit_job, wait_for_terminal
 from api.openai_compat import OpenAIError, from_code, from_invalid_input, invalid, model_for, openai_router, param_of
 from core.errors import InvalidInput
-from core.jobs import TERMINAL, JobStatus
+from core.jobs.ledger import TERMINAL, JobStatus
 from core.keys import Principal
 from core.models import Asset, Job
 from core.runtime import Runtime

@@ -16,7 +16,7 @@ from sqlalchemy import Date, case, cast, func
 from sqlmodel import select
 
 from api.deps import PrincipalDep, RuntimeDep
-from core.billing import balance
+from core.billing.ledger import balance
 from core.errors import InvalidInput, NotFound
 from core.models import Tenant, UsageRecord
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.jobs import charged
+from core.jobs.ledger import charged
 from core.models import Asset, Job
 from core.schemas import AssetPublic, AttemptPublic, CostPublic, ErrorPublic, JobPublic, ProgressPublic
 
@@ -23,7 +23,8 @@ async def asset_public(store: Any, asset: Asset, ttl: int) -> AssetPublic:
     )
 
 
-async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_position: int | None = None) -> JobPublic:
+async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_position: int | None = None,
+                     eta_seconds: float | None = None) -> JobPublic:
     return JobPublic(
         id=job.id,
         model=job.model,
@@ -33,6 +34,7 @@ async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_
         metadata=job.meta,
         progress=ProgressPublic(fraction=job.progress, message=job.progress_message),
         queue_position=queue_position if queue_position is not None else job.queue_position,
+        eta_seconds=round(eta_seconds, 1) if eta_seconds is not None else None,
         outputs=[await asset_public(store, a, ttl) for a in assets],
         error=ErrorPublic(code=job.error_code, message=job.error_message or "", details=job.error_detail)
         if job.error_code

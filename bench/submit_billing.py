@@ -31,7 +31,7 @@ Verified after the rounds, per database: jobs rows = 201s counted (checks + warm
 measured) + requests still in flight when wrk stopped (0..clients per wrk run); every job is
 queued and on the ARQ queue; for the working tree: one `hold` entry per job, the sum of the
 holds = jobs x the per-job estimate = tenants.held for a tenant with a budget (one without
-keeps 0 there: core/billing.py); rpm: the rate ZSET exists (only) for it.
+keeps 0 there: core/billing/ledger.py); rpm: the rate ZSET exists (only) for it.
 ARQ's job keys (`arq:job:run:<id>`, outside the prefix) are deleted by id, then the prefix.
 
 Reported per target: requests/s (median of rounds, and each round), p50, p99 (median of
@@ -412,7 +412,7 @@ def verify(t: Target, args: argparse.Namespace) -> list[str]:
         expect_hold = 0 if t.unpriced else None
         if holds[0] != n or other != 0:
             problems.append(f"{t.id}: {holds[0]} hold entries (+{other} others) for {n} jobs")
-        # a tenant without a budget keeps no sums on its row (core/billing.py): its entries are the sums
+        # a tenant without a budget keeps no sums on its row (core/billing/ledger.py): its entries are the sums
         row_held = int(ten[2]) if ten[0] is not None else int(holds[1])
         if ten[0] is None and int(ten[2]) != 0:
             problems.append(f"{t.id}: a tenant without a budget has tenants.held {ten[2]} (expected 0)")

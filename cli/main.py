@@ -98,7 +98,7 @@ def _with_db(settings: Settings, work: Callable[[Any], Awaitable[str | int]]) ->
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from core.catalog import CatalogError, load_catalog
+    from core.routing.catalog import CatalogError, load_catalog
     from core.keys import create_key
     from core.models import utcnow
 
@@ -136,13 +136,13 @@ def _budget(text: str) -> int | None:
 
 
 def _budget_text(budget: int | None) -> str:
-    from core.billing import usd
+    from core.billing.ledger import usd
 
     return "no cap" if budget is None else f"{budget} micro-USD ({usd(budget)})"
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
-    from core.tenants import create_tenant
+    from core.billing.tenants import create_tenant
 
     async def go(sessions: Any) -> str:
         row = await create_tenant(sessions, args.id, name=args.name, budget=args.budget)
@@ -154,7 +154,7 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
 def cmd_billing_audit(args: argparse.Namespace) -> int:
     from sqlmodel import select
 
-    from core.billing import audit
+    from core.billing.ledger import audit
     from core.models import Tenant
 
     async def go(sessions: Any) -> int:
@@ -175,7 +175,7 @@ def cmd_tenants_budget(args: argparse.Namespace) -> int:
     from redis.asyncio import Redis
 
     from core.keys import announce_change
-    from core.tenants import update_tenant
+    from core.billing.ledger import update_tenant
 
     settings = _settings()
 
@@ -199,7 +199,7 @@ def cmd_tenants_budget(args: argparse.Namespace) -> int:
 
 
 async def _balance(sessions: Any, row: Any) -> tuple[int, int]:
-    from core.billing import balance
+    from core.billing.ledger import balance
 
     async with sessions() as s:
         return await balance(s, row)
@@ -293,7 +293,7 @@ def cmd_catalog_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from adapters.registry import ADAPTERS
-    from core.catalog import CatalogError, load_catalog
+    from core.routing.catalog import CatalogError, load_catalog
 
     try:
         catalog = load_catalog(Path(args.file))

@@ -42,13 +42,10 @@ def callback_url(public_url: str, secret_key: str, adapter: str, job_id: str) ->
     return f"{public_url.rstrip('/')}/v1/callbacks/{adapter}/{callback_token(secret_key, job_id)}"
 
 
-# A verified callback's result is handed from the API to the worker through Redis: the
-# worker's poll_job takes it instead of polling, so outputs are stored in one place and
-# the poll_seq compare-and-set still guarantees a job is finished once.
-
-
-def callback_key(prefix: str, job_id: str) -> str:
-    return f"{prefix}:callback:{job_id}"
+# A verified callback's result is handed from the API to the worker through the job's poll
+# entry (core/jobs/polls.py `kick`): its next poll, due at once, takes it instead of asking
+# the provider, so outputs are stored in one place and the poll_seq compare-and-set still
+# guarantees a job is finished once.
 
 
 def dump_result(result: PollResult) -> str:

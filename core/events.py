@@ -15,6 +15,11 @@ the stream: a duplicate publish is a no-op, and stream order is seq order.
 
 A subscriber subscribes first, then reads the row and replays the stream after the seq it
 knows, then takes live messages, dropping any seq it already has: no gap, no duplicate.
+
+Progress seen by a poll that changes no row (DESIGN.md §13) is published without SQL as a
+*sub-event*: `(seq, sub)` with `seq` the stream's newest durable seq and `sub` 1, 2, ...
+(stream id "{seq}-{sub}", event id `evt_{job}_{seq}.{sub}`). Events order by `(seq, sub)`;
+durable events have sub 0 and stay dense, so a gap in them is still noticed.
 """
 
 from __future__ import annotations
@@ -45,23 +50,26 @@ class EventType(StrEnum):
 
 
 TERMINAL_EVENTS: frozenset[str] = frozenset({EventType.succeeded, EventType.failed, EventType.canceled})
-EVENT_ID = re.compile(r"^evt_([0-9a-z]{1,40})_(\d{1,9})$")
+EVENT_ID = re.compile(r"^evt_([0-9a-z]{1,40})_(\d{1,9})(?:\.(\d{1,9}))?$")
+Pos = tuple[int, int]  # (seq, sub): where an event stands in its job's stream
 
 
-def event_id(job_id: str, seq: int) -> str:
-    """`evt_{job ulid}_{seq}`: unique, stable across replays and webhook retries."""
-    return f"evt_{job_id.removeprefix('job_')}_{seq}"
+def event_id(job_id: str, seq: int, sub: int = 0) -> str:
+    """`evt_{job ulid}_{seq}` (`.{sub}` for a sub-event): unique, stable across replays
+    and webhook retries."""
+    base = f"evt_{job_id.removeprefix('job_')}_{seq}"
+    return f"{base}.{sub}" if sub else base
 
 
-def parse_last_event_id(job_id: str, value: str) -> int:
-    """The seq a client last saw, from an event id of this job or a bare seq number."""
+def parse_last_event_id(job_id: str, value: str) -> Pos:
+    """Where a client stands, from an event id of this job or a bare seq number."""
     value = value.strip()
     if value.isdigit() and len(value) <= 9:
-        return int(value)
+        return int(value), 0
     m = EVENT_ID.match(value)
     if m is None or f"job_{m[1]}" != job_id:
         raise ValueError(f"last_event_id {value[:100]!r} is not an event id of job {job_id}")
-    return int(m[2])
+    return int(m[2]), int(m[3] or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,7 @@ class Event:
     type: str
     at: str  # ISO 8601 UTC
     data: dict[str, Any] = field(default_factory=dict)
+    sub: int = 0  # > 0: a progress sub-event published without SQL (see above)
 
     @classmethod
     def make(cls, job_id: str, seq: int, type: EventType, at: datetime, data: dict[str, Any]) -> Event:
@@ -81,8 +90,15 @@ class Event:
     def terminal(self) -> bool:
         return self.type in TERMINAL_EVENTS
 
+    @property
+    def pos(self) -> Pos:
+        return self.seq, self.sub
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.sub:
+            del d["sub"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
@@ -90,7 +106,7 @@ class Event:
     @classmethod
     def from_json(cls, raw: str | bytes) -> Event:
         d = json.loads(raw)
-        return cls(d["id"], int(d["seq"]), d["job_id"], d["type"], d["at"], d.get("data") or {})
+        return cls(d["id"], int(d["seq"]), d["job_id"], d["type"], d["at"], d.get("data") or {}, int(d.get("sub") or 0))
 
 
 # KEYS: stream, job channel, tenant channel. ARGV: maxlen, ttl, then seq/payload pairs.
@@ -99,6 +115,7 @@ _PUBLISH = """
 local top = 0
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
+-- a sub-event of seq N does not make N a duplicate: compare durable seqs only
 local out = {}
 for i = 3, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
@@ -115,6 +132,27 @@ return out
 """
 
 
+# KEYS: stream, job channel, tenant channel. ARGV: maxlen, ttl, seq hint, then the event's
+# JSON in three parts around its sub number: head .. sub .. middle .. sub .. tail.
+# The sub-event hangs under the stream's newest seq (or the hint, on an empty stream).
+# Returns {seq, sub}.
+_PUBLISH_SUB = """
+local seq, sub = tonumber(ARGV[3]), 1
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local a, b = string.match(last[1][1], '^(%d+)-(%d+)')
+  a, b = tonumber(a), tonumber(b)
+  if a >= seq then seq, sub = a, b + 1 end
+end
+local payload = ARGV[4] .. seq .. ARGV[5] .. sub .. ARGV[6] .. seq .. ARGV[7] .. sub .. ARGV[8]
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], seq .. '-' .. sub, 'e', payload)
+redis.call('PUBLISH', KEYS[2], payload)
+redis.call('PUBLISH', KEYS[3], payload)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {seq, sub}
+"""
+
+
 class EventBus:
     """Publishes and replays job events on Redis. Cheap to build; holds no connection of its own."""
 
@@ -124,6 +162,7 @@ class EventBus:
         self.maxlen = maxlen
         self.retention_seconds = retention_seconds
         self._script = redis.register_script(_PUBLISH)
+        self._sub_script = redis.register_script(_PUBLISH_SUB)
 
     def stream_key(self, job_id: str) -> str:
         return f"{self.prefix}:events:{job_id}"
@@ -146,10 +185,38 @@ class EventBus:
         out = await self._script(keys=keys, args=args)
         return [int(x) for x in out]
 
-    async def replay(self, job_id: str, after: int, upto: int | None = None, count: int | None = None) -> list[Event]:
-        """Events of the job with after < seq (<= upto), oldest first."""
+    async def publish_progress(self, pipe: Any, tenant: str, job_id: str, seq_hint: int, at: datetime, data: dict[str, Any]) -> None:
+        """Queue on `pipe` (a pipeline, or the Redis client itself) a progress sub-event:
+        no SQL, no webhook; it orders after every event already in the job's stream."""
+        when = at.isoformat().replace("+00:00", "Z")
+        ulid = job_id.removeprefix("job_")
+        body = json.dumps({"job_id": job_id, "type": EventType.progress.value, "at": when, "data": data},
+                          separators=(",", ":"), default=str)
+        # {"id":"evt_X_{seq}.{sub}","seq":{seq},"sub":{sub},<body>}
+        parts = ['{"id":"evt_' + ulid + "_", ".", '","seq":', ',"sub":', "," + body[1:]]
+        keys = [self.stream_key(job_id), self.job_channel(job_id), self.tenant_channel(tenant)]
+        await self._sub_script(keys=keys, args=[self.maxlen, self.retention_seconds, seq_hint, *parts], client=pipe)
+
+    async def latest(self, job_ids: list[str]) -> dict[str, Event]:
+        """The newest event in each job's stream (one round trip)."""
+        if not job_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for j in job_ids:
+                pipe.xrevrange(self.stream_key(j), "+", "-", count=1)
+            rows = await pipe.execute()
+        out: dict[str, Event] = {}
+        for j, r in zip(job_ids, rows, strict=True):
+            if r:
+                fields = r[0][1]
+                out[j] = Event.from_json(fields[b"e"] if b"e" in fields else fields["e"])
+        return out
+
+    async def replay(self, job_id: str, after: Pos | int, upto: int | None = None, count: int | None = None) -> list[Event]:
+        """Events of the job after position `after` (and with seq <= upto), oldest first."""
+        a, b = after if isinstance(after, tuple) else (after, 0)
         hi = f"{upto}-0" if upto is not None else "+"
-        rows = await self.redis.xrange(self.stream_key(job_id), f"({after}-0", hi, count=count)
+        rows = await self.redis.xrange(self.stream_key(job_id), f"({a}-{b}", hi, count=count)
         return [Event.from_json(fields[b"e"] if b"e" in fields else fields["e"]) for _, fields in rows]
 
 

@@ -25,7 +25,7 @@ from core.db import Sessions
 from core.errors import Conflict, InvalidInput
 from core.ids import new_id
 from core.models import ApiKey, Tenant, utcnow
-from core.tenants import UNSET, ensure_tenant
+from core.billing.tenants import UNSET, ensure_tenant
 
 KEY_PREFIX = "gr_"
 MODALITIES = ("image", "video", "audio", "text")
@@ -45,7 +45,7 @@ class Principal:
     admin: bool = False  # may use /v1/admin/... and read any tenant's usage
     models: frozenset[str] | None = None  # scopes: None (with modalities None) means any model
     modalities: frozenset[str] | None = None
-    rpm: int | None = None  # generation requests per sliding minute (core/quotas.py)
+    rpm: int | None = None  # generation requests per sliding minute (core/limits/keys.py)
     max_concurrency: int | None = None  # jobs and chat calls in flight at once
     queue_when_busy: bool = True  # over max_concurrency: wait queued (False: 429 at submit)
     expires_at: float | None = None  # epoch seconds; the cache checks it on every hit
@@ -65,7 +65,7 @@ MAX_GRACE_SECONDS = 30 * 86400
 
 def check_scopes(scopes: dict[str, Any] | None, catalog: Any = None) -> dict[str, list[str]] | None:
     """`{"models": [...], "modalities": [...]}` (either may be left out) or None for any model.
-    Model ids are checked against `catalog` (a core.catalog.Catalog) when one is given."""
+    Model ids are checked against `catalog` (a core.routing.catalog.Catalog) when one is given."""
     if scopes is None:
         return None
     if not isinstance(scopes, dict) or set(scopes) - {"models", "modalities"}:

@@ -48,7 +48,7 @@ class Tenant(SQLModel, table=True):
     """Owns keys, jobs, assets, webhooks and a budget. With a budget, `spent` and `held` are the
     sums of the tenant's billing entries, kept in step with them in the same transactions, so
     the budget check is one conditional UPDATE; without one they are not kept (0) and the
-    entries are summed when asked (core/billing.py). `genroute billing audit` recomputes them."""
+    entries are summed when asked (core/billing/ledger.py). `genroute billing audit` recomputes them."""
 
     __tablename__ = "tenants"
 
@@ -118,7 +118,7 @@ class Job(SQLModel, table=True):
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_hash: str | None = Field(default=None, max_length=64)
 
-    # billing (core/billing.py): the key that submitted it, the hold taken at submit and
+    # billing (core/billing/ledger.py): the key that submitted it, the hold taken at submit and
     # what was settled at the end (None while held; 0 when released)
     key_id: str | None = Field(default=None, max_length=40)
     cost_held: int | None = _money(nullable=True)
@@ -214,7 +214,7 @@ class WebhookDelivery(SQLModel, table=True):
 
 class UsageRecord(SQLModel, table=True):
     """One finished piece of work, against the key and tenant: an inline chat call (written
-    after its response is done, core/usage.py) or a job (written by its terminal transition,
+    after its response is done, core/billing/usage.py) or a job (written by its terminal transition,
     kind = its modality). GET /v1/usage sums these."""
 
     __tablename__ = "usage_records"
@@ -262,5 +262,5 @@ class BillingEntry(SQLModel, table=True):
     amount: int = _money()  # micro-USD, >= 0 (a release carries the amount it frees)
     model: str | None = Field(default=None, max_length=200)
     deployment: str | None = Field(default=None, max_length=200)
-    basis: str | None = Field(default=None, max_length=40)  # how a settle was priced (core/pricing.py)
+    basis: str | None = Field(default=None, max_length=40)  # how a settle was priced (core/billing/pricing.py)
     created_at: datetime = _ts(nullable=False, default=utcnow)

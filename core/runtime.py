@@ -7,16 +7,18 @@ AsyncExitStack; the blob store is built by the caller (core does not know storag
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
-from core.catalog import Catalog, load_catalog
+from core.routing.catalog import Catalog, load_catalog
 from core.db import Sessions, create_engine, sessionmaker
-from core.jobs import Ledger
-from core.limits import Limiter
+from core.jobs.ledger import Ledger
+from core.jobs.polls import PollSchedule
+from core.limits.deployments import Limiter
+from core.limits.waits import WaitQueues
 from core.settings import Settings
 
 
@@ -30,7 +32,18 @@ class Runtime:
     http: httpx.AsyncClient
     store: Any  # storage.BlobStore (typed as Any: core does not import storage)
     limiter: Limiter  # per-deployment slots, rate windows, cooldowns: shared through Redis
-    usage: Any = None  # core.usage.UsageWriter in the API process (chat calls' usage rows)
+    usage: Any = None  # core.billing.usage.UsageWriter in the API process (chat calls' usage rows)
+    # adapters.registry.AdapterCache, one adapter per deployment (Any: core does not import
+    # adapters/); the API's lifespan and the worker's startup set it
+    adapters: Any = None
+    hub: Any = None  # core.events.EventHub: the API process's one pub/sub subscription
+    polls: PollSchedule = field(init=False)  # jobs running at a provider: when each is polled next
+    waits: WaitQueues = field(init=False)  # jobs waiting for a deployment's or a key's free slot
+
+    def __post_init__(self) -> None:
+        self.polls = PollSchedule(self.redis, self.settings)
+        self.waits = WaitQueues(self.redis, self.settings.redis_prefix)
+        self.ledger.waits = self.waits
 
 
 def redis_settings(settings: Settings) -> RedisSettings:

@@ -214,6 +214,7 @@ class JobPublic(BaseModel):
     metadata: dict[str, Any]
     progress: ProgressPublic
     queue_position: int | None = None
+    eta_seconds: float | None = None  # while waiting for a slot: from the deployment's recent task durations
     outputs: list[AssetPublic]
     error: ErrorPublic | None = None
     deployment: str | None = None

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     db_pool_size: int = 30  # PostgreSQL connections kept per process
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "genroute"  # namespaces queues and channels, so stacks can share a Redis
-    catalog: Path | None = None  # default: the catalog shipped in core/catalog.yaml
+    catalog: Path | None = None  # default: the catalog shipped in core/routing/catalog.yaml
 
     # blob storage
     storage: Literal["local", "s3"] = "local"
@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     deadline_text_seconds: int = 600
     http_timeout_seconds: float = 60.0
     poll_error_limit: int = 5  # consecutive failed polls before a job fails
+    # the poll schedule (core/jobs/polls.py, workers/poll.py)
+    poll_concurrency: int = 500  # polls one worker runs at once (they wait on the network, not the CPU)
+    poll_claim_seconds: float = 20.0  # a claimed poll whose worker died is due again after this
+    poll_max_interval_seconds: float = 60.0  # never longer between polls (the slot lease is renewed then)
+    progress_write_seconds: float = 120.0  # a polled job's row gets its progress at most this often
+    submit_marker_seconds: float = 15.0  # a create call in flight is marked this long, renewed while it runs
 
     # events, websockets/SSE, webhooks (core/events.py, api/events.py, core/webhooks.py)
     event_stream_maxlen: int = 1000  # events kept per job stream (approximate trim)
@@ -78,7 +84,7 @@ class Settings(BaseSettings):
     submit_attempts: int = 4  # tries of a create the provider refused with 429/5xx or never received
     submit_backoff_seconds: float = 1.0  # first retry delay; doubles, with jitter, up to 60 s
 
-    # routing: limits and health shared in Redis (core/router.py, core/limits.py)
+    # routing: limits and health shared in Redis (core/routing/router.py, core/limits/deployments.py)
     router_backoff_cap_seconds: float = 60.0  # longest jittered delay between attempts
     router_max_retry_after_seconds: float = 300.0  # a provider's Retry-After is honoured up to this
     router_cooldown_failures: int = 3  # consecutive counted failures that open a deployment's breaker

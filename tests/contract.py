@@ -29,7 +29,7 @@ import pytest
 
 from adapters.base import Adapter
 from adapters.registry import build_adapter
-from core.catalog import Deployment
+from core.routing.catalog import Deployment
 from core.errors import ErrorCode, ProviderError
 from core.types import Done, Failed, Pending, PollResult, ProviderRequest
 from storage import S3BlobStore, StorageError, store_output

@@ -20,7 +20,7 @@ import httpx
 import yaml
 
 from cli.embedded import free_port
-from core.catalog import DEFAULT_CATALOG
+from core.routing.catalog import DEFAULT_CATALOG
 from core.db import create_engine, sessionmaker
 from core.keys import create_key
 from core.migrate import upgrade

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from adapters.openai import nearest_size
 from adapters.registry import build_adapter
-from core.catalog import Deployment
+from core.routing.catalog import Deployment
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, Pending, ProviderRequest
 from storage import StorageError, store_output

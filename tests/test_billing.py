@@ -30,11 +30,11 @@ from redis.asyncio import Redis
 from sqlalchemy import func
 from sqlmodel import select
 
-from core import billing
-from core.catalog import DEFAULT_CATALOG, load_catalog
+from core.billing import ledger as billing
+from core.routing.catalog import DEFAULT_CATALOG, load_catalog
 from core.db import Sessions, create_engine, sessionmaker
 from core.keys import announce_change, create_key
-from core.limits import Limiter
+from core.limits.deployments import Limiter
 from core.models import BillingEntry, Job, Tenant
 from tests.services import fresh_postgres
 from tests.stack import TERMINAL, Stack, make_stack, running
@@ -235,7 +235,7 @@ async def _says_waiting(c: httpx.AsyncClient, job_id: str) -> bool:
 
 
 async def _health(stack: Stack) -> dict[str, Any]:
-    """The local-image deployment as the router sees it in Redis (core.limits)."""
+    """The local-image deployment as the router sees it in Redis (core.limits.deployments)."""
     catalog = load_catalog(Path(stack.env["GENROUTE_CATALOG"]))
     dep = catalog.deployment("local-image")
     assert dep is not None

@@ -1,4 +1,4 @@
-"""core/billing.py against real PostgreSQL (and SQLite): the sums a budgeted tenant keeps on
+"""core/billing/ledger.py against real PostgreSQL (and SQLite): the sums a budgeted tenant keeps on
 its row stay equal to its entries through every interleaving of holds, settles and budget
 changes, and a tenant without a budget never makes its holds wait on each other."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from core import billing
+from core.billing import ledger as billing
 from core.db import create_engine, sessionmaker
 from core.errors import BudgetExceeded
 from core.migrate import upgrade

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from core.catalog import DEFAULT_CATALOG
+from core.routing.catalog import DEFAULT_CATALOG
 from tests.stack import Stack, make_stack, running
 
 ADMIN = "admin-secret-for-tests"

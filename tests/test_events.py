@@ -65,9 +65,13 @@ def events_of(msgs: list[dict]) -> list[dict]:
 
 
 def assert_complete(events: list[dict]) -> None:
-    """Every event of one job, once, in seq order: queued .. terminal."""
-    seqs = [e["seq"] for e in events]
+    """Every event of one job, once, in order: queued .. terminal. Durable events have dense
+    seqs; progress sub-events (published without a row write) stand between them."""
+    positions = [(e["seq"], e.get("sub", 0)) for e in events]
+    assert positions == sorted(set(positions)), positions
+    seqs = [e["seq"] for e in events if not e.get("sub")]
     assert seqs == list(range(1, len(seqs) + 1)), seqs
+    assert all(e["type"] == "job.progress" for e in events if e.get("sub"))
     types = [e["type"] for e in events]
     assert types[0] == "job.queued" and types[1] == "job.started" and types[-1] in TERMINAL, types
     assert sum(t in TERMINAL for t in types) == 1
@@ -170,13 +174,14 @@ async def test_reconnect_with_last_event_id_gets_exactly_the_missed_events(stack
     await asyncio.sleep(0.8)  # events happen while we are away
     rest_msgs, code = await read_job_ws(f"{url}?last_event_id={seen[-1]['id']}", auth(stack))
     rest = events_of(rest_msgs)
-    assert code == 1000 and rest and rest[0]["seq"] == seen[-1]["seq"] + 1
+    assert code == 1000 and rest and (rest[0]["seq"], rest[0].get("sub", 0)) > (seen[-1]["seq"], seen[-1].get("sub", 0))
     assert_complete(seen + rest)
     full, _ = await read_job_ws(url + "?last_event_id=0", auth(stack))
     assert events_of(full) == seen + rest  # the replay is the same events, byte for byte
     # a bare seq works too; an id of another job does not
-    tail, _ = await read_job_ws(f"{url}?last_event_id={len(seen + rest) - 1}", auth(stack))
-    assert events_of(tail) == (seen + rest)[-1:]
+    last_seq = (seen + rest)[-1]["seq"]
+    tail, _ = await read_job_ws(f"{url}?last_event_id={last_seq - 1}", auth(stack))
+    assert events_of(tail) == [e for e in seen + rest if (e["seq"], e.get("sub", 0)) > (last_seq - 1, 0)]
     _, code = await read_job_ws(f"{url}?last_event_id=evt_01nope_3", auth(stack))
     assert code == 4400
 

@@ -20,7 +20,7 @@ from openai import AsyncOpenAI
 from PIL import Image
 from sqlmodel import select
 
-from core.catalog import DEFAULT_CATALOG
+from core.routing.catalog import DEFAULT_CATALOG
 from core.db import create_engine, sessionmaker
 from core.models import UsageRecord
 from tests.fakes import openai as openai_fake

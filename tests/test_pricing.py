@@ -1,4 +1,4 @@
-"""Prices (core/pricing.py): tables, the estimate held before work runs, the actual cost
+"""Prices (core/billing/pricing.py): tables, the estimate held before work runs, the actual cost
 settled after it on each basis, and the errors a bad price in a catalog gives."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from core.catalog import CatalogError, load_catalog
-from core.pricing import (
+from core.routing.catalog import CatalogError, load_catalog
+from core.billing.pricing import (
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_MAX_OUTPUT_TOKENS,
     DEFAULT_VIDEO_SECONDS,
@@ -199,7 +199,7 @@ def test_estimate_bounds_units_priced_work() -> None:
 
 
 def test_chat_cost() -> None:
-    from core.usage import chat_cost as via_usage
+    from core.billing.usage import chat_cost as via_usage
 
     assert via_usage is chat_cost
     assert chat_cost(None, 10, 10) is None
@@ -265,7 +265,7 @@ def test_bad_price_in_a_catalog_says_where_and_what_to_fix(tmp_path: Path) -> No
 
 
 def test_default_catalog_prices_serialize_and_apply() -> None:
-    from core.catalog import Price as CatalogPrice
+    from core.routing.catalog import Price as CatalogPrice
 
     assert CatalogPrice is Price
     catalog = load_catalog()

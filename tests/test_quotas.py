@@ -1,4 +1,4 @@
-"""Per-key limits (core/quotas.py) against real processes: two `genroute api` processes and
+"""Per-key limits (core/limits/keys.py) against real processes: two `genroute api` processes and
 an ARQ worker sharing PostgreSQL and Redis, driven over HTTP.
 
     rate         a key limited to N requests a minute gets exactly N, across API processes

@@ -1,5 +1,5 @@
-"""The routing core: catalog extensions, the pure router (core/router.py) and the Redis
-layer (core/limits.py) against a real Redis, including several processes at once."""
+"""The routing core: catalog extensions, the pure router (core/routing/router.py) and the Redis
+layer (core/limits/deployments.py) against a real Redis, including several processes at once."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from core.catalog import Catalog, CatalogError, Deployment, Model, load_catalog
+from core.routing.catalog import Catalog, CatalogError, Deployment, Model, load_catalog
 from core.errors import ProviderError, ProviderErrorKind as K
-from core.limits import Denied, Lease, Limiter
-from core.router import (
+from core.limits.deployments import Denied, Lease, Limiter
+from core.routing.router import (
     DeploymentState,
     SkipReason,
     backoff,

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from api.jobs import parse_prefer_wait
-from core.catalog import CatalogError, load_catalog
+from core.routing.catalog import CatalogError, load_catalog
 from core.errors import InvalidRequest
-from core.jobs import ALLOWED_FROM, TERMINAL, JobStatus, can_transition
+from core.jobs.ledger import ALLOWED_FROM, TERMINAL, JobStatus, can_transition
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from core.db import create_engine, sessionmaker
 from core.migrate import upgrade
 from core.models import UsageRecord
 from core.settings import Settings
-from core.usage import UsageWriter
+from core.billing.usage import UsageWriter
 
 
 def _row(i: int) -> UsageRecord:

@@ -1,1 +1,1 @@
-"""ARQ workers: run_job, poll_job, cancel_job and the reconciler cron."""
+"""Workers: ARQ tasks by verb (run, store, cancel, reconcile, webhooks) and the poller."""

@@ -1,4 +1,5 @@
-"""Running workers: one ARQ Worker per queue (media, video, webhooks), sharing one Runtime.
+"""Running workers: one ARQ Worker per queue (media, video, webhooks) and one poller for
+the poll schedules of its media/video queues, sharing one Runtime.
 
 `genroute worker` runs them in their own process; `genroute dev` runs them beside the API.
 """
@@ -13,10 +14,15 @@ from typing import Any
 from arq import cron, func
 from arq.worker import Worker
 
+from adapters.registry import AdapterCache
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
-from core.settings import Settings, queue_name
+from core.settings import QUEUES, Settings, queue_name
 from storage import build_store
-from workers.tasks import cancel_job, poll_job, reconcile, run_job
+from workers.cancel import cancel_job
+from workers.poll import Poller
+from workers.reconcile import reconcile
+from workers.run import run_job
+from workers.store import store_outputs
 from workers.webhooks import deliver_webhook
 
 log = logging.getLogger("genroute.worker")
@@ -28,7 +34,7 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     timeout = s.task_timeout_seconds
     functions = [
         func(run_job, name="run_job", keep_result=0, timeout=timeout, max_tries=20),
-        func(poll_job, name="poll_job", keep_result=0, timeout=timeout, max_tries=20),
+        func(store_outputs, name="store_outputs", keep_result=0, timeout=timeout, max_tries=20),
         func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),
         func(deliver_webhook, name="deliver_webhook", keep_result=0, timeout=int(s.webhook_timeout_seconds) * 3 + 30, max_tries=5),
     ]
@@ -59,6 +65,7 @@ async def serve_workers(settings: Settings, queues: list[str] | None = None, *, 
     async with AsyncExitStack() as stack:
         rt = await open_runtime(settings, stack, build_store(settings))
         rt.ledger.configure(settings)
+        rt.adapters = AdapterCache(rt.http)
         watch_sighup(rt)
         stack.callback(unwatch_sighup, rt)
         workers = build_workers(rt, queues)
@@ -66,6 +73,9 @@ async def serve_workers(settings: Settings, queues: list[str] | None = None, *, 
         if ready is not None:
             ready.set()
         tasks: list[asyncio.Task[Any]] = [asyncio.create_task(w.async_run()) for w in workers]
+        poll_queues = [q for q in (queues or list(QUEUES)) if q != "webhooks"]
+        if poll_queues:
+            tasks.append(asyncio.create_task(Poller(rt, poll_queues).run(), name="poller"))
         try:
             await asyncio.gather(*tasks)
         finally:

@@ -1,6 +1,6 @@
 """The model catalog: public model names -> modality, capabilities and deployments.
 
-Loaded from one YAML file (core/catalog.yaml by default, GENROUTE_CATALOG for another)
+Loaded from one YAML file (core/routing/catalog.yaml by default, GENROUTE_CATALOG for another)
 and validated at load; errors name the file, the path inside it and what to fix.
 
     models:
@@ -16,7 +16,7 @@ and validated at load; errors name the file, the path inside it and what to fix.
             options: {}
             weight: 1                  # share of traffic under `weighted` (0: only when others cannot)
             priority: 0                # lower is tried first (every strategy breaks ties by it)
-            price: {per_image: 40000}  # micro-USD (core/pricing.py); also per_request, per_second,
+            price: {per_image: 40000}  # micro-USD (core/billing/pricing.py); also per_request, per_second,
                                        # per_1k_characters, per_1k_input_tokens, per_1k_output_tokens,
                                        # per_credit, per_compute_second, hold; per_image by size and
                                        # quality {default: 42000, high: 167000, 1024x1536/high: 250000},
@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from core.errors import InvalidInput
-from core.pricing import Price
+from core.billing.pricing import Price
 from core.schemas import INPUT_SCHEMAS
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalog.yaml"

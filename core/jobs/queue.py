@@ -1,11 +1,15 @@
 """Putting job work on the ARQ queues. Ids are deterministic, so enqueueing twice is a no-op.
 
 ARQ refuses a job id whose job key still exists (DESIGN.md §11): `run:{job}` is unique
-while a run is pending, and each poll has its own `poll:{job}:{seq}`. Our tasks keep no
-result (keep_result=0), so an id is free again as soon as its task ends.
+while a run is pending (a wake-up, a timer or the reconciler add a suffix). Our tasks keep
+no result (keep_result=0), so an id is free again as soon as its task ends. Polls are not
+ARQ tasks: they live on the poll schedule (core/jobs/polls.py).
 """
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 from arq.connections import ArqRedis
 
@@ -25,25 +29,18 @@ async def enqueue_run(
     return job is not None
 
 
-async def enqueue_poll(
-    redis: ArqRedis, settings: Settings, job_id: str, modality: str, seq: int, *, delay: float, suffix: str = ""
-) -> bool:
-    job = await redis.enqueue_job(
-        "poll_job",
-        job_id,
-        seq,
-        _job_id=f"poll:{job_id}:{seq}{suffix}",
-        _queue_name=settings.queue_for(modality),
-        _defer_by=max(0.0, delay),
-    )
-    return job is not None
-
-
 async def enqueue_cancel(redis: ArqRedis, settings: Settings, job_id: str, modality: str) -> bool:
     job = await redis.enqueue_job(
         "cancel_job", job_id, _job_id=f"cancel:{job_id}", _queue_name=settings.queue_for(modality)
     )
     return job is not None
+
+
+async def enqueue_woken(redis: ArqRedis, settings: Settings, waits: Any, job_id: str) -> bool:
+    """Run a job a wait queue just handed a slot to (core/limits/waits.py)."""
+    modality = await redis.hget(waits.job_key(job_id), "_m")
+    mod = modality.decode() if isinstance(modality, bytes) else (modality or "image")
+    return await enqueue_run(redis, settings, job_id, mod, suffix=f":w{time.time_ns()}")
 
 
 async def queue_position(redis: ArqRedis, settings: Settings, job_id: str, modality: str) -> int | None:

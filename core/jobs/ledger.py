@@ -21,7 +21,7 @@ transaction, then enqueued after the commit:
     →succeeded: job.output per asset, job.succeeded    →failed / →canceled: job.failed / job.canceled
 
 `Ledger.create` inserts a new job, with its billing hold, and announces job.queued. A
-terminal transition closes the hold in its own transaction (core/billing.py: settle on
+terminal transition closes the hold in its own transaction (core/billing/ledger.py: settle on
 success, release on failure), writes the job's usage row and frees the key's slot.
 """
 
@@ -33,18 +33,21 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
-from sqlalchemy import Text, case, cast, func, or_, update
+from sqlalchemy import Text, bindparam, case, cast, func, or_, update
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import billing
+from core.billing import ledger as billing
 from core.db import Sessions
 from core.errors import ErrorCode
 from core.events import Event, EventBus, EventType
 from core.models import Asset, Job, UsageRecord, WebhookDelivery, utcnow
-from core.pricing import Cost
-from core.quotas import KeyQuotas
+from core.billing.pricing import Cost
+from core.jobs.queue import enqueue_woken
+from core.limits.keys import KeyQuotas
+from core.limits.waits import Gate
 from core.settings import Settings
 from core.webhooks import WebhookPlanner, enqueue_delivery
 
@@ -105,9 +108,12 @@ class Ledger:
         self.events: EventBus | None = EventBus(redis, channel_prefix) if redis is not None else None
         self.webhooks = WebhookPlanner()
         self.quotas: KeyQuotas | None = KeyQuotas(redis, channel_prefix) if redis is not None else None
+        self.waits: Any = None  # core.limits.waits.WaitQueues, set by the Runtime
+        self.settings: Settings | None = None
 
     def configure(self, settings: Settings) -> None:
         """Apply the event and webhook settings (the API's lifespan and the worker's startup call it)."""
+        self.settings = settings
         if self.redis is not None:
             self.events = EventBus(
                 self.redis,
@@ -126,6 +132,47 @@ class Ledger:
         async with self.sessions() as s:
             return await s.get(Job, job_id)
 
+    async def overlay(self, jobs: Sequence[Job]) -> None:
+        """Put on these rows (in memory only) the progress that polls published as events
+        without writing the row (DESIGN.md §13), so a read shows the latest progress."""
+        running = [j for j in jobs if j.status == JobStatus.running]
+        if not running or self.events is None:
+            return
+        try:
+            latest = await self.events.latest([j.id for j in running])
+        except Exception:  # the row is the truth, a little older
+            log.debug("no live progress for %d jobs", len(running), exc_info=True)
+            return
+        for j in running:
+            ev = latest.get(j.id)
+            if ev is None or not ev.sub or ev.type != EventType.progress or ev.seq < j.event_seq:
+                continue
+            d = ev.data
+            j.progress = d.get("progress", j.progress)
+            j.progress_message = d.get("message", j.progress_message)
+            j.queue_position = d.get("queue_position")
+
+    async def write_progress(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Write several running jobs' progress in one statement (a checkpoint: the events
+        went out already, so this bumps neither `version` nor `event_seq`). Rows:
+        {"id", "progress", "progress_message", "queue_position"}."""
+        if not rows:
+            return 0
+        t = Job.__table__  # type: ignore[attr-defined]
+        stmt = (
+            update(t)
+            .where(t.c.id == bindparam("b_id"), t.c.status == JobStatus.running.value)
+            .values(progress=bindparam("b_progress"), progress_message=bindparam("b_message"),
+                    queue_position=bindparam("b_position"))
+        )
+        params = [{"b_id": r["id"], "b_progress": r["progress"], "b_message": r["progress_message"],
+                   "b_position": r["queue_position"]} for r in rows]
+        async with self.sessions() as s:
+            conn = await s.connection()
+            await conn.execute(stmt, params)  # executemany: one round trip on asyncpg
+            await s.commit()
+        return len(rows)
+
     async def assets(self, job_ids: Sequence[str]) -> dict[str, list[Asset]]:
         out: dict[str, list[Asset]] = {j: [] for j in job_ids}
         if not job_ids:
@@ -140,7 +187,7 @@ class Ledger:
         """Insert a new queued job (with its billing hold of `hold` micro-USD and any
         job.queued webhook deliveries) and announce job.queued. Raises IntegrityError when
         the tenant's idempotency key is taken, BudgetExceeded when the hold does not fit.
-        `budgeted`: whether the tenant is thought to have a budget (a hint, core/billing.py)."""
+        `budgeted`: whether the tenant is thought to have a budget (a hint, core/billing/ledger.py)."""
         job.event_seq = 1
         event = Event.make(job.id, 1, EventType.queued, job.created_at, _event_data(job))
         async with self.sessions() as s:
@@ -249,7 +296,29 @@ class Ledger:
             s.add_all(deliveries)
             await s.commit()
         await self._enqueue(deliveries)
+        if to in TERMINAL:
+            await self._after_terminal(job)
         return job
+
+    async def _after_terminal(self, job: Job) -> None:
+        """Off the poll schedule, out of any wait queue, and the key's freed slot handed to
+        the next job waiting for it (core/limits/waits.py). Best effort: the reconciler and
+        the leases' expiry cover a lost step."""
+        if self.redis is None or self.waits is None or self.settings is None:
+            return
+        try:
+            queue = "video" if job.modality == "video" else "media"
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(f"{self.channel_prefix}:polls:{queue}", job.id)
+                pipe.delete(f"{self.channel_prefix}:poll:{job.id}")
+                await pipe.execute()
+            await self.waits.leave(job.id)
+            if job.key_id and self.quotas is not None:
+                woken = await self.waits.wake(Gate(f"k:{job.key_id}", self.quotas.slots_key(job.key_id), -1))
+                if woken is not None and isinstance(self.redis, ArqRedis):
+                    await enqueue_woken(self.redis, self.settings, self.waits, woken)
+        except Exception:
+            log.warning("after the end of job %s: cleanup in Redis failed (it expires or is reconciled)", job.id, exc_info=True)
 
     async def _free_key_slot(self, job: Job) -> None:
         if job.key_id and self.quotas is not None:

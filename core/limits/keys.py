@@ -6,7 +6,7 @@
 Each check-and-change is one Lua script timed by the Redis server's clock. Rate: a key
 limited to N requests a minute gets exactly N, however many processes share them.
 Concurrency: a job takes a slot when a worker starts it (lease id = job id, so a task
-run twice holds one slot) and frees it on its terminal transition (core/jobs.py); a key
+run twice holds one slot) and frees it on its terminal transition (core/jobs/ledger.py); a key
 that asked for no queueing takes it at submit instead, and is answered 429 when full.
 """
 
@@ -64,6 +64,10 @@ class KeyQuotas:
 
     def _key(self, key_id: str, kind: str) -> str:
         return f"{self.prefix}:key:{key_id}:{kind}"
+
+    def slots_key(self, key_id: str) -> str:
+        """The key's slot leases (a wait queue hands a freed one on: core/limits/waits.py)."""
+        return self._key(key_id, "slots")
 
     async def hit(self, key_id: str, rpm: int) -> float | None:
         """Count one request against the key's per-minute limit. None: admitted; else the

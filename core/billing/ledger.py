@@ -4,7 +4,7 @@
        │        (402 budget_exceeded when budget − spent − held < estimate)
        ▼
     work ends ──► succeeded: settle(actual cost)          ── in the terminal transition's
-              ├─► failed / moderated / timeout: release   ── own transaction (core/jobs.py),
+              ├─► failed / moderated / timeout: release   ── own transaction (core/jobs/ledger.py),
               └─► canceled: release before the provider      so it happens exactly once
                   took the task; settle the hold after
 
@@ -38,12 +38,13 @@ from sqlalchemy.orm import aliased
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.catalog import Catalog, Model
-from core.errors import BudgetExceeded
+from core.routing.catalog import Catalog, Model
+from core.db import Sessions
+from core.errors import BudgetExceeded, InvalidInput
 from core.models import BillingEntry, Tenant, utcnow
-from core.pricing import estimate_cost
-from core.router import reachable
-from core.tenants import ensure_tenant
+from core.billing.pricing import estimate_cost
+from core.routing.router import reachable
+from core.billing.tenants import UNSET, check_budget, ensure_tenant, valid_tenant_id
 
 
 def hold_for(model: Model, catalog: Catalog | None, request: Mapping[str, Any]) -> int:
@@ -240,3 +241,25 @@ async def release_stale_holds(
     ).all()
     await close(s, [Close(h.tenant, h.key_id, h.subject_id, h.amount, None, "stale", h.model) for h in stale])
     return len(stale)
+
+
+async def update_tenant(sessions: Sessions, tenant_id: str, *, name: Any = UNSET, budget: Any = UNSET) -> Tenant | None:
+    """Change the name and/or budget (None: no cap); None if there is no such tenant.
+    A budget change goes through set_budget, which recomputes spent/held."""
+    if not valid_tenant_id(tenant_id):
+        return None
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if name is not UNSET:
+        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+            raise InvalidInput("name must be 1-200 characters", code="invalid_name")
+        values["name"] = name
+    if budget is not UNSET:
+        check_budget(budget)
+    async with sessions() as s:
+        if budget is not UNSET and not await set_budget(s, tenant_id, budget):
+            return None
+        result = await s.exec(update(Tenant).where(Tenant.id == tenant_id).values(**values))  # type: ignore[call-overload, arg-type]
+        if result.rowcount == 0:
+            return None
+        await s.commit()
+        return await s.get(Tenant, tenant_id)

@@ -1,6 +1,6 @@
 """The router: which deployments to try for a request, in what order, and what a failure
 does to a deployment's health. Pure decision logic — no I/O; the state it decides over is
-read from Redis by core/limits.py in one round trip.
+read from Redis by core/limits/deployments.py in one round trip.
 
     snapshot (limits.py) ──► plan(model, input, states) ──► Plan
                                                              ├─ candidates: try in order
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from core.catalog import Catalog, Deployment, Model, capability_problems
+from core.routing.catalog import Catalog, Deployment, Model, capability_problems
 from core.errors import ProviderError, ProviderErrorKind
-from core.pricing import estimate_cost, token_estimate
+from core.billing.pricing import estimate_cost, token_estimate
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +257,7 @@ def _order(
     return [c for _, c in ready]
 
 
-# --- estimates (money: core/pricing.py) ------------------------------------------------------
+# --- estimates (money: core/billing/pricing.py) ------------------------------------------------------
 
 
 def estimate_tokens(modality: str, request: Mapping[str, Any]) -> int:

@@ -1,6 +1,6 @@
 """Per-deployment limits and health in Redis, shared by every worker and API process.
 
-The router (core/router.py) decides; this module keeps the state it decides over, with
+The router (core/routing/router.py) decides; this module keeps the state it decides over, with
 Lua scripts so each check-and-change is atomic across processes and timed by the Redis
 server's clock (no skew between machines). Keys, under the caller's prefix `P`:
 
@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-from core.catalog import Deployment
-from core.router import DeploymentState, HealthEffect, health_effect
+from core.routing.catalog import Deployment
+from core.routing.router import DeploymentState, HealthEffect, health_effect
 
 _NOW = """
 local t = redis.call('TIME')

@@ -1,7 +1,7 @@
 """Tenants: who owns keys, jobs and a budget.
 
 Operators make them (`POST /v1/admin/tenants`, `genroute tenants create`) and set the
-budget; billing (core/billing.py) owns `spent` and `held` (a budget change goes through it).
+budget; billing (core/billing/ledger.py) owns `spent` and `held` (a budget change goes through it).
 Budgets are micro-USD (1 USD = 1,000,000); None means no cap.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from sqlalchemy import update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -95,30 +94,6 @@ async def get_tenant(sessions: Sessions, tenant_id: str) -> Tenant | None:
 def list_tenants() -> Any:
     """The query behind the tenant list; the API pages it by id (api/pagination.py `page`)."""
     return select(Tenant)
-
-
-async def update_tenant(sessions: Sessions, tenant_id: str, *, name: Any = UNSET, budget: Any = UNSET) -> Tenant | None:
-    """Change the name and/or budget (None: no cap); None if there is no such tenant.
-    A budget change goes through core.billing.set_budget, which recomputes spent/held."""
-    if not valid_tenant_id(tenant_id):
-        return None
-    from core.billing import set_budget  # billing uses this module: import at call time
-
-    values: dict[str, Any] = {"updated_at": utcnow()}
-    if name is not UNSET:
-        if not isinstance(name, str) or not 1 <= len(name) <= 200:
-            raise InvalidInput("name must be 1-200 characters", code="invalid_name")
-        values["name"] = name
-    if budget is not UNSET:
-        check_budget(budget)
-    async with sessions() as s:
-        if budget is not UNSET and not await set_budget(s, tenant_id, budget):
-            return None
-        result = await s.exec(update(Tenant).where(Tenant.id == tenant_id).values(**values))  # type: ignore[call-overload, arg-type]
-        if result.rowcount == 0:
-            return None
-        await s.commit()
-        return await s.get(Tenant, tenant_id)
 
 
 def available(tenant: Tenant) -> int | None:

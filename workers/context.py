@@ -1,0 +1,69 @@
+"""What every task shares: the ARQ context, ending a job, freeing its slot, a provider
+request for a job. Tasks take ids, re-read what they need and return early when there is
+nothing to do, so running one twice is harmless (ARQ is at-least-once)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypedDict
+
+from core.callbacks import callback_secret, callback_url
+from core.errors import ErrorCode
+from core.jobs.ledger import JobStatus
+from core.models import Job
+from core.routing.catalog import Deployment
+from core.routing.dispatch import release as release_slot
+from core.runtime import Runtime
+from core.types import ProviderRequest
+
+log = logging.getLogger("genroute.worker")
+
+
+class Ctx(TypedDict, total=False):
+    rt: Runtime
+    redis: Any
+    key_limits: dict[str, tuple[int | None, float]]
+
+
+def deployment_of(rt: Runtime, job: Job) -> Deployment | None:
+    return rt.catalog.deployment(job.deployment)  # it may serve a fallback model
+
+
+async def fail(rt: Runtime, job: Job, code: ErrorCode, message: str, detail: Any = None, **changes: Any) -> Job | None:
+    if detail is not None:
+        changes["error_detail"] = detail
+    failed = await rt.ledger.transition(job.id, JobStatus.failed, error=(code, message), **changes)
+    if failed is not None:
+        await release(rt, failed)
+    return failed
+
+
+async def release(rt: Runtime, job: Job, *, success: bool = False) -> None:
+    """Free the job's slot at its deployment (idempotent: lease id = job id), wake the
+    next job waiting for it, and take it off the poll schedule."""
+    await rt.polls.remove(job.id, job.modality)
+    if job.deployment:
+        started = job.started_at.timestamp() if job.started_at is not None else None
+        await release_slot(rt, job.deployment, job.id, success=success, started_at=started)
+
+
+def request_for(rt: Runtime, job: Job, dep: Deployment) -> ProviderRequest:
+    s = rt.settings
+    wants_callbacks = bool(dep.options.get("callbacks")) and bool(s.secret_key)
+    return ProviderRequest(
+        job_id=job.id,
+        tenant=job.tenant,
+        modality=job.modality,
+        provider_model=dep.model,
+        input=job.input,
+        options=dep.options,
+        callback_url=callback_url(s.public_url, s.secret_key, dep.adapter, job.id) if wants_callbacks else None,
+        callback_secret=callback_secret(s.secret_key, job.id) if wants_callbacks else None,
+    )
+
+
+async def cancel_quietly(adapter: Any, handle: dict[str, Any]) -> None:
+    try:
+        await adapter.cancel(handle)
+    except Exception:
+        log.warning("provider cancel failed (ignored)", exc_info=True)

@@ -1,0 +1,331 @@
+"""run_job: take the key's slot, route, submit, and hand the job to the poll schedule.
+
+    run_job(id) ─► key slot (core.limits.keys) ─ full ─► wait queue of the key
+               ─► dispatch (core.routing.dispatch): route → acquire → submit → fall back
+                     Placed(Pending) ─► save handle ─► poll schedule (workers/poll.py)
+                     Placed(Done)    ─► save handle ─► store_outputs (workers/store.py)
+                     Refused         ─► retry later (provably not started) or fail
+                     Unplaced        ─► wait queue of each busy deployment, woken by a release;
+                                        a timer only for rate windows and cooldowns
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from sqlmodel import select
+
+from core.errors import ErrorCode, ProviderError
+from core.jobs.ledger import TERMINAL, JobStatus
+from core.jobs.queue import enqueue_run, enqueue_woken
+from core.limits.waits import Gate
+from core.models import ApiKey, Job, utcnow
+from core.routing.catalog import Model
+from core.routing.dispatch import Placed, Refused, Stopped, Unplaced, deployment_gate, dispatch
+from core.routing.router import Candidate
+from core.runtime import Runtime
+from core.types import Done, Pending
+from workers.context import Ctx, cancel_quietly, deployment_of, fail, log, release, request_for
+from workers.store import hand_to_store
+
+
+async def run_job(ctx: Ctx, job_id: str, prefer: str | None = None) -> None:
+    rt = ctx["rt"]
+    job = await rt.ledger.get(job_id)
+    if job is None or job.status in TERMINAL:
+        await _stop_waiting(rt, job_id)
+        return
+    if job.deadline_at is not None and utcnow() >= job.deadline_at:
+        await _stop_waiting(rt, job_id)
+        await fail(rt, job, ErrorCode.timeout, "the job passed its deadline before it could start")
+        return
+    if job.status == JobStatus.running:
+        await _resume(ctx, job)
+        return
+    model = rt.catalog.get(job.model)
+    if model is None:
+        await _stop_waiting(rt, job_id)
+        await fail(rt, job, ErrorCode.invalid_input, f"model {job.model!r} is no longer in the catalog")
+        return
+    if not await _key_slot(ctx, job):
+        return
+    await _route_and_submit(ctx, job, model, prefer)
+
+
+async def _stop_waiting(rt: Runtime, job_id: str, kept: str | None = None) -> None:
+    """Out of every wait queue; a slot handed to it elsewhere goes to the next in line."""
+    for gate_name in await rt.waits.leave(job_id, kept):
+        kind, _, name = gate_name.partition(":")
+        if kind == "d":
+            dep = rt.catalog.deployment(name)
+            if dep is not None:
+                woken = await rt.waits.wake(deployment_gate(rt, dep))
+                if woken is not None:
+                    await enqueue_woken(rt.redis, rt.settings, rt.waits, woken)
+
+
+def _key_gate(rt: Runtime, key_id: str, limit: int) -> Gate:
+    assert rt.ledger.quotas is not None
+    return Gate(f"k:{key_id}", rt.ledger.quotas.slots_key(key_id), limit)
+
+
+async def _key_slot(ctx: Ctx, job: Job) -> bool:
+    """Take the submitting key's concurrency slot (core/limits/keys.py), or wait in the
+    key's queue, saying why; the slot is freed by the job's terminal transition, which
+    hands it to the next job in that queue."""
+    rt = ctx["rt"]
+    if not job.key_id or rt.ledger.quotas is None:
+        return True
+    limit = await _key_limit(ctx, job.key_id)
+    if limit is None or await rt.ledger.quotas.take(job.key_id, job.id, limit) is None:
+        return True
+    gate = _key_gate(rt, job.key_id, limit)
+    woken = await rt.waits.enter(job.id, job.modality, [gate])
+    if job.id in woken:  # a slot freed meanwhile and is ours
+        return True
+    for other in woken:
+        await enqueue_woken(rt.redis, rt.settings, rt.waits, other)
+    await _say_waiting(rt, job, f"waiting: its API key has {limit} jobs in flight, its concurrency limit", {gate.name: limit})
+    return False
+
+
+async def _say_waiting(rt: Runtime, job: Job, message: str, gates: dict[str, int]) -> None:
+    """One write when a job starts waiting: why, where it stands, and an ETA."""
+    pos = await rt.waits.position(job.id, gates)
+    position = pos.ahead if pos is not None else None
+    if job.progress_message != message or job.queue_position != position:
+        await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=message,
+                                   queue_position=position)
+
+
+async def _key_limit(ctx: Ctx, key_id: str) -> int | None:
+    """The key's max_concurrency, read at most every few seconds per worker."""
+    cache = ctx.setdefault("key_limits", {})
+    hit = cache.get(key_id)
+    if hit is not None and hit[1] > time.monotonic():
+        return hit[0]
+    rt = ctx["rt"]
+    async with rt.sessions() as s:
+        limit = (await s.exec(select(ApiKey.max_concurrency).where(ApiKey.id == key_id))).first()
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[key_id] = (limit, time.monotonic() + rt.settings.key_cache_seconds)
+    return limit
+
+
+async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None) -> None:
+    rt = ctx["rt"]
+    state: dict[str, Job] = {"job": job}
+
+    async def start(cand: Candidate, attempts: list[dict[str, Any]]) -> bool:
+        now = state["job"]
+        started = await rt.ledger.transition(
+            job.id, JobStatus.running, expect_version=now.version, deployment=cand.deployment.name,
+            attempt=now.attempt + 1, attempts=attempts, queue_position=None,
+            progress_message=f"submitting to {cand.deployment.name}" + (f" (fallback for {model.id})" if cand.fallback else ""),
+        )
+        if started is None:  # canceled meanwhile, or another run started it
+            return False
+        state["job"] = started
+        await _stop_waiting(rt, job.id, kept=f"d:{cand.deployment.name}")
+        return True
+
+    async def submit(cand: Candidate, adapter: Any, attempts: list[dict[str, Any]]) -> Pending | Done:
+        async with submitting(rt, job.id):
+            return await adapter.submit(request_for(rt, state["job"], cand.deployment))  # type: ignore[no-any-return]
+
+    try:
+        out = await dispatch(rt, model, job.input, job.id, submit, start=start, attempts=list(job.attempts or []),
+                             prefer=prefer)
+    except Exception as exc:  # an adapter bug must not strand the job
+        log.exception("submit of job %s crashed", job.id)
+        await fail(rt, state["job"], ErrorCode.internal, f"adapter crashed: {type(exc).__name__}")
+        return
+    if isinstance(out, Placed):
+        await submitted(rt, state["job"], rt.adapters.get(out.deployment), out.value, out.attempts)
+    elif isinstance(out, Refused):
+        dep = rt.catalog.deployment(out.attempts[-1]["deployment"])
+        adapter = rt.adapters.get(dep) if dep is not None else None
+        await _submit_failed(rt, state["job"], adapter, out.error, attempts=out.attempts)
+    elif isinstance(out, Stopped):
+        now = await rt.ledger.get(job.id)
+        if now is not None and now.status in TERMINAL:
+            await release(rt, now)
+    elif isinstance(out, Unplaced):
+        if out.plan.status == "unavailable":
+            await _stop_waiting(rt, job.id)
+            await fail(rt, job, ErrorCode.provider_unavailable, out.plan.message(), attempts=out.attempts or None)
+            return
+        await _wait(rt, job, out)
+
+
+async def _wait(rt: Runtime, job: Job, out: Unplaced) -> None:
+    """Nothing can take the job now. Busy deployments: wait in their queues (a release
+    wakes the job); rate windows and cooldowns: look again when they open."""
+    gates: list[Gate] = []
+    for name in out.busy:
+        dep = rt.catalog.deployment(name)
+        if dep is not None and dep.limits.max_concurrency:
+            gates.append(deployment_gate(rt, dep))
+    if gates:
+        woken = await rt.waits.enter(job.id, job.modality, gates)
+        for other in woken:
+            await enqueue_woken(rt.redis, rt.settings, rt.waits, other)
+        if job.id not in woken:
+            await _say_waiting(rt, job, out.plan.message(), {g.name: g.max_concurrency for g in gates})
+        return
+    if job.progress_message != out.plan.message():
+        await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=out.plan.message())
+    await rt.redis.set(waiting_key(rt, job.id), "t", px=int((out.retry_in() + rt.settings.reconcile_grace_seconds) * 1000))
+    await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=f":t{time.time_ns()}", delay=out.retry_in())
+
+
+def waiting_key(rt: Runtime, job_id: str) -> str:
+    """Marks a job whose timer (a rate window, a cooldown) is set: the reconciler leaves it."""
+    return f"{rt.settings.redis_prefix}:waiting:{job_id}"
+
+
+def submitting_key(rt: Runtime, job_id: str) -> str:
+    return f"{rt.settings.redis_prefix}:submitting:{job_id}"
+
+
+@contextlib.asynccontextmanager
+async def submitting(rt: Runtime, job_id: str) -> AsyncIterator[None]:
+    """A marker that lives while this process is inside the job's create call (renewed
+    every few seconds): when it is gone and the row has no handle, the submit died with
+    its worker, and the reconciler may act on it at once, not after the task timeout."""
+    key = submitting_key(rt, job_id)
+    ttl = rt.settings.submit_marker_seconds
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            with contextlib.suppress(Exception):
+                await rt.redis.set(key, "1", px=int(ttl * 1000))
+
+    with contextlib.suppress(Exception):
+        await rt.redis.set(key, "1", px=int(ttl * 1000))
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(Exception):
+            await rt.redis.delete(key)
+
+
+async def _resume(ctx: Ctx, job: Job) -> None:
+    """A run found the job already running: a worker died after (or during) its submit."""
+    rt = ctx["rt"]
+    if job.provider_handle is not None:
+        await schedule_poll(rt, job, delay=0)
+        return
+    if await rt.redis.exists(submitting_key(rt, job.id)):
+        return  # another process is inside its submit right now
+    dep = deployment_of(rt, job)
+    if dep is None:
+        await fail(rt, job, ErrorCode.internal, f"deployment {job.deployment!r} left the catalog mid-job")
+        return
+    adapter = rt.adapters.get(dep)
+    if not adapter.idempotent_submit:
+        await fail(
+            rt, job, ErrorCode.provider_error,
+            f"the submit to {dep.name} was interrupted and its outcome is unknown; "
+            "it was not resent, so the provider cannot run (and bill) it twice",
+        )
+        return
+    again = await rt.ledger.transition(job.id, JobStatus.running, expect_version=job.version, attempt=job.attempt + 1)
+    if again is None:
+        return
+    try:
+        async with submitting(rt, job.id):
+            result = await adapter.submit(request_for(rt, again, dep))
+    except ProviderError as exc:
+        await _submit_failed(rt, again, adapter, exc)
+        return
+    except Exception as exc:  # an adapter bug must not strand the job
+        log.exception("submit of job %s to %s crashed", job.id, dep.name)
+        await fail(rt, again, ErrorCode.internal, f"adapter {dep.adapter} crashed: {type(exc).__name__}")
+        return
+    await submitted(rt, again, adapter, result, list(again.attempts or []))
+
+
+async def submitted(rt: Runtime, job: Job, adapter: Any, result: Pending | Done, attempts: list[dict[str, Any]]) -> None:
+    """The handle is saved before anything else, so a crash from here on resumes, never resubmits."""
+    if isinstance(result, Pending):
+        saved = await rt.ledger.transition(
+            job.id, JobStatus.running, expect_version=job.version, provider_handle=result.handle, poll_seq=1,
+            progress=result.progress or 0.0, progress_message=result.message, queue_position=result.queue_position,
+            next_poll_at=utcnow() + timedelta(seconds=result.poll_after), attempts=attempts,
+        )
+        if saved is None:  # canceled while we were submitting: tell the provider
+            await cancel_quietly(adapter, result.handle)
+            await release(rt, job)
+            return
+        if job.deployment:
+            await rt.limiter.record_success(job.deployment)  # the slot stays held until the end
+        await schedule_poll(rt, saved, delay=result.poll_after)
+        return
+    saved = await rt.ledger.transition(
+        job.id, JobStatus.running, expect_version=job.version, provider_handle=result.handle or {"done_at_submit": True},
+        attempts=attempts, progress_message="storing outputs", poll_seq=job.poll_seq + 1,
+        next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
+    )
+    if saved is not None:
+        await hand_to_store(rt, saved, result)
+
+
+async def schedule_poll(rt: Runtime, job: Job, *, delay: float) -> None:
+    """Put a running job with a saved handle on the poll schedule (workers/poll.py)."""
+    assert job.provider_handle is not None
+    deadline_ms = int(job.deadline_at.timestamp() * 1000) if job.deadline_at is not None else 0
+    await rt.polls.schedule(
+        job_id=job.id, modality=job.modality, deployment=job.deployment or "", tenant=job.tenant, key_id=job.key_id,
+        handle=job.provider_handle, seq=job.poll_seq, deadline_ms=deadline_ms, delay=delay,
+        webhooks=await wants_progress_webhooks(rt, job),
+    )
+
+
+async def wants_progress_webhooks(rt: Runtime, job: Job) -> bool:
+    """Whether anyone subscribed to this job's job.progress webhooks: then its progress
+    goes through the ledger (a row write, a delivery row), else out as events only."""
+    if job.webhook_url and "job.progress" in (job.webhook_events or ()):
+        return True
+    async with rt.sessions() as s:
+        endpoints = await rt.ledger.webhooks.endpoints(s, job.tenant)
+    return any("job.progress" in events for _, _, events in endpoints)
+
+
+async def _submit_failed(
+    rt: Runtime, job: Job, adapter: Any, exc: ProviderError, *, attempts: list[dict[str, Any]] | None = None
+) -> None:
+    """A create failed. Retry it only when it provably started nothing upstream."""
+    s = rt.settings
+    extra: dict[str, Any] = {"attempts": attempts} if attempts is not None else {}
+    if exc.retryable and not (exc.resend_safe or (adapter is not None and adapter.idempotent_submit)):
+        await fail(
+            rt, job, ErrorCode.provider_unavailable,
+            f"{exc.message}; the request may have reached the provider, so it was not resent "
+            "(a second create could run and bill the job twice)", exc.detail, **extra,
+        )
+        return
+    if exc.retryable and job.attempt < s.submit_attempts:
+        backoff = s.submit_backoff_seconds * 2 ** (job.attempt - 1) * random.uniform(0.8, 1.2)
+        delay = min(60.0, max(exc.retry_after or 0.0, backoff))
+        waiting = await rt.ledger.transition(
+            job.id, JobStatus.queued, expect_version=job.version,
+            progress_message=f"attempt {job.attempt} refused ({exc.code.value}: {exc.message[:200]}); retrying in {delay:.1f}s",
+            next_poll_at=utcnow() + timedelta(seconds=delay),  # the reconciler waits for it too
+            **extra,
+        )
+        if waiting is not None:
+            await enqueue_run(rt.redis, s, job.id, job.modality, suffix=f":retry{job.attempt}", delay=delay)
+        return
+    await fail(rt, job, exc.code, exc.message, exc.detail, **extra)
+

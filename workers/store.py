@@ -1,0 +1,128 @@
+"""store_outputs: stream a finished provider task's outputs into the blob store, then succeed.
+
+A poll (or a submit) that sees Done has already claimed the finish in the row (poll_seq
+compare-and-set, message "storing outputs"); it hands the result over in Redis and
+enqueues this task, so storing a large video never holds a poll's place. While it runs,
+a marker in Redis tells the reconciler it is alive; if the worker dies, the marker ends,
+the reconciler puts the job back on the poll schedule, and the next poll finds the
+provider's result again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from core.billing.pricing import actual_cost
+from core.callbacks import dump_result, load_result
+from core.errors import ErrorCode
+from core.jobs.ledger import JobStatus
+from core.models import Asset, Job
+from core.runtime import Runtime
+from core.types import Done, OutputRef
+from storage import StorageError, store_output
+from workers.context import Ctx, deployment_of, fail, release
+
+
+def done_key(rt: Runtime, job_id: str) -> str:
+    return f"{rt.settings.redis_prefix}:done:{job_id}"
+
+
+def storing_key(rt: Runtime, job_id: str) -> str:
+    return f"{rt.settings.redis_prefix}:storing:{job_id}"
+
+
+async def hand_to_store(rt: Runtime, job: Job, done: Done) -> None:
+    """After the finish was claimed (the row says "storing outputs" at `job.poll_seq`)."""
+    await rt.polls.remove(job.id, job.modality)
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        pipe.set(done_key(rt, job.id), dump_result(done), ex=3600)
+        pipe.set(storing_key(rt, job.id), "queued", px=int(rt.settings.reconcile_grace_seconds * 2000))
+        await pipe.execute()
+    await rt.redis.enqueue_job(
+        "store_outputs", job.id, job.poll_seq, _job_id=f"store:{job.id}:{job.poll_seq}",
+        _queue_name=rt.settings.queue_for(job.modality),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _alive(rt: Runtime, job_id: str) -> AsyncIterator[None]:
+    key = storing_key(rt, job_id)
+    ttl = rt.settings.submit_marker_seconds
+
+    async def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await rt.redis.set(key, "1", px=int(ttl * 1000))
+            await asyncio.sleep(ttl / 3)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(Exception):
+            await rt.redis.delete(key)
+
+
+async def store_outputs(ctx: Ctx, job_id: str, seq: int) -> None:
+    rt = ctx["rt"]
+    job = await rt.ledger.get(job_id)
+    if job is None or job.status != JobStatus.running or job.poll_seq != seq:
+        return
+    raw = await rt.redis.get(done_key(rt, job_id))
+    if raw is None:  # the hand-over was lost (Redis flushed): poll the provider again
+        from workers.run import schedule_poll
+
+        await schedule_poll(rt, job, delay=0)
+        return
+    result = load_result(raw)
+    if not isinstance(result, Done):
+        return
+    async with _alive(rt, job_id):
+        await finish(rt, job, result)
+    await rt.redis.delete(done_key(rt, job_id))
+
+
+async def finish(rt: Runtime, job: Job, done: Done) -> None:
+    """Stream every output into the blob store, then succeed with the assets attached."""
+    key_base = f"{job.tenant}/{job.id}"
+    assets: list[Asset] = []
+    outputs: list[OutputRef] = [o for o in done.outputs if o.role == "output"] + [
+        o for o in done.outputs if o.role != "output"
+    ]
+    if not outputs:
+        await fail(rt, job, ErrorCode.provider_error, "the provider reported success but returned no output")
+        return
+    try:
+        for index, ref in enumerate(outputs):
+            stored = await store_output(
+                rt.store, rt.http, ref, key_base=key_base, index=index,
+                max_bytes=rt.settings.max_output_bytes, max_image_pixels=rt.settings.max_image_pixels,
+            )
+            assets.append(
+                Asset(
+                    job_id=job.id, index=index, key=stored.key, content_type=stored.content_type, bytes=stored.bytes,
+                    sha256=stored.sha256, width=stored.width, height=stored.height,
+                    duration_seconds=stored.duration_seconds, thumbnail_key=stored.thumbnail_key,
+                )
+            )
+    except StorageError as exc:
+        await fail(rt, job, ErrorCode(exc.code), str(exc))
+        return
+    dep = deployment_of(rt, job)
+    delivered = [a for a, ref in zip(assets, outputs, strict=True) if ref.role == "output"]
+    seconds = [a.duration_seconds for a in delivered if a.duration_seconds is not None]
+    cost = (
+        actual_cost(dep.price, job.modality, job.input, done.usage, outputs=len(delivered),
+                    output_seconds=sum(seconds) if seconds else None)
+        if dep is not None and dep.price is not None
+        else None
+    )
+    finished = await rt.ledger.transition(
+        job.id, JobStatus.succeeded, assets=assets, progress_message="done", cost=cost, usage=done.usage
+    )
+    if finished is not None:
+        await release(rt, finished, success=True)
+
