@@ -31,7 +31,8 @@ from api.deps import AdminDep, KeyCache, RuntimeDep
 from api.pagination import page
 from core import keys
 from core.billing import tenants
-from core.billing.ledger import balance, update_tenant
+from core.billing import ledger as billing
+from core.billing.ledger import balance
 from core.routing.catalog import CatalogError
 from core.errors import InvalidInput, NotFound
 from core.models import ApiKey, Tenant, utcnow
@@ -257,7 +258,7 @@ async def get_tenant(tenant_id: str, rt: RuntimeDep, _: AdminDep) -> TenantPubli
 @router.patch("/tenants/{tenant_id}", response_model=TenantPublic)
 async def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, rt: RuntimeDep, _: AdminDep) -> TenantPublic:
     changes = body.model_dump(include=body.model_fields_set)
-    row = await update_tenant(rt.sessions, tenant_id, **changes)
+    row = await billing.update_tenant(rt.sessions, tenant_id, **changes)
     if row is None:
         raise _no_tenant(tenant_id)
     if "budget" in changes:  # a key's principal carries whether its tenant is budgeted

@@ -116,6 +116,7 @@ class _Call:
         if self.slot and self.rt.ledger.quotas is not None:
             self.slot = False
             await self.rt.ledger.quotas.free(self.principal.key_id, self.id)
+            await self.rt.ledger.wake_key(self.principal.key_id)  # a job may wait for this slot
 
     async def finish(self) -> None:
         """Free the slots, record the call and settle it: after the response, never before

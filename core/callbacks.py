@@ -55,6 +55,7 @@ def dump_result(result: PollResult) -> str:
                 "done": [
                     {
                         "url": o.url,
+                        "path": o.path,
                         "data": base64.b64encode(o.data).decode() if o.data is not None else None,
                         "headers": o.headers,
                         "content_type": o.content_type,
@@ -78,7 +79,8 @@ def load_result(raw: str | bytes) -> PollResult:
         return Failed(code=ErrorCode(f["code"]), message=f["message"], detail=f.get("detail"))
     outputs = [
         OutputRef(
-            url=o["url"],
+            url=o.get("url"),
+            path=o.get("path"),
             data=base64.b64decode(o["data"]) if o.get("data") is not None else None,
             headers=o.get("headers") or {},
             content_type=o.get("content_type"),

@@ -172,11 +172,11 @@ async def test_a_refusing_key_gets_429_at_submit_and_is_let_in_once_a_job_ends(s
         assert (await stack.wait_job(c, r.json()["id"]))["status"] == "succeeded"
 
 
-async def test_a_job_that_waits_long_keeps_one_wait_loop(stack: Stack, redis_base: str) -> None:
-    """A waiting job looks for a free slot every 0.5 s (workers/tasks.py _key_slot). Waiting
-    twice the reconciler's grace must not add a second loop beside it at every reconcile
-    tick (each loop is a run_job, a SQL read, every 0.5 s; with the default 30 s grace and
-    10 s ticks a job waiting 10 minutes had ~57 of them)."""
+async def test_a_job_that_waits_long_sits_in_the_keys_wait_queue_without_spinning(stack: Stack, redis_base: str) -> None:
+    """A job waiting for its key's slot joins the key's wait queue (core/limits/waits.py):
+    no run of it is deferred on a timer, the reconciler (which ticks many times while it
+    waits twice its grace) starts none beside it, it reports its place, and the release of
+    the slot by the long job's end hands the slot to it at once."""
     queue = stack.settings().queue_for("image")
     redis = Redis.from_url(f"{redis_base}/0")
     async with client(stack, "single") as c:
@@ -189,14 +189,19 @@ async def test_a_job_that_waits_long_keeps_one_wait_loop(stack: Stack, redis_bas
             r = await c.post("/v1/jobs", json=image("waits"))
             assert r.status_code == 201, r.text
             waiter = r.json()["id"]
-            loops: list[int] = []
+            while (await c.get(f"/v1/jobs/{waiter}")).json()["progress"]["message"] != WAITING:
+                await asyncio.sleep(0.05)  # its first run found the slot taken
+            runs: list[int] = []
+            positions: list[int | None] = []
             while (await c.get(f"/v1/jobs/{long_id}")).json()["status"] not in TERMINAL:
-                # each loop has exactly one run deferred into the future (its next look)
-                ahead = await redis.zrangebyscore(queue, int(time.time() * 1000), "+inf")
-                loops.append(sum(waiter in m.decode() for m in ahead))
+                queued_runs = await redis.zrange(queue, 0, -1)
+                runs.append(sum(waiter in m.decode() for m in queued_runs))
+                w = (await c.get(f"/v1/jobs/{waiter}")).json()
+                if w["status"] == "queued":
+                    positions.append(w["queue_position"])
                 await asyncio.sleep(0.25)
-            assert len(loops) > 20 and max(loops) == 1, loops
-            assert loops.count(1) > len(loops) // 2, loops  # it did wait, in one loop
+            assert len(runs) > 20 and max(runs) == 0, runs  # woken by the release, never by a timer
+            assert positions and set(positions) == {0}, positions  # first in the key's queue
             done = await stack.wait_job(c, waiter)
             assert done["status"] == "succeeded" and stack.submits().count(waiter) == 1, done
         finally:

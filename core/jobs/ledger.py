@@ -313,12 +313,19 @@ class Ledger:
                 pipe.delete(f"{self.channel_prefix}:poll:{job.id}")
                 await pipe.execute()
             await self.waits.leave(job.id)
-            if job.key_id and self.quotas is not None:
-                woken = await self.waits.wake(Gate(f"k:{job.key_id}", self.quotas.slots_key(job.key_id), -1))
-                if woken is not None and isinstance(self.redis, ArqRedis):
-                    await enqueue_woken(self.redis, self.settings, self.waits, woken)
+            if job.key_id:
+                await self.wake_key(job.key_id)
         except Exception:
             log.warning("after the end of job %s: cleanup in Redis failed (it expires or is reconciled)", job.id, exc_info=True)
+
+    async def wake_key(self, key_id: str) -> None:
+        """A slot of the key was freed (a job ended, a chat call ended): hand it to the
+        next job waiting in the key's queue and run that job."""
+        if self.waits is None or self.quotas is None or self.settings is None or not isinstance(self.redis, ArqRedis):
+            return
+        woken = await self.waits.wake(Gate(f"k:{key_id}", self.quotas.slots_key(key_id), -1))
+        if woken is not None:
+            await enqueue_woken(self.redis, self.settings, self.waits, woken)
 
     async def _free_key_slot(self, job: Job) -> None:
         if job.key_id and self.quotas is not None:
