@@ -14,9 +14,13 @@ from typing import Any, ClassVar
 
 import httpx
 
+from core import fetcher
 from core.catalog import Deployment
-from core.errors import ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import PollResult, ProviderRequest, SubmitResult
+
+
+INPUT_FETCH_SECONDS = 60.0  # one input file, every redirect and byte included
 
 
 class Adapter:
@@ -61,3 +65,23 @@ class Adapter:
 
     def base_url(self, default: str) -> str:
         return (self.deployment.base_url or default).rstrip("/")
+
+    async def fetch_input(self, url: str, *, what: str, max_bytes: int, timeout: float = INPUT_FETCH_SECONDS) -> bytes:
+        """A tenant's input file (image, mask) by URL, through the guarded fetcher: the
+        address checked on every hop, at most `max_bytes` streamed, `timeout` overall.
+        Any refusal is the tenant's: invalid_input, with the fetcher's one reason."""
+        try:
+            async with fetcher.fetch(self.http, url, max_bytes=max_bytes, timeout=timeout) as got:
+                status = got.response.status_code
+                if not 200 <= status < 300:
+                    raise ProviderError(
+                        ProviderErrorKind.invalid, f"{what} URL answered HTTP {status}", code=ErrorCode.invalid_input
+                    )
+                return await got.read()
+        except fetcher.FetchError as exc:
+            raise ProviderError(
+                ProviderErrorKind.invalid,
+                f"{what} was not fetched: {exc.reason}",
+                code=ErrorCode.invalid_input,
+                detail={"fetch": exc.kind.value},
+            ) from None

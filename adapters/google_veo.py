@@ -146,13 +146,7 @@ class GoogleVeoAdapter(Adapter):
         return {"bytesBase64Encoded": base64.b64encode(data).decode("ascii"), "mimeType": mime}
 
     async def _fetch_image(self, url: str) -> bytes:
-        try:
-            resp = await self.http.get(url, follow_redirects=True)
-        except httpx.HTTPError as exc:
-            raise _bad_image(f"cannot fetch {url}: {type(exc).__name__}") from exc
-        if not resp.is_success:
-            raise _bad_image(f"fetching {url} answered HTTP {resp.status_code}")
-        return resp.content
+        return await self.fetch_input(url, what="input image", max_bytes=MAX_INPUT_IMAGE_BYTES)
 
     # -- poll -----------------------------------------------------------------------
     async def poll(self, handle: dict[str, Any]) -> PollResult:
