@@ -90,6 +90,12 @@ _SAFETY_MESSAGE = re.compile(r"safety|responsible ai|sensitive|usage guidelines|
 
 class GoogleVeoAdapter(Adapter):
     name = "google_veo"
+    # durationSeconds, sampleCount and generateAudio change the price: set through the
+    # request's own fields (or not at all); storageUri is a URL
+    provider_params = {
+        "video": frozenset({"aspectRatio", "negativePrompt", "personGeneration", "enhancePrompt", "seed",
+                            "lastFrame", "referenceImages", "compressionQuality"}),
+    }
 
     # -- submit ---------------------------------------------------------------------
     async def submit(self, request: ProviderRequest) -> SubmitResult:

@@ -42,6 +42,7 @@ from typing import Any, Literal, overload
 import httpx
 
 from adapters.base import Adapter
+from core import params
 from adapters.http import body_json, error_from_response, moderated, send, send_stream, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
@@ -114,6 +115,13 @@ class OpenAIAdapter(Adapter):
 
     name = "openai"
     default_base_url: str | None = DEFAULT_BASE_URL
+    provider_params = {
+        "image": frozenset({"quality", "background", "moderation", "output_compression", "input_fidelity", "mask",
+                            "size", "style", "response_format"}),
+        "video": frozenset({"size"}),
+        "audio": frozenset({"speed", "instructions"}),
+        "text": params.CHAT,
+    }
 
     # -- plumbing ---------------------------------------------------------------------
     def url(self, path: str) -> str:

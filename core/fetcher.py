@@ -154,10 +154,10 @@ async def _open(
         )
         try:
             response = await http.send(request, stream=True, follow_redirects=False)
-        except httpx.TimeoutException:
-            raise FetchError(FetchFailure.timeout, "the target did not answer in time") from None
+        except httpx.TimeoutException as exc:
+            raise FetchError(FetchFailure.timeout, "the target did not answer in time") from exc
         except httpx.HTTPError as exc:
-            raise FetchError(FetchFailure.transport, f"cannot reach the target ({type(exc).__name__})") from None
+            raise FetchError(FetchFailure.transport, f"cannot reach the target ({type(exc).__name__})") from exc
         location = response.headers.get("location")
         if response.status_code not in REDIRECTS or not location or max_redirects == 0:
             length = response.headers.get("content-length", "")

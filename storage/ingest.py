@@ -134,6 +134,9 @@ async def _download(http: httpx.AsyncClient, ref: OutputRef, sink: _TempSink, ti
     except fetcher.FetchError as exc:
         if exc.kind == fetcher.FetchFailure.too_large:
             raise StorageError(f"output is over the limit of {sink.max_bytes} bytes") from exc
+        if exc.kind in (fetcher.FetchFailure.transport, fetcher.FetchFailure.timeout):
+            raise StorageError(f"downloading the output failed: {exc.reason}") from exc
+        # the guard refused the provider's URL (or a redirect of it): the provider's fault
         raise StorageError(f"the provider's output URL was not fetched: {exc.reason}", code=ErrorCode.provider_error) from exc
 
 
