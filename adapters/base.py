@@ -10,20 +10,45 @@ httpx.AsyncClient from the process and borrow it: they never close it.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import httpx
 
+from core import fetcher, params
 from core.routing.catalog import Deployment
-from core.errors import ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import PollResult, ProviderRequest, SubmitResult
+
+
+INPUT_FETCH_SECONDS = 60.0  # one input file, every redirect and byte included
 
 
 class Adapter:
     name: ClassVar[str]
+    # Which provider parameters a request may set, per modality (core/params.py). Every
+    # adapter declares its own (tests/test_trust_params.py fails for one that does not);
+    # the default lets a request set nothing. Catalog-controlled names (model, URLs, auth,
+    # webhooks) are refused when the class is defined.
+    provider_params: ClassVar[params.ParamNames] = {}
     # True when submitting the same job twice cannot create a second provider task (the
     # provider dedupes on our job id). Only then may an interrupted submit be resent.
     idempotent_submit: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bad = sorted(n for names in cls.provider_params.values() for n in names if params.catalog_controlled(n))
+        if bad:
+            raise TypeError(f"{cls.__name__}.provider_params declares catalog-controlled names: {bad}")
+        if "submit" in cls.__dict__:
+            cls.submit = _checking_params(cls.__dict__["submit"])  # type: ignore[method-assign]
+
+    @classmethod
+    def settable(cls, deployment: Deployment, modality: str) -> frozenset[str]:
+        """The provider parameters a request may set on `deployment` for `modality`: the
+        adapter's declaration and the operator's additions from the catalog."""
+        return cls.provider_params.get(modality, frozenset()) | params.operator_additions(deployment.options, modality)
 
     def __init__(self, deployment: Deployment, http: httpx.AsyncClient) -> None:
         self.deployment = deployment
@@ -61,3 +86,46 @@ class Adapter:
 
     def base_url(self, default: str) -> str:
         return (self.deployment.base_url or default).rstrip("/")
+
+    async def fetch_input(self, url: str, *, what: str, max_bytes: int, timeout: float = INPUT_FETCH_SECONDS) -> bytes:
+        """A tenant's input file (image, mask) by URL, through the guarded fetcher: the
+        address checked on every hop, at most `max_bytes` streamed, `timeout` overall.
+        Any refusal is the tenant's: invalid_input, with the fetcher's one reason."""
+        try:
+            async with fetcher.fetch(self.http, url, max_bytes=max_bytes, timeout=timeout) as got:
+                status = got.response.status_code
+                if not 200 <= status < 300:
+                    raise ProviderError(
+                        ProviderErrorKind.invalid, f"{what} URL answered HTTP {status}", code=ErrorCode.invalid_input
+                    )
+                return await got.read()
+        except fetcher.FetchError as exc:
+            raise ProviderError(
+                ProviderErrorKind.invalid,
+                f"{what} was not fetched: {exc.reason}",
+                code=ErrorCode.invalid_input,
+                detail={"fetch": exc.kind.value},
+            ) from None
+
+
+def _checking_params(
+    submit: Callable[[Any, ProviderRequest], Awaitable[SubmitResult]],
+) -> Callable[[Any, ProviderRequest], Awaitable[SubmitResult]]:
+    """Every adapter's submit refuses what the API refuses at submit time (a job queued
+    before a catalog change still meets the rule): nothing is sent to the provider."""
+
+    @functools.wraps(submit)
+    async def checked(self: Adapter, request: ProviderRequest) -> SubmitResult:
+        given = request.input.get("provider_params") or {}
+        bad = params.refused(self.settable(self.deployment, request.modality), given) if given else []
+        if bad:
+            name, why = bad[0]
+            raise ProviderError(
+                ProviderErrorKind.invalid,
+                f"provider_params.{name} is not allowed: {why}",
+                code=ErrorCode.invalid_input,
+                detail={"loc": ["input", "provider_params", name]},
+            )
+        return await submit(self, request)
+
+    return checked

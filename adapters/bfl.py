@@ -102,6 +102,11 @@ class BFLAdapter(Adapter):
     """FLUX image generation. Stateless: everything poll needs is in the handle."""
 
     name = "bfl"
+    # width/height override the size mapping; the gated ones are checked per model below
+    provider_params = {
+        "image": frozenset({"width", "height", "steps", "guidance", "interval", "raw", "image_prompt_strength",
+                            "safety_tolerance", "prompt_upsampling"}),
+    }
 
     async def submit(self, request: ProviderRequest) -> SubmitResult:
         model = request.provider_model

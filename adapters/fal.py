@@ -131,6 +131,13 @@ class _Jwks:
 
 class FalAdapter(Adapter):
     name = "fal"
+    provider_params = {
+        "image": frozenset({"num_inference_steps", "guidance_scale", "acceleration", "negative_prompt", "strength",
+                            "safety_tolerance", "raw", "enhance_prompt", "expand_prompt", "seed"}),
+        "video": frozenset({"negative_prompt", "enhance_prompt", "guidance_scale", "num_inference_steps", "cfg_scale",
+                            "seed"}),
+        "audio": frozenset({"seed", "guidance_scale"}),
+    }
     # the JWKS per URL, shared by every instance (the API may build an adapter per callback)
     _jwks_cache: ClassVar[dict[str, _Jwks]] = {}
 

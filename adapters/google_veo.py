@@ -90,6 +90,12 @@ _SAFETY_MESSAGE = re.compile(r"safety|responsible ai|sensitive|usage guidelines|
 
 class GoogleVeoAdapter(Adapter):
     name = "google_veo"
+    # durationSeconds, sampleCount and generateAudio change the price: set through the
+    # request's own fields (or not at all); storageUri is a URL
+    provider_params = {
+        "video": frozenset({"aspectRatio", "negativePrompt", "personGeneration", "enhancePrompt", "seed",
+                            "lastFrame", "referenceImages", "compressionQuality"}),
+    }
 
     # -- submit ---------------------------------------------------------------------
     async def submit(self, request: ProviderRequest) -> SubmitResult:
@@ -146,13 +152,7 @@ class GoogleVeoAdapter(Adapter):
         return {"bytesBase64Encoded": base64.b64encode(data).decode("ascii"), "mimeType": mime}
 
     async def _fetch_image(self, url: str) -> bytes:
-        try:
-            resp = await self.http.get(url, follow_redirects=True)
-        except httpx.HTTPError as exc:
-            raise _bad_image(f"cannot fetch {url}: {type(exc).__name__}") from exc
-        if not resp.is_success:
-            raise _bad_image(f"fetching {url} answered HTTP {resp.status_code}")
-        return resp.content
+        return await self.fetch_input(url, what="input image", max_bytes=MAX_INPUT_IMAGE_BYTES)
 
     # -- poll -----------------------------------------------------------------------
     async def poll(self, handle: dict[str, Any]) -> PollResult:

@@ -28,6 +28,7 @@ from typing import Any
 
 from adapters import local_media
 from adapters.base import Adapter
+from core import params
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult, text_of
 
@@ -39,6 +40,14 @@ MAX_LATENCY = 3600.0
 class LocalAdapter(Adapter):
     name = "local"
     idempotent_submit = True  # a task is its handle: resubmitting creates nothing upstream
+    # the simulator's knobs, and what the OpenAI-compatible facades pass on (ignored here)
+    provider_params = {
+        "image": frozenset({"latency_seconds", "progress_steps", "fail", "quality", "background", "style", "moderation",
+                            "output_compression", "input_fidelity", "mask"}),
+        "video": frozenset({"latency_seconds", "progress_steps", "fail", "size"}),
+        "audio": frozenset({"latency_seconds", "progress_steps", "fail", "speed", "instructions"}),
+        "text": params.CHAT | {"latency_seconds", "progress_steps", "fail"},
+    }
 
     async def submit(self, request: ProviderRequest) -> SubmitResult:
         params = request.input.get("provider_params") or {}

@@ -42,6 +42,7 @@ from typing import Any, Literal, overload
 import httpx
 
 from adapters.base import Adapter
+from core import params
 from adapters.http import body_json, error_from_response, moderated, send, send_stream, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
@@ -114,6 +115,13 @@ class OpenAIAdapter(Adapter):
 
     name = "openai"
     default_base_url: str | None = DEFAULT_BASE_URL
+    provider_params = {
+        "image": frozenset({"quality", "background", "moderation", "output_compression", "input_fidelity", "mask",
+                            "size", "style", "response_format"}),
+        "video": frozenset({"size"}),
+        "audio": frozenset({"speed", "instructions"}),
+        "text": params.CHAT,
+    }
 
     # -- plumbing ---------------------------------------------------------------------
     def url(self, path: str) -> str:
@@ -199,7 +207,7 @@ class OpenAIAdapter(Adapter):
             part = "image" if len(files) == 1 else "image[]"  # as the official SDK names them
             multipart = [(part, (f"image{i}.{ext_of(ct)}", data, ct)) for i, (data, ct) in enumerate(files)]
             if mask is not None:
-                data, ct = await self._read_image(str(mask))
+                data, ct = await self._read_image(str(mask), "mask")
                 multipart.append(("mask", (f"mask.{ext_of(ct)}", data, ct)))
             resp = await self._post("/images/edits", data=form_values(fields), files=multipart)
         else:
@@ -212,18 +220,13 @@ class OpenAIAdapter(Adapter):
         usage = dict(body.get("usage") or {})
         return Done(outputs=outputs, handle={"kind": "image", "model": model, "created": body.get("created")}, usage=usage)
 
-    async def _read_image(self, ref: str) -> tuple[bytes, str]:
+    async def _read_image(self, ref: str, what: str = "input image") -> tuple[bytes, str]:
         """An input image as bytes: data: URIs decoded, URLs downloaded (OpenAI's edits
         endpoint takes uploads, not links)."""
         if ref.startswith("data:"):
             return decode_data_uri(ref)
-        resp = await send(self.http, "GET", ref, provider=f"{self.name} input image", follow_redirects=True)
-        if not resp.is_success:
-            raise ProviderError(ProviderErrorKind.invalid, f"input image {ref[:100]} answered HTTP {resp.status_code}", code=ErrorCode.invalid_input)
-        if len(resp.content) > MAX_INPUT_IMAGE_BYTES:
-            raise ProviderError(ProviderErrorKind.invalid, f"input image {ref[:100]} is over 50 MB", code=ErrorCode.invalid_input)
-        ct = resp.headers.get("content-type", "").split(";")[0].strip() or sniff_image(resp.content)
-        return resp.content, ct
+        data = await self.fetch_input(ref, what=what, max_bytes=MAX_INPUT_IMAGE_BYTES)
+        return data, sniff_image(data)  # the bytes, not the tenant server's content-type
 
     # -- videos -----------------------------------------------------------------------
     async def _video(self, model: str, inp: dict[str, Any]) -> Pending:

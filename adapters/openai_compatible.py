@@ -17,8 +17,16 @@ judge; an exact OpenAI id (`gpt-image-1`) still gets OpenAI's checks.
 from __future__ import annotations
 
 from adapters.openai import OpenAIAdapter
+from core import params
 
 
 class OpenAICompatibleAdapter(OpenAIAdapter):
     name = "openai_compatible"
     default_base_url = None  # every aggregator lives elsewhere: the deployment must say where
+    # aggregators' open models take a few more sampling and diffusion knobs than OpenAI's
+    provider_params = {
+        "image": OpenAIAdapter.provider_params["image"] | {"negative_prompt", "num_inference_steps", "guidance_scale", "steps"},
+        "video": OpenAIAdapter.provider_params["video"],
+        "audio": OpenAIAdapter.provider_params["audio"],
+        "text": params.CHAT | {"top_k", "min_p", "repetition_penalty", "top_a"},
+    }

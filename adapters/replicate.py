@@ -329,6 +329,15 @@ def _as_error(failed: Failed) -> ProviderError:
 # -- the adapter ---------------------------------------------------------------------
 class ReplicateAdapter(Adapter):
     name = "replicate"
+    # common inputs of Replicate's image/video/audio models; an operator adds a model's own
+    # with the deployment option `provider_params`
+    provider_params = {
+        "image": frozenset({"go_fast", "guidance", "guidance_scale", "num_inference_steps", "megapixels",
+                            "output_quality", "prompt_strength", "seed", "lora_scale", "negative_prompt"}),
+        "video": frozenset({"go_fast", "guidance_scale", "num_inference_steps", "sample_shift", "negative_prompt",
+                            "seed", "prompt_optimizer"}),
+        "audio": frozenset({"temperature", "top_k", "top_p", "classifier_free_guidance", "seed"}),
+    }
 
     _webhook_secret: str | None = None  # the account secret, fetched once per instance
 

@@ -26,6 +26,7 @@ from starlette.background import BackgroundTask
 
 from api.deps import PrincipalDep, RuntimeDep
 from api.openai_compat import OpenAIError, from_provider, invalid, model_for, openai_router
+from api.params import check_provider_params
 from core.billing.ledger import Close, hold, hold_for
 from core.routing.catalog import Deployment, Model
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
@@ -40,6 +41,7 @@ from core.billing.usage import chat_cost, count_tokens, prompt_text, record_usag
 
 router = openai_router(tags=["openai"])
 
+CHAT_BASE = frozenset({"model", "messages", "stream"})  # every chat deployment takes these
 _background: set[asyncio.Task[None]] = set()  # detached end-of-call work, kept from the GC
 
 
@@ -161,6 +163,8 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
         raise invalid("you must provide a model parameter", "model", code="missing_required_parameter")
     model = model_for(rt, body["model"], "text")
     await admit(rt.ledger.quotas, principal, model.id, model.modality)
+    # the body reaches the provider as it is (the model id replaced): only settable fields
+    check_provider_params(rt.catalog, model, {k: v for k, v in body.items() if k not in CHAT_BASE}, loc=())
     stream = bool(body.get("stream"))
     client_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else True
     upstream = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}

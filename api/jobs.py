@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import RedirectResponse
@@ -15,6 +15,7 @@ from sqlmodel import select
 
 from api.deps import PrincipalDep, RuntimeDep
 from api.pagination import page
+from api.params import check_provider_params
 from api.views import job_public
 from core import netguard
 from core.billing.ledger import hold_for
@@ -131,11 +132,31 @@ async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
 async def check_webhook_url(rt: Runtime, url: str, *, loc: str) -> None:
     """Refuse at once a webhook URL the deliverer would refuse (scheme, private address)."""
     try:
-        await netguard.resolve(url, netguard.networks(rt.settings.webhook_allowlist))
+        await netguard.resolve(url)
     except netguard.UnsafeURL as exc:
         raise InvalidInput(
             f"{loc} is not allowed: {exc}", details=[{"loc": [loc], "msg": str(exc), "type": "url_not_allowed"}]
         ) from exc
+
+
+def check_input_urls(normalized: dict[str, Any]) -> None:
+    """Input images and masks the worker will fetch: refused at once when the URL alone
+    says it may not be fetched (scheme, credentials, an address literal in any spelling
+    that is not global). Names are resolved by the worker's fetcher, not here: DNS has no
+    place on the submit path."""
+    refs: list[tuple[list[Any], Any]] = [(["input", "input_images", i], u) for i, u in enumerate(normalized.get("input_images") or [])]
+    refs.append((["input", "image"], normalized.get("image")))
+    refs.append((["input", "provider_params", "mask"], (normalized.get("provider_params") or {}).get("mask")))
+    for loc, ref in refs:
+        if not isinstance(ref, str) or ref.startswith("data:"):
+            continue
+        try:
+            netguard.check_syntax_and_literal(ref)
+        except netguard.UnsafeURL as exc:
+            where = ".".join(str(p) for p in loc)
+            raise InvalidInput(
+                f"{where} is not allowed: {exc}", details=[{"loc": loc, "msg": str(exc), "type": "url_not_allowed"}]
+            ) from exc
 
 
 def _status_for_wait(job: Job) -> int:
@@ -177,6 +198,8 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
         raise NotFound(f"unknown model {body.model!r}; GET /v1/models lists the models you can use", code="model_not_found")
     await admit(rt.ledger.quotas, principal, model.id, model.modality)
     normalized = rt.catalog.validate_input(model, body.input)
+    check_provider_params(rt.catalog, model, normalized.get("provider_params") or {}, loc=("input", "provider_params"))
+    check_input_urls(normalized)
     if body.webhook_url is not None:
         await check_webhook_url(rt, body.webhook_url, loc="webhook_url")
     digest = request_hash(body)

@@ -113,6 +113,9 @@ def from_invalid_input(exc: InvalidInput, fields: Mapping[str, str] | None = Non
     first = details[0] if details and isinstance(details[0], dict) else {}
     param = param_of(first.get("loc"), fields)
     message = f"{exc.message}: {first.get('msg')}" if first.get("msg") else exc.message
+    if exc.code == "param_not_allowed":  # a parameter only the operator's catalog may set
+        loc = first.get("loc") or [param]
+        return OpenAIError(422, exc.message, param=str(loc[-1]), code=exc.code)
     return invalid(message, param)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
+from core import netguard
 from core.routing.catalog import Catalog, load_catalog
 from core.db import Sessions, create_engine, sessionmaker
 from core.jobs.ledger import Ledger
@@ -55,6 +56,7 @@ def redis_settings(settings: Settings) -> RedisSettings:
 
 async def open_runtime(settings: Settings, stack: AsyncExitStack, store: Any) -> Runtime:
     catalog = load_catalog(settings.catalog)
+    netguard.configure(settings.outbound_networks(), resolve_timeout=settings.outbound_resolve_timeout_seconds)
     engine = create_engine(settings)
     stack.push_async_callback(engine.dispose)
     sessions = sessionmaker(engine)

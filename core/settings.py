@@ -78,11 +78,15 @@ class Settings(BaseSettings):
     # retry delays after each failed attempt; the default reaches ~23.7 h, then `exhausted`
     webhook_backoff_seconds: list[float] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
     webhook_max_response_bytes: int = 16384  # read (and keep a snippet of) at most this much
-    webhook_allowlist: list[str] = []  # CIDRs admitted although private/loopback, e.g. ["127.0.0.1/32"]
+    webhook_allowlist: list[str] = []  # deprecated: joined to outbound_allowlist (which see)
     webhook_secret_rotation_seconds: int = 86400  # the previous secret keeps signing this long
     webhook_endpoint_cache_seconds: float = 5.0  # how soon a new tenant endpoint is seen by every process
     submit_attempts: int = 4  # tries of a create the provider refused with 429/5xx or never received
     submit_backoff_seconds: float = 1.0  # first retry delay; doubles, with jitter, up to 60 s
+
+    # outbound fetches of URLs tenants and providers hand us (core/netguard.py, core/fetcher.py)
+    outbound_allowlist: list[str] = []  # CIDRs admitted although not global, e.g. ["127.0.0.1/32"] in development
+    outbound_resolve_timeout_seconds: float = 3.0  # a DNS answer slower than this refuses the URL
 
     # routing: limits and health shared in Redis (core/routing/router.py, core/limits/deployments.py)
     router_backoff_cap_seconds: float = 60.0  # longest jittered delay between attempts
@@ -92,7 +96,7 @@ class Settings(BaseSettings):
     router_failure_window_seconds: float = 60.0  # failures further apart than this do not add up
     router_lease_seconds: float = 300.0  # a concurrency slot frees itself this long after its last renewal
 
-    @field_validator("webhook_backoff_seconds", "webhook_allowlist", mode="before")
+    @field_validator("webhook_backoff_seconds", "webhook_allowlist", "outbound_allowlist", mode="before")
     @classmethod
     def _list(cls, v: Any) -> Any:
         """Lists come from the environment as JSON (`["127.0.0.1/32"]`); a string given in
@@ -100,6 +104,10 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return json.loads(v) if v.strip().startswith("[") else [x.strip() for x in v.split(",") if x.strip()]
         return v
+
+    def outbound_networks(self) -> list[str]:
+        """Every CIDR the outbound guard admits: outbound_allowlist and the older webhook_allowlist."""
+        return [*self.outbound_allowlist, *self.webhook_allowlist]
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir}/genroute.db"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from core import fetcher
 from core.errors import ErrorCode
 from core.types import OutputRef
 from storage.base import BlobStore, StorageError, StoredAsset, validate_key
@@ -32,8 +33,6 @@ WRITE_BUFFER_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
 # A provider answering these for its own output URL has expired or revoked the link.
 _REFUSED_STATUSES = frozenset({401, 403, 404, 410})
-# Sniffed types that say little: a provider's content type hint is better than these.
-_WEAK_TYPES = frozenset({OCTET_STREAM, "text/plain", "application/json"})
 
 
 async def store_output(
@@ -46,11 +45,14 @@ async def store_output(
     max_bytes: int,
     max_image_pixels: int,
     tmp_dir: Path | None = None,
+    timeout: float = 900.0,
 ) -> StoredAsset:
     """Download or write `ref`, check and probe it, and store it as `{key_base}/{index}.ext`.
 
-    Images also get a WebP thumbnail at `{key_base}/{index}.thumb.webp`. Every failure is
-    a StorageError; a provider URL that answers 401/403/404/410 has code provider_error.
+    Images also get a WebP thumbnail at `{key_base}/{index}.thumb.webp`. The stored content
+    type is the sniffed one only. URLs go through core.fetcher (address guard, byte cap,
+    `timeout` for the whole download). Every failure is a StorageError; a provider URL that
+    answers 401/403/404/410, or that the guard refuses, has code provider_error.
     """
     validate_key(f"{key_base}/{index}.bin")  # fail before downloading anything
     sink: _TempSink | None = None
@@ -61,10 +63,12 @@ async def store_output(
         elif ref.path is not None:
             await _copy_from_file(Path(ref.path), sink)
         else:
-            await _download(http, ref, sink)
+            await _download(http, ref, sink, timeout)
         await sink.finish()
 
-        content_type = _content_type(sink.head, ref.content_type)
+        # the bytes decide, never the provider's hint: a hint of text/html or SVG would make
+        # a stored file active content on the download origin
+        content_type = sniff_content_type(sink.head[:SNIFF_BYTES])
         key = f"{key_base}/{index}.{extension_for(content_type)}"
         try:
             probe = await asyncio.to_thread(
@@ -95,15 +99,6 @@ async def store_output(
             await sink.discard()
 
 
-def _content_type(head: bytes, hint: str | None) -> str:
-    sniffed = sniff_content_type(head[:SNIFF_BYTES])
-    if sniffed in _WEAK_TYPES and hint:
-        bare = hint.split(";", 1)[0].strip().lower()
-        if bare and bare != OCTET_STREAM:
-            return bare
-    return sniffed
-
-
 async def _copy_from_file(path: Path, sink: _TempSink) -> None:
     """An adapter's temp file: copied in chunks (bounded memory), then removed."""
     try:
@@ -116,57 +111,33 @@ async def _copy_from_file(path: Path, sink: _TempSink) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
 
 
-async def _download(http: httpx.AsyncClient, ref: OutputRef, sink: _TempSink) -> None:
+async def _download(http: httpx.AsyncClient, ref: OutputRef, sink: _TempSink, timeout: float) -> None:
+    """Through the guarded fetcher: every hop's address checked, the provider's headers
+    kept to the first origin (providers put keys in custom ones, `x-api-key`, and their
+    output URLs often redirect to a CDN or a presigned S3 URL on another host), the byte
+    cap enforced while streaming, one deadline for the whole download."""
+    assert ref.url is not None
     try:
-        response = await _send_following_redirects(http, ref)
-        try:
-            if response.status_code in _REFUSED_STATUSES:
+        async with fetcher.fetch(
+            http, ref.url, headers=ref.headers, max_bytes=sink.max_bytes, timeout=timeout, max_redirects=MAX_REDIRECTS
+        ) as got:
+            status = got.response.status_code
+            if status in _REFUSED_STATUSES:
                 raise StorageError(
-                    f"the provider's output URL expired or was refused "
-                    f"(HTTP {response.status_code})",
+                    f"the provider's output URL expired or was refused (HTTP {status})",
                     code=ErrorCode.provider_error,
                 )
-            try:
-                response.raise_for_status()
-            except httpx.HTTPStatusError as exc:
-                raise StorageError(f"downloading the output failed: {exc}") from exc
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > sink.max_bytes:
-                raise StorageError(
-                    f"output is {length} bytes, over the limit of {sink.max_bytes} bytes"
-                )
-            async for chunk in response.aiter_bytes():
+            if not 200 <= status < 300:
+                raise StorageError(f"downloading the output failed: the provider's URL answered HTTP {status}")
+            async for chunk in got.chunks():
                 await sink.write(chunk)
-        finally:
-            await response.aclose()
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise StorageError(f"downloading the output failed: {exc!r}") from exc
-
-
-async def _send_following_redirects(http: httpx.AsyncClient, ref: OutputRef) -> httpx.Response:
-    """GET with redirects followed by hand, so `ref.headers` never leave the origin.
-
-    httpx drops Authorization on a cross-origin redirect but not other headers, and
-    providers put keys in custom ones (`x-api-key`); their output URLs often redirect
-    to a CDN or a presigned S3 URL on another host.
-    """
-    assert ref.url is not None
-    request = http.build_request("GET", ref.url, headers=ref.headers)
-    for _ in range(MAX_REDIRECTS + 1):
-        response = await http.send(request, stream=True, follow_redirects=False)
-        next_request = response.next_request
-        if next_request is None:
-            return response
-        await response.aclose()
-        if _origin(next_request.url) != _origin(request.url):
-            for name in ref.headers:
-                next_request.headers.pop(name, None)
-        request = next_request
-    raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=request)
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return url.scheme, url.host, url.port
+    except fetcher.FetchError as exc:
+        if exc.kind == fetcher.FetchFailure.too_large:
+            raise StorageError(f"output is over the limit of {sink.max_bytes} bytes") from exc
+        if exc.kind in (fetcher.FetchFailure.transport, fetcher.FetchFailure.timeout):
+            raise StorageError(f"downloading the output failed: {exc.reason}") from exc
+        # the guard refused the provider's URL (or a redirect of it): the provider's fault
+        raise StorageError(f"the provider's output URL was not fetched: {exc.reason}", code=ErrorCode.provider_error) from exc
 
 
 async def _put_bytes(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cli.embedded import redis_answers, start_embedded_redis
+from core import netguard
 from tests.seaweed import SeaweedFS, start_seaweedfs
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
@@ -44,3 +45,14 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def loopback_outbound() -> Iterator[None]:
+    """In-process tests fetch from fakes on 127.0.0.1: the outbound guard admits it, as
+    GENROUTE_OUTBOUND_ALLOWLIST does in development (attack tests set their own policy)."""
+    previous = netguard.configure(["127.0.0.1/32"])
+    try:
+        yield
+    finally:
+        netguard.set_policy(previous)

@@ -158,6 +158,8 @@ async def make_stack(root: Path, *, redis_url: str, database_url: str = "", stor
         "GENROUTE_RECONCILE_EVERY_SECONDS": "1",
         "GENROUTE_RECONCILE_GRACE_SECONDS": "2",
         "GENROUTE_LOG_LEVEL": "WARNING",
+        # the provider fakes and receivers listen on loopback (attack tests pass outbound_allowlist="[]")
+        "GENROUTE_OUTBOUND_ALLOWLIST": '["127.0.0.1/32"]',
     }
     if database_url:
         env["GENROUTE_DATABASE_URL"] = database_url

@@ -18,13 +18,12 @@ import logging
 import time
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from core import netguard
+from core import fetcher
 from core.models import WebhookDelivery, utcnow
 from core.runtime import Runtime
 from core.webhooks import active_secrets, enqueue_delivery, retry_delay, signed_headers, tenant_secret
@@ -91,35 +90,36 @@ async def _claim(rt: Runtime, d: WebhookDelivery) -> WebhookDelivery | None:
 
 
 async def _send(rt: Runtime, d: WebhookDelivery, body: bytes, headers: dict[str, str]) -> tuple[int | None, str | None]:
-    """POST to the address netguard checked (never a second DNS answer); no redirects;
-    at most webhook_max_response_bytes of the answer are read."""
+    """POST through the guarded fetcher (the checked address, never a second DNS answer);
+    no redirects; at most webhook_max_response_bytes of the answer are read."""
     s = rt.settings
     try:
-        target = await netguard.resolve(d.url, netguard.networks(s.webhook_allowlist))
-    except netguard.UnsafeURL as exc:
-        return None, f"refused: {exc}"
-    parts = urlsplit(d.url)
-    headers = {**headers, "host": parts.netloc, "user-agent": USER_AGENT}
-    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    timeout = httpx.Timeout(s.webhook_timeout_seconds, connect=min(5.0, s.webhook_timeout_seconds))
-    try:
-        req = rt.http.build_request(
-            "POST", target.pinned_url(parts), content=body, headers=headers, timeout=timeout, extensions=extensions
-        )
-        resp = await rt.http.send(req, stream=True, follow_redirects=False)
-        try:
+        async with fetcher.fetch(
+            rt.http,
+            d.url,
+            method="POST",
+            content=body,
+            headers={**headers, "user-agent": USER_AGENT},
+            max_bytes=2**62,  # the answer is read up to webhook_max_response_bytes below, then dropped
+            timeout=s.webhook_timeout_seconds,
+            connect_timeout=min(5.0, s.webhook_timeout_seconds),
+            max_redirects=0,
+        ) as got:
             read = 0
-            async for chunk in resp.aiter_raw():
+            async for chunk in got.response.aiter_raw():
                 read += len(chunk)
                 if read >= s.webhook_max_response_bytes:
                     break
-        finally:
-            await resp.aclose()
-        return resp.status_code, None
+            return got.response.status_code, None
+    except fetcher.FetchError as exc:
+        if exc.kind == fetcher.FetchFailure.timeout:
+            return None, f"timeout after {s.webhook_timeout_seconds:g} s"
+        prefix = "refused: " if exc.kind == fetcher.FetchFailure.refused else ""
+        return None, f"{prefix}{exc.reason}"[:300]
     except httpx.TimeoutException:
         return None, f"timeout after {s.webhook_timeout_seconds:g} s"
     except httpx.HTTPError as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:300]
+        return None, f"{type(exc).__name__}"[:300]
 
 
 async def _attempt(rt: Runtime, d: WebhookDelivery) -> bool:

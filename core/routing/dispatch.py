@@ -5,7 +5,7 @@ what "call" means differs (a submit, a chat completion). The slot of the deploym
 answered stays held (`Placed.lease_id`): the caller releases it when the work ends (a
 job's terminal transition, a chat call's last byte) through `release`.
 
-    snapshot (core.limits) ─► plan (core.routing.router) ─► for each candidate:
+    snapshot (core.limits.deployments) ─► plan (core.routing.router) ─► for each candidate:
         acquire slot ─ Denied ─► next
         adapter = rt.adapters.get(dep) ─ unknown adapter ─► next (recorded)
         start(candidate)  ─ False (the job moved on) ─► release, Stopped
