@@ -26,6 +26,7 @@ async def asset_public(store: Any, asset: Asset, ttl: int) -> AssetPublic:
 async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_position: int | None = None) -> JobPublic:
     return JobPublic(
         id=job.id,
+        tenant=job.tenant,
         model=job.model,
         modality=job.modality,
         status=job.status,
