@@ -8,10 +8,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
+from api import dashboard, errors
 from api.admin import router as admin_router
 from api.callbacks import router as callbacks_router
 from api.chat import router as chat_router
+from api.deployments import router as deployments_router
 from api.deps import KeyCache, KeyWatcher
 from api.events import router as events_router
 from api.files import router as files_router
@@ -68,9 +69,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks_router)
     app.include_router(callbacks_router)
     app.include_router(admin_router)
+    app.include_router(deployments_router)
     app.include_router(usage_router)
     app.include_router(chat_router)  # OpenAI-compatible: errors in OpenAI's shape
     app.include_router(openai_media_router)
+    dashboard.install(app)
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
     return app
 

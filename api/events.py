@@ -8,7 +8,8 @@ read and replay, then take live messages above the last seq sent, so there is no
 no duplicate. Any API replica serves any job (core.events.EventHub per process).
 
 `/v1/ws` takes `{"op": "subscribe", "job_ids": [...], "last_event_ids": {id: evt}?}`,
-`{"op": "subscribe", "all": true}` (every job of the tenant, live only),
+`{"op": "subscribe", "all": true}` (every job of the tenant, live only; an admin key may
+add `"tenant": ID` to follow another tenant's jobs, and may follow any tenant's job by id),
 `{"op": "unsubscribe", "job_ids": [...] | "all": true}` and `{"op": "ping"}`; it sends
 `{"type": "ping"}` every ws_ping_seconds.
 
@@ -79,14 +80,19 @@ async def _state(rt: Runtime, job: Job) -> dict[str, Any]:
     return {"type": "job.state", "seq": job.event_seq, "job": public.model_dump(mode="json")}
 
 
-async def _visible_job(rt: Runtime, tenant: str, job_id: str) -> Job:
+def _seen_by(principal: Principal) -> str | None:
+    """Whose jobs a key may follow: its tenant's; an admin key (the operator) every tenant's (None)."""
+    return None if principal.admin else principal.tenant
+
+
+async def _visible_job(rt: Runtime, tenant: str | None, job_id: str) -> Job:
     job = await rt.ledger.get(job_id) if len(job_id) <= 40 else None
-    if job is None or job.tenant != tenant:  # another tenant's job does not exist
+    if job is None or (tenant is not None and job.tenant != tenant):  # another tenant's job does not exist
         raise NotFound(f"no job {job_id[:100]!r}")
     return job
 
 
-async def follow_job(rt: Runtime, hub: EventHub, tenant: str, job_id: str, last_seq: Pos | None) -> AsyncIterator[Any]:
+async def follow_job(rt: Runtime, hub: EventHub, tenant: str | None, job_id: str, last_seq: Pos | None) -> AsyncIterator[Any]:
     """Yield the job's state, then its events (missed ones first), until the terminal
     event. Yields PING when idle. Raises NotFound, or SlowConsumer on overflow."""
     s = rt.settings
@@ -190,7 +196,7 @@ async def job_events_ws(ws: WebSocket, job_id: str) -> None:
         return
     timeout = rt.settings.ws_send_timeout_seconds
     try:
-        async with contextlib.aclosing(follow_job(rt, ws.app.state.event_hub, principal.tenant, job_id, last_seq)) as items:
+        async with contextlib.aclosing(follow_job(rt, ws.app.state.event_hub, _seen_by(principal), job_id, last_seq)) as items:
             async for item in items:
                 await asyncio.wait_for(ws.send_text(_dump(item)), timeout)
     except NotFound as exc:
@@ -222,13 +228,13 @@ async def job_events_sse(
         last_seq = parse_last_event_id(job_id, raw) if raw else None
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
-    await _visible_job(rt, principal.tenant, job_id)  # refuse with a JSON 404 before streaming
+    await _visible_job(rt, _seen_by(principal), job_id)  # refuse with a JSON 404 before streaming
     hub: EventHub = request.app.state.event_hub
 
     async def body() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"
         try:
-            async with contextlib.aclosing(follow_job(rt, hub, principal.tenant, job_id, last_seq)) as items:
+            async with contextlib.aclosing(follow_job(rt, hub, _seen_by(principal), job_id, last_seq)) as items:
                 async for item in items:
                     if isinstance(item, Event):
                         yield f"id: {item.id}\nevent: {item.type}\ndata: {item.to_json()}\n\n"
@@ -261,7 +267,8 @@ class _Mux:
         self.ws = ws
         self.rt = rt
         self.hub = hub
-        self.tenant = principal.tenant
+        self.tenant = principal.tenant  # whose channel `all` follows (an admin may pick another)
+        self.admin = principal.admin
         self.bus = _bus(rt)
         self.sub = Subscription(rt.settings.ws_queue_size)
         self.jobs: set[str] = set()  # subscribed one by one
@@ -311,15 +318,24 @@ class _Mux:
                 if not isinstance(job_ids, list) or not all(isinstance(j, str) for j in job_ids):
                     raise _Close(CLOSE_BAD_REQUEST, "job_ids must be a list of job ids")
                 if op == "subscribe":
-                    await self._subscribe(job_ids, bool(msg.get("all")), msg.get("last_event_ids") or {})
+                    await self._subscribe(job_ids, bool(msg.get("all")), msg.get("last_event_ids") or {}, msg.get("tenant"))
                 else:
                     await self._unsubscribe(job_ids, bool(msg.get("all")))
             else:
                 raise _Close(CLOSE_BAD_REQUEST, "op must be subscribe, unsubscribe, auth or ping")
 
-    async def _subscribe(self, job_ids: list[str], all_jobs: bool, last_ids: Any) -> None:
+    async def _subscribe(self, job_ids: list[str], all_jobs: bool, last_ids: Any, tenant: Any = None) -> None:
         if not isinstance(last_ids, dict):
             raise _Close(CLOSE_BAD_REQUEST, "last_event_ids must map job ids to event ids")
+        if tenant is not None and tenant != self.tenant:
+            if not isinstance(tenant, str) or not 1 <= len(tenant) <= 100:
+                raise _Close(CLOSE_BAD_REQUEST, "tenant must be a tenant id")
+            if not self.admin:  # another tenant does not exist for this key
+                raise _Close(CLOSE_NOT_FOUND, f"no tenant {tenant[:60]!r}")
+            if self.all:  # an admin moves `all` to another tenant's jobs
+                await self.hub.remove(self.bus.tenant_channel(self.tenant), self.sub)
+                self.all = False
+            self.tenant = tenant
         if len(self.jobs) + len(job_ids) > MAX_JOBS_PER_SOCKET:
             raise _Close(CLOSE_BAD_REQUEST, f"at most {MAX_JOBS_PER_SOCKET} jobs per connection")
         if all_jobs and not self.all:
@@ -339,7 +355,7 @@ class _Mux:
             await self.hub.add(channel, self.sub)
             self.jobs.add(job_id)
             try:
-                job = await _visible_job(self.rt, self.tenant, job_id)
+                job = await _visible_job(self.rt, None if self.admin else self.tenant, job_id)
             except NotFound as exc:
                 raise _Close(CLOSE_NOT_FOUND, f"no job {job_id[:60]!r}") from exc
             after = last_seq if last_seq is not None else (job.event_seq, 0)

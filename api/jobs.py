@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import re
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -14,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from api.deps import PrincipalDep, RuntimeDep
+from api.job_query import JobFilter
 from api.pagination import page
 from api.params import check_provider_params
 from api.views import job_public
@@ -60,7 +62,8 @@ def request_hash(body: JobCreate) -> str:
 
 async def _load(rt: Runtime, principal: Principal, job_id: str) -> Job:
     job = await rt.ledger.get(job_id) if len(job_id) <= 40 else None
-    if job is None or job.tenant != principal.tenant:  # another tenant's job does not exist
+    # another tenant's job does not exist; an admin key (the operator) sees every tenant's
+    if job is None or (job.tenant != principal.tenant and not principal.admin):
         raise NotFound(f"no job {job_id!r}")
     return job
 
@@ -308,17 +311,22 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=40, description="next_cursor of the previous page")] = None,
     status: JobStatus | None = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
+    deployment: Annotated[str | None, Query(max_length=200, description="the deployment that ran it last")] = None,
+    start: Annotated[datetime | None, Query(alias="from", description="created at or after (ISO 8601)")] = None,
+    end: Annotated[datetime | None, Query(alias="to", description="created before (ISO 8601)")] = None,
+    q: Annotated[str | None, Query(max_length=200, description="text in the prompt (case-insensitive)")] = None,
+    tenant: Annotated[str | None, Query(max_length=100, description="admin keys only: this tenant's jobs, or * for all")] = None,
 ) -> JobList:
-    q = select(Job).where(Job.tenant == principal.tenant)
-    if status is not None:
-        q = q.where(Job.status == status.value)
-    if model:
-        q = q.where(Job.model == model)
-    rows, next_cursor = await page(rt.sessions, q, Job.id, cursor, limit)
+    """Newest first. Queued jobs carry their place in the queue (`queue_position`)."""
+    filters = JobFilter(status, model, deployment, start, end, q, tenant).check()
+    rows, next_cursor = await page(rt.sessions, filters.query(principal), Job.id, cursor, limit)
     assets = await rt.ledger.assets([j.id for j in rows if j.status == JobStatus.succeeded])
     await rt.ledger.overlay(rows)
     ttl = rt.settings.url_ttl_seconds
-    data = [await job_public(rt.store, j, assets.get(j.id, []), ttl) for j in rows]
+    data = []
+    for j in rows:
+        position = await queue_position(rt.redis, rt.settings, j.id, j.modality) if j.status == JobStatus.queued else None
+        data.append(await job_public(rt.store, j, assets.get(j.id, []), ttl, position))
     return JobList(data=data, next_cursor=next_cursor)
 
 

@@ -27,6 +27,7 @@ async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_
                      eta_seconds: float | None = None) -> JobPublic:
     return JobPublic(
         id=job.id,
+        tenant=job.tenant,
         model=job.model,
         modality=job.modality,
         status=job.status,

@@ -22,6 +22,7 @@ from api.deps import PrincipalDep, RuntimeDep
 from api.jobs import check_webhook_url
 from core.errors import Conflict, NotFound
 from core.ids import new_id
+from core.keys import Principal
 from core.models import WebhookDelivery, WebhookEndpoint, WebhookSecret, utcnow
 from core.runtime import Runtime
 from core.schemas import (
@@ -128,7 +129,9 @@ async def list_deliveries(
     job_id: Annotated[str | None, Query(max_length=40)] = None,
     status: Literal["pending", "delivered", "exhausted"] | None = None,
 ) -> WebhookDeliveryList:
-    q = select(WebhookDelivery).where(WebhookDelivery.tenant == principal.tenant)
+    q = select(WebhookDelivery)
+    if not (principal.admin and job_id):  # the operator sees any job's deliveries
+        q = q.where(WebhookDelivery.tenant == principal.tenant)
     if job_id:
         q = q.where(WebhookDelivery.job_id == job_id)
     if status:
@@ -137,23 +140,23 @@ async def list_deliveries(
     return WebhookDeliveryList(data=[_delivery(d) for d in rows], next_cursor=next_cursor)
 
 
-async def _load(rt: Runtime, tenant: str, delivery_id: str) -> WebhookDelivery:
+async def _load(rt: Runtime, principal: Principal, delivery_id: str) -> WebhookDelivery:
     async with rt.sessions() as s:
         row = await s.get(WebhookDelivery, delivery_id) if len(delivery_id) <= 40 else None
-    if row is None or row.tenant != tenant:
+    if row is None or (row.tenant != principal.tenant and not principal.admin):
         raise NotFound(f"no webhook delivery {delivery_id[:100]!r}")
     return row
 
 
 @router.get("/deliveries/{delivery_id}", response_model=WebhookDeliveryPublic)
 async def get_delivery(delivery_id: str, rt: RuntimeDep, principal: PrincipalDep) -> WebhookDeliveryPublic:
-    return _delivery(await _load(rt, principal.tenant, delivery_id))
+    return _delivery(await _load(rt, principal, delivery_id))
 
 
 @router.post("/deliveries/{delivery_id}/redeliver", status_code=202, response_model=WebhookDeliveryPublic)
 async def redeliver(delivery_id: str, rt: RuntimeDep, principal: PrincipalDep) -> WebhookDeliveryPublic:
     """Send the delivery again now, whatever its status: one more attempt (no new backoff)."""
-    row = await _load(rt, principal.tenant, delivery_id)
+    row = await _load(rt, principal, delivery_id)
     async with rt.sessions() as s:
         row = await s.get(WebhookDelivery, row.id, with_for_update=True) or row
         now = utcnow()

@@ -207,6 +207,7 @@ class CostPublic(BaseModel):
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
+    tenant: str | None = None
     model: str
     modality: str
     status: str
