@@ -38,7 +38,7 @@ from sqlalchemy import Text, case, cast, func, or_, update
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core import billing
+from core import billing, metrics
 from core.db import Sessions
 from core.errors import ErrorCode
 from core.events import Event, EventBus, EventType
@@ -156,6 +156,7 @@ class Ledger:
         # retry that loses the insert above must not announce its discarded id)
         await self._publish(job.tenant, [event])
         await self._enqueue(deliveries)
+        metrics.job_submitted(job)
         return job
 
     async def transition(
@@ -249,6 +250,8 @@ class Ledger:
             s.add_all(deliveries)
             await s.commit()
         await self._enqueue(deliveries)
+        if to in TERMINAL:
+            metrics.job_finished(job)
         return job
 
     async def _free_key_slot(self, job: Job) -> None:
