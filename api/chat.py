@@ -28,6 +28,7 @@ from adapters.base import Adapter
 from adapters.registry import UnknownAdapter, build_adapter
 from api.deps import PrincipalDep, RuntimeDep
 from api.openai_compat import OpenAIError, from_provider, invalid, model_for, openai_router
+from core import metrics
 from core.billing import Close, hold, hold_for
 from core.catalog import Deployment, Model
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
@@ -162,6 +163,8 @@ class _Call:
                 cost=chat_cost(dep.price, prompt, completion) if dep is not None else None,
                 attempts=self.attempts, error_code=self.error_code, duration_ms=int((time.monotonic() - self.t0) * 1000),
             )
+            metrics.chat_finished(self.model.id, record.deployment or "", self.status, prompt, completion, record.cost,
+                                  time.monotonic() - self.t0)
             p = self.principal
             close = Close(p.tenant, p.key_id, self.id, self.held, (record.cost or 0) if dep is not None else None,
                           ("tokens" if dep.price is not None else "unpriced") if dep is not None else None,
@@ -208,6 +211,7 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
             result = await chat(upstream, stream=stream)
             first = await anext(result, None) if stream else None
         except ProviderError as exc:
+            metrics.provider_call(dep.name, "chat", exc.kind.value, time.monotonic() - t0)
             await rt.limiter.release(dep.name, call.id)
             if not isinstance(exc, CannotChat):  # our catalog's fault is not the provider's health
                 await rt.limiter.record_error(dep, exc, catalog_version=cat.version)
@@ -221,6 +225,7 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
             call.finish_detached()
             raise
         entry["duration_ms"] = _ms(t0)
+        metrics.provider_call(dep.name, "chat", "ok", time.monotonic() - t0)  # to the first chunk when streaming
         call.deployment = dep
         headers = {"x-genroute-request-id": call.id, "x-genroute-deployment": dep.name}
         if not stream:

@@ -16,7 +16,7 @@ from sqlmodel import select
 from api.deps import PrincipalDep, RuntimeDep
 from api.pagination import page
 from api.views import job_public
-from core import netguard
+from core import logs, netguard
 from core.billing import hold_for
 from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
 from core.events import Event
@@ -181,6 +181,7 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
             webhook_url=body.webhook_url,
             webhook_events=list(body.webhook_events) if body.webhook_events is not None else None,
         )
+        logs.bind_here(job_id=job.id)  # the rest of this request's lines are the job's
         slot = principal.max_concurrency is not None and not principal.queue_when_busy
         if slot:  # this key refuses rather than queues: its slot is taken now (the worker renews it)
             await take_or_refuse(rt.ledger.quotas, principal, job.id)

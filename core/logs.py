@@ -153,7 +153,7 @@ class TextFormatter(logging.Formatter):
 
 
 _MARK = "_genroute_handler"
-QUIET = ("httpx", "httpcore", "botocore", "boto3", "urllib3", "aiosqlite", "asyncio", "websockets")
+QUIET = ("httpx", "httpcore", "alembic.runtime.plugins", "botocore", "boto3", "urllib3", "aiosqlite", "asyncio", "websockets")
 
 
 def setup(fmt: Literal["json", "text"] | str | None = None, level: str | int | None = None, *, stream: Any = None) -> None:
@@ -166,7 +166,7 @@ def setup(fmt: Literal["json", "text"] | str | None = None, level: str | int | N
     lvl = lvl.upper() if isinstance(lvl, str) else lvl
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, _MARK, False) or fmt:  # one handler: ours
+        if getattr(h, _MARK, False):  # set up again: replace ours
             root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
     setattr(handler, _MARK, True)

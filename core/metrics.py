@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -281,17 +281,24 @@ class Exposition:
                 self.registry.unregister(self.probe)
 
 
-async def serve_metrics(port: int, exposition: Exposition, *, host: str = "0.0.0.0") -> asyncio.Server:
+async def serve_metrics(
+    port: int, exposition: Exposition, *, host: str = "0.0.0.0", healthy: Callable[[], bool] | None = None
+) -> asyncio.Server:
     """A minimal HTTP server for `GET /metrics` in this event loop (the worker's
-    `--metrics-port`): in-loop, so the Redis gauges are read with the process's own pool."""
+    `--metrics-port`): in-loop, so the Redis gauges are read with the process's own pool.
+    `GET /healthz` answers 200 while `healthy()` (503 otherwise); an event loop that hangs
+    answers nothing, which a container healthcheck counts as a failure too."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             parts = head.split(b" ", 2)
             path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
-            if parts[0] != b"GET" or path not in (b"/metrics", b"/"):
-                body, status, ctype = b"not found: GET /metrics\n", b"404 Not Found", b"text/plain"
+            if parts[0] == b"GET" and path == b"/healthz":
+                ok = healthy is None or healthy()
+                body, status, ctype = (b"ok\n", b"200 OK", b"text/plain") if ok else (b"unhealthy\n", b"503 Service Unavailable", b"text/plain")
+            elif parts[0] != b"GET" or path not in (b"/metrics", b"/"):
+                body, status, ctype = b"not found: GET /metrics or /healthz\n", b"404 Not Found", b"text/plain"
             else:
                 body, status, ctype = await exposition.render(), b"200 OK", CONTENT_TYPE_LATEST.encode()
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
