@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from core import logs
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -62,13 +63,20 @@ async def send(
     create: bool = False,
     **kwargs: Any,
 ) -> httpx.Response:
-    """One request, its body read; transport failures mapped by `transport_errors`."""
+    """One request, its body read; transport failures mapped by `transport_errors`.
+    The request id of the work it serves goes along (X-Request-Id), for the provider's logs."""
+    rid = logs.request_id()
+    if rid is not None:
+        kwargs["headers"] = {**(kwargs.get("headers") or {}), "X-Request-Id": rid}
     with transport_errors(provider, create=create):
         return await http.request(method, url, **kwargs)
 
 
 async def send_stream(http: httpx.AsyncClient, request: httpx.Request, *, provider: str, create: bool = True) -> httpx.Response:
     """Like `send`, but the body is left to stream (the caller closes the response)."""
+    rid = logs.request_id()
+    if rid is not None and "x-request-id" not in request.headers:
+        request.headers["X-Request-Id"] = rid
     with transport_errors(provider, create=create):
         return await http.send(request, stream=True)
 

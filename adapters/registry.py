@@ -7,11 +7,18 @@ others' code.
 from __future__ import annotations
 
 import importlib
+import time
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
 
 import httpx
 
 from adapters.base import Adapter
 from core.routing.catalog import Deployment
+from core import logs, metrics
+from core.errors import ProviderError
+from core.types import Done, Failed, Pending
 
 ADAPTERS: dict[str, str] = {
     "local": "adapters.local:LocalAdapter",
@@ -44,7 +51,43 @@ def build_adapter(deployment: Deployment, http: httpx.AsyncClient) -> Adapter:
         raise UnknownAdapter(
             f"deployment {deployment.name!r} names adapter {deployment.adapter!r}; known: {sorted(ADAPTERS)}"
         ) from None
-    return cls(deployment, http)
+    return observed(cls(deployment, http))
+
+
+def observed(adapter: Adapter) -> Adapter:
+    """Time and count the adapter's provider calls (genroute_provider_calls_total by
+    deployment, call and outcome), with `deployment` bound to every log line inside them."""
+    name = adapter.deployment.name
+    for call in ("submit", "poll", "cancel"):
+        setattr(adapter, call, _observed_call(getattr(adapter, call), name, call))
+    return adapter
+
+
+def _outcome(result: Any) -> str:
+    if isinstance(result, Failed):
+        return "failed"
+    if isinstance(result, Pending):
+        return "pending"
+    return "done" if isinstance(result, Done) else "ok"
+
+
+def _observed_call(fn: Callable[..., Awaitable[Any]], deployment: str, call: str) -> Callable[..., Awaitable[Any]]:
+    @wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        outcome = "crashed"
+        try:
+            with logs.bind(deployment=deployment):
+                result = await fn(*args, **kwargs)
+            outcome = _outcome(result)
+            return result
+        except ProviderError as exc:
+            outcome = exc.kind.value
+            raise
+        finally:
+            metrics.provider_call(deployment, call, outcome, time.perf_counter() - t0)
+
+    return wrapper
 
 
 class AdapterCache:

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from api import dashboard, errors
+from api import dashboard, docs, errors
 from api.admin import router as admin_router
 from api.callbacks import router as callbacks_router
 from api.chat import router as chat_router
@@ -19,9 +20,11 @@ from api.files import router as files_router
 from api.jobs import router as jobs_router
 from api.limits import BodyLimit
 from api.meta import router as meta_router
+from api.observe import Observe
 from api.openai_media import router as openai_media_router
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
+from core import logs, metrics
 from core.events import EventHub
 from core.keys import changed_channel
 from adapters.registry import AdapterCache
@@ -53,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await hub.start()
             stack.push_async_callback(hub.close)
             app.state.event_hub = rt.hub = hub
+            app.state.metrics = metrics.Exposition(metrics.probe_for(rt))  # GET /metrics (api/observe.py)
             yield
 
     app = FastAPI(
@@ -60,8 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="One door to many AI generation providers: durable jobs, progress, outputs in your storage.",
         lifespan=lifespan,
+        docs_url=None,  # api/docs.py serves /docs with local assets (no CDN)
+        redoc_url=None,
     )
     errors.install(app)
+    docs.install(app)
     app.include_router(jobs_router)
     app.include_router(meta_router)
     app.include_router(files_router)
@@ -75,9 +82,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_media_router)
     dashboard.install(app)
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
+    if s.cors_origins:  # browser apps calling the API directly (GENROUTE_CORS_ORIGINS)
+        app.add_middleware(
+            CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After", "Location"], max_age=600,
+        )
+    app.add_middleware(Observe)  # outermost: request ids and metrics see every answer
     return app
 
 
 def app_factory() -> FastAPI:
-    """For `uvicorn --factory api.app:app_factory`."""
+    """For `uvicorn --factory api.app:app_factory` (each uvicorn worker process calls it,
+    so logging is set up here too, from GENROUTE_LOG_FORMAT / GENROUTE_LOG_LEVEL)."""
+    if not logs.configured():
+        logs.setup()
     return create_app()

@@ -29,6 +29,7 @@ from api.openai_compat import OpenAIError, from_provider, invalid, model_for, op
 from api.params import check_provider_params
 from core.billing.ledger import Close, hold, hold_for
 from core.routing.catalog import Deployment, Model
+from core import metrics
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.ids import new_id
 from core.keys import Principal
@@ -140,6 +141,8 @@ class _Call:
                 cost=chat_cost(dep.price, prompt, completion) if dep is not None else None,
                 attempts=self.attempts, error_code=self.error_code, duration_ms=int((time.monotonic() - self.t0) * 1000),
             )
+            metrics.chat_finished(self.model.id, record.deployment or "", self.status, prompt, completion, record.cost,
+                                  time.monotonic() - self.t0)
             p = self.principal
             close = Close(p.tenant, p.key_id, self.id, self.held, (record.cost or 0) if dep is not None else None,
                           ("tokens" if dep.price is not None else "unpriced") if dep is not None else None,
@@ -178,8 +181,14 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
         chat = getattr(adapter, "chat", None)
         if chat is None:
             raise _config_error(f"deployment {cand.deployment.name!r}: adapter {cand.deployment.adapter!r} has no chat endpoint")
-        result = await chat(upstream, stream=stream)
-        first = await anext(result, None) if stream else None
+        t0 = time.monotonic()
+        try:
+            result = await chat(upstream, stream=stream)
+            first = await anext(result, None) if stream else None
+        except ProviderError as exc:
+            metrics.provider_call(cand.deployment.name, "chat", exc.kind.value, time.monotonic() - t0)
+            raise
+        metrics.provider_call(cand.deployment.name, "chat", "ok", time.monotonic() - t0)  # to the first chunk when streaming
         return result, first
 
     try:

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from redis.asyncio import Redis
 
+from core import logs
 from core.errors import Forbidden, Unauthorized
 from core.keys import Principal, hash_key, lookup
 from core.runtime import Runtime
@@ -156,6 +157,7 @@ async def get_principal(request: Request, rt: RuntimeDep) -> Principal:
     principal = await resolve_principal(request.app.state.key_cache, rt, token)
     if principal is None:
         raise Unauthorized("unknown, revoked or expired API key")
+    logs.bind_here(tenant=principal.tenant)  # every line of this request names its tenant
     return principal
 
 

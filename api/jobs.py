@@ -19,7 +19,7 @@ from api.job_query import JobFilter
 from api.pagination import page
 from api.params import check_provider_params
 from api.views import job_public
-from core import netguard
+from core import logs, netguard
 from core.billing.ledger import hold_for
 from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
 from core.events import OVERFLOW, Event, EventHub, Subscription
@@ -229,6 +229,7 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
             webhook_url=body.webhook_url,
             webhook_events=list(body.webhook_events) if body.webhook_events is not None else None,
         )
+        logs.bind_here(job_id=job.id)  # the rest of this request's lines are the job's
         slot = principal.max_concurrency is not None and not principal.queue_when_busy
         if slot:  # this key refuses rather than queues: its slot is taken now (the worker renews it)
             await take_or_refuse(rt.ledger.quotas, principal, job.id)

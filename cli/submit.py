@@ -9,7 +9,8 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -48,7 +49,28 @@ def _key(args: argparse.Namespace) -> str:
     raise SystemExit("no API key: pass --key, set GENROUTE_API_KEY, or run `genroute dev` here first")
 
 
+def unreachable(url: str, exc: Exception) -> str:
+    """The one line for a server that does not answer."""
+    return (f"error: no genroute API answers at {url} ({type(exc).__name__}); start one (`genroute dev`) "
+            "or point --url / GENROUTE_URL at it")
+
+
 def submit(args: argparse.Namespace) -> int:
+    try:
+        return _submit(args)
+    except httpx.TransportError as exc:  # refused, timed out, DNS: one line, not a traceback
+        print(unreachable(args.url, exc), file=sys.stderr)
+        return 1
+
+
+def _answer(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return {"error": {"code": "not_genroute", "message": f"HTTP {r.status_code}: {r.text[:200]}"}}
+
+
+def _submit(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {_key(args)}"}
     if args.idempotency_key:
         headers["Idempotency-Key"] = args.idempotency_key
@@ -56,13 +78,16 @@ def submit(args: argparse.Namespace) -> int:
     with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
         r = client.post("/v1/jobs", json=body)
         if r.status_code >= 400:
-            print(json.dumps(r.json(), indent=2), file=sys.stderr)
+            print(json.dumps(_answer(r), indent=2), file=sys.stderr)
             return 1
         job = r.json()
         if not args.wait:
             print(json.dumps(job, indent=2))
             return 0
         job = _follow(client, job, headers["Authorization"].removeprefix("Bearer "))
+    if getattr(args, "json", False):  # the finished job, whole, on stdout
+        print(json.dumps(job, indent=2))
+        return 0 if job["status"] == "succeeded" else 2
     cost = job.get("cost") or {}
     if cost.get("settled") is not None:  # stderr: stdout stays the output URLs, one a line
         print(f"cost: {cost['settled'] / 1_000_000:.6f} USD ({cost['status']}; held {cost['held']} micro-USD)", file=sys.stderr)
@@ -78,14 +103,21 @@ def _follow(client: httpx.Client, job: dict[str, Any], key: str) -> dict[str, An
     """Show a progress bar until the job ends: over the job's websocket, else by polling."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+    console = Console(stderr=True)
+    # the description column has a fixed width and cuts long messages with an ellipsis,
+    # so a long progress message never squeezes the bar
+    width = max(24, min(60, console.width - 40))
+    with Progress(TextColumn("{task.description}", table_column=Column(width=width, no_wrap=True, overflow="ellipsis")),
+                  BarColumn(bar_width=30), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar, _logs_above(bar):
         task = bar.add_task(f"{job['id']} {job['status']}", total=1.0)
 
         def show(status: str, fraction: float, message: str | None, position: int | None) -> None:
             pos = f" #{position} in queue" if position is not None else ""
-            bar.update(task, completed=fraction, description=f"{job['id']} {status}{pos} {message or ''}".rstrip())
+            text = f"{status}{pos} {message or ''}".rstrip()
+            bar.update(task, completed=fraction, description=_fit(text, width))
 
         try:
             final = asyncio.run(follow_websocket(str(client.base_url), key, job["id"], show))
@@ -99,6 +131,34 @@ def _follow(client: httpx.Client, job: dict[str, Any], key: str) -> dict[str, An
         bar.update(task, completed=1.0 if job["status"] == "succeeded" else job["progress"]["fraction"],
                    description=f"{job['id']} {job['status']}")
     return job
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@contextmanager
+def _logs_above(bar: Any) -> Iterator[None]:
+    """While the bar is drawn, log lines are printed above it (through its console)
+    instead of being written into the middle of it."""
+    import logging
+
+    class Above(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            bar.console.print(self.format(record), markup=False, highlight=False)
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    above = Above()
+    if saved:
+        above.setFormatter(saved[0].formatter)
+        for f in saved[0].filters:
+            above.addFilter(f)
+    root.handlers = [above]
+    try:
+        yield
+    finally:
+        root.handlers = saved
 
 
 async def follow_websocket(base_url: str, key: str, job_id: str, show: Show, *, retries: int = 3) -> dict[str, Any] | None:

@@ -46,3 +46,23 @@ def upgrade(settings: Settings, revision: str = "head") -> None:
     t.join()
     if errors:
         raise errors[0]
+
+
+async def schema_status(settings: Settings) -> str:
+    """'current' (at head), 'missing' (no genroute tables) or 'behind' (an older revision).
+    Raises whatever the driver raises when the database cannot be opened."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from core.db import create_engine
+
+    heads = set(ScriptDirectory.from_config(alembic_config(settings)).get_heads())
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as conn:
+            current = await conn.run_sync(lambda c: set(MigrationContext.configure(c).get_current_heads()))
+    finally:
+        await engine.dispose()
+    if current == heads:
+        return "current"
+    return "missing" if not current else "behind"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     max_wait_seconds: int = 60
     key_cache_seconds: float = 5.0  # backstop only: key changes are announced on Redis and drop caches at once
+    cors_origins: Annotated[list[str], NoDecode] = []  # JSON or comma-separated  # browser origins allowed to call the API directly, e.g. ["https://app.example.com"]; "*" for any
+
+    # logs (core/logs.py): json by default for `genroute api` and `worker`, text for `dev`
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error", "critical"] = "INFO"
 
     # worker
     worker_max_jobs: int = 50
@@ -76,16 +81,16 @@ class Settings(BaseSettings):
     ws_recheck_seconds: float = 5.0  # an idle subscriber re-reads the job's stream this often
     webhook_timeout_seconds: float = 10.0
     # retry delays after each failed attempt; the default reaches ~23.7 h, then `exhausted`
-    webhook_backoff_seconds: list[float] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
+    webhook_backoff_seconds: Annotated[list[float], NoDecode] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
     webhook_max_response_bytes: int = 16384  # read (and keep a snippet of) at most this much
-    webhook_allowlist: list[str] = []  # deprecated: joined to outbound_allowlist (which see)
+    webhook_allowlist: Annotated[list[str], NoDecode] = []  # deprecated: joined to outbound_allowlist (which see)
     webhook_secret_rotation_seconds: int = 86400  # the previous secret keeps signing this long
     webhook_endpoint_cache_seconds: float = 5.0  # how soon a new tenant endpoint is seen by every process
     submit_attempts: int = 4  # tries of a create the provider refused with 429/5xx or never received
     submit_backoff_seconds: float = 1.0  # first retry delay; doubles, with jitter, up to 60 s
 
     # outbound fetches of URLs tenants and providers hand us (core/netguard.py, core/fetcher.py)
-    outbound_allowlist: list[str] = []  # CIDRs admitted although not global, e.g. ["127.0.0.1/32"] in development
+    outbound_allowlist: Annotated[list[str], NoDecode] = []  # CIDRs admitted although not global, e.g. ["127.0.0.1/32"] in development
     outbound_resolve_timeout_seconds: float = 3.0  # a DNS answer slower than this refuses the URL
 
     # routing: limits and health shared in Redis (core/routing/router.py, core/limits/deployments.py)
@@ -96,7 +101,7 @@ class Settings(BaseSettings):
     router_failure_window_seconds: float = 60.0  # failures further apart than this do not add up
     router_lease_seconds: float = 300.0  # a concurrency slot frees itself this long after its last renewal
 
-    @field_validator("webhook_backoff_seconds", "webhook_allowlist", "outbound_allowlist", mode="before")
+    @field_validator("webhook_backoff_seconds", "webhook_allowlist", "outbound_allowlist", "cors_origins", mode="before")
     @classmethod
     def _list(cls, v: Any) -> Any:
         """Lists come from the environment as JSON (`["127.0.0.1/32"]`); a string given in

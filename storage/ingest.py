@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from core import fetcher
+from core import fetcher, metrics
 from core.errors import ErrorCode
 from core.types import OutputRef
 from storage.base import BlobStore, StorageError, StoredAsset, validate_key
@@ -54,6 +54,22 @@ async def store_output(
     `timeout` for the whole download). Every failure is a StorageError; a provider URL that
     answers 401/403/404/410, or that the guard refuses, has code provider_error.
     """
+    with metrics.storing():  # the job's storing time, told apart from its time at the provider
+        return await _store_output(store, http, ref, key_base=key_base, index=index, max_bytes=max_bytes,
+                                   max_image_pixels=max_image_pixels, tmp_dir=tmp_dir)
+
+
+async def _store_output(
+    store: BlobStore,
+    http: httpx.AsyncClient,
+    ref: OutputRef,
+    *,
+    key_base: str,
+    index: int,
+    max_bytes: int,
+    max_image_pixels: int,
+    tmp_dir: Path | None,
+) -> StoredAsset:
     validate_key(f"{key_base}/{index}.bin")  # fail before downloading anything
     sink: _TempSink | None = None
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -15,6 +16,7 @@ from arq import cron, func
 from arq.worker import Worker
 
 from adapters.registry import AdapterCache
+from core.metrics import Exposition, probe_for, serve_metrics
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name
 from storage import build_store
@@ -26,6 +28,11 @@ from workers.store import store_outputs
 from workers.webhooks import deliver_webhook
 
 log = logging.getLogger("genroute.worker")
+
+# ARQ rewrites each queue's health-check key this often (it lives 1 s longer), from its
+# poll loop: a hung worker's key is gone within this, which `genroute worker --healthcheck`
+# (the container healthcheck) notices. ARQ's default, an hour, noticed nothing.
+HEALTH_CHECK_SECONDS = 15
 
 
 def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
@@ -55,13 +62,24 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
                 keep_result=0,
                 job_timeout=timeout,
                 health_check_key=f"{q}:health-check",
+                health_check_interval=HEALTH_CHECK_SECONDS,
             )
         )
     return workers
 
 
-async def serve_workers(settings: Settings, queues: list[str] | None = None, *, ready: asyncio.Event | None = None) -> None:
-    """Run the workers until cancelled, then close them and the runtime."""
+def polling(workers: list[Worker]) -> bool:
+    """Whether every worker's poll loop has run lately: ARQ records its health from that
+    loop, so a stale record means a hung worker (Redis stuck, the loop blocked)."""
+    now = time.time()
+    return all(now - w._last_health_check < 2 * HEALTH_CHECK_SECONDS + 5 for w in workers)  # noqa: SLF001  # ARQ keeps it private
+
+
+async def serve_workers(
+    settings: Settings, queues: list[str] | None = None, *, ready: asyncio.Event | None = None, metrics_port: int | None = None
+) -> None:
+    """Run the workers until cancelled, then close them and the runtime. `metrics_port`:
+    serve Prometheus metrics there (core/metrics.py)."""
     async with AsyncExitStack() as stack:
         rt = await open_runtime(settings, stack, build_store(settings))
         rt.ledger.configure(settings)
@@ -69,6 +87,10 @@ async def serve_workers(settings: Settings, queues: list[str] | None = None, *, 
         watch_sighup(rt)
         stack.callback(unwatch_sighup, rt)
         workers = build_workers(rt, queues)
+        if metrics_port is not None:
+            server = await serve_metrics(metrics_port, Exposition(probe_for(rt)), healthy=lambda: polling(workers))
+            stack.callback(server.close)
+            log.info("metrics on http://0.0.0.0:%d/metrics, health at /healthz", metrics_port)
         log.info("worker listening on %s (max_jobs=%d)", [w.queue_name for w in workers], settings.worker_max_jobs)
         if ready is not None:
             ready.set()

@@ -23,7 +23,7 @@ import httpx
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from core import fetcher
+from core import fetcher, logs, metrics
 from core.models import WebhookDelivery, utcnow
 from core.runtime import Runtime
 from core.webhooks import active_secrets, enqueue_delivery, retry_delay, signed_headers, tenant_secret
@@ -40,6 +40,12 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
         d = await s.get(WebhookDelivery, delivery_id)
     if d is None or d.status != "pending":
         return
+    with logs.bind(job_id=d.job_id, tenant=d.tenant):
+        await _walk(rt, d)
+
+
+async def _walk(rt: Runtime, d: WebhookDelivery) -> None:
+    """Deliver the chain of `d`'s (job, URL) from its head, while attempts succeed."""
     budget = time.monotonic() + max(5.0, rt.settings.webhook_timeout_seconds * 2)
     while True:
         head = await _head(rt, d.job_id, d.url)
@@ -93,6 +99,9 @@ async def _send(rt: Runtime, d: WebhookDelivery, body: bytes, headers: dict[str,
     """POST through the guarded fetcher (the checked address, never a second DNS answer);
     no redirects; at most webhook_max_response_bytes of the answer are read."""
     s = rt.settings
+    rid = logs.request_id()
+    if rid is not None:
+        headers = {**headers, "x-request-id": rid}
     try:
         async with fetcher.fetch(
             rt.http,
@@ -152,6 +161,9 @@ async def _attempt(rt: Runtime, d: WebhookDelivery) -> bool:
     async with rt.sessions() as s:
         await s.exec(update(WebhookDelivery).where(col(WebhookDelivery.id) == d.id).values(**values))  # type: ignore[call-overload]
         await s.commit()
+    refused = status_code is None and (error or "").startswith("refused:")
+    outcome = "delivered" if ok else "refused" if refused else "failed" if delay is not None else "exhausted"
+    metrics.webhook_delivery(outcome, latency_ms / 1000)
     if delay is not None:
         await enqueue_delivery(rt.redis, rt.settings.redis_prefix, d.id, defer=delay, tag=f":{d.attempt_count}")
         return False

@@ -38,6 +38,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core import metrics
 from core.routing.catalog import Catalog, Model
 from core.db import Sessions
 from core.errors import BudgetExceeded, InvalidInput
@@ -85,6 +86,7 @@ async def _apply(s: AsyncSession, tenant: str, *, held: int, spent: int, need: i
         elif need > 0 and row[0] is not None and row[0] - row[1] - row[2] < need:
             budget, spent_, held_ = row
             available = budget - spent_ - held_
+            metrics.refused("budget_exceeded")
             raise BudgetExceeded(
                 f"tenant {tenant!r} has {usd(max(available, 0))} of its {usd(budget)} budget left "
                 f"({usd(spent_)} spent, {usd(held_)} held by unfinished work); this request holds up to "

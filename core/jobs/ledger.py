@@ -40,6 +40,7 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core.billing import ledger as billing
+from core import metrics
 from core.db import Sessions
 from core.errors import ErrorCode
 from core.events import Event, EventBus, EventType
@@ -203,6 +204,7 @@ class Ledger:
         # retry that loses the insert above must not announce its discarded id)
         await self._publish(job.tenant, [event])
         await self._enqueue(deliveries)
+        metrics.job_submitted(job)
         return job
 
     async def transition(
@@ -297,6 +299,7 @@ class Ledger:
             await s.commit()
         await self._enqueue(deliveries)
         if to in TERMINAL:
+            metrics.job_finished(job)
             await self._after_terminal(job)
         return job
 

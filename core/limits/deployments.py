@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
+from core import metrics
 from core.routing.catalog import Deployment
 from core.routing.router import DeploymentState, HealthEffect, health_effect
 
@@ -245,6 +246,7 @@ class Limiter:
             return Lease(dep.name, lease_id, int(r[1]) / 1000)
         retry = int(r[2])
         reason: Any = _s(r[1])
+        metrics.limiter_denied(dep.name, reason)
         return Denied(dep.name, reason, retry / 1000 if retry >= 0 else None)
 
     async def renew(self, lease: Lease, *, lease_seconds: float | None = None) -> Lease | None:

@@ -17,6 +17,7 @@ import uuid
 
 from redis.asyncio import Redis
 
+from core import metrics
 from core.errors import Forbidden, RateLimited
 from core.keys import Principal
 
@@ -108,6 +109,7 @@ async def admit(quotas: KeyQuotas | None, principal: Principal, model_id: str, m
     if principal.rpm and quotas is not None:
         retry = await quotas.hit(principal.key_id, principal.rpm)
         if retry is not None:
+            metrics.refused("key_rpm")
             raise RateLimited(
                 f"this key is limited to {principal.rpm} generation requests a minute; retry in {math.ceil(retry)} s",
                 retry_after=retry,
@@ -121,6 +123,7 @@ async def take_or_refuse(quotas: KeyQuotas | None, principal: Principal, lease_i
         return
     retry = await quotas.take(principal.key_id, lease_id, principal.max_concurrency)
     if retry is not None:
+        metrics.refused("key_concurrency")
         raise RateLimited(
             f"this key already has {principal.max_concurrency} jobs or calls in flight, its limit; "
             "retry when one finishes" + ("" if principal.queue_when_busy else " (it is set to refuse rather than queue)"),
