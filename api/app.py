@@ -19,6 +19,7 @@ from api.jobs import router as jobs_router
 from api.limits import BodyLimit
 from api.meta import router as meta_router
 from api.openai_media import router as openai_media_router
+from api.replicate import router as replicate_router
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
 from core.events import EventHub
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage_router)
     app.include_router(chat_router)  # OpenAI-compatible: errors in OpenAI's shape
     app.include_router(openai_media_router)
+    app.include_router(replicate_router)  # Replicate-compatible: errors in Replicate's shape
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
     return app
 

@@ -131,6 +131,9 @@ INPUT_SCHEMAS: dict[str, type[_Input]] = {"image": ImageInput, "video": VideoInp
 
 EventName = Literal["job.queued", "job.started", "job.progress", "job.output", "job.succeeded", "job.failed", "job.canceled"]
 
+Priority = Literal["high", "normal", "low"]
+PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}  # lower starts first
+
 Metadata = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=500)] | int | float | bool | None]
 
 
@@ -145,6 +148,15 @@ class JobCreate(BaseModel):
     )
     webhook_events: list[EventName] | None = Field(
         default=None, max_length=7, description="events sent to webhook_url (default: the terminal ones)"
+    )
+    cache: bool | None = Field(
+        default=None,
+        description="serve from the result cache: an identical earlier job of yours (same model, input and an "
+        "explicit seed) that succeeded within the cache TTL answers at once, cost 0 (default: the key's or model's)",
+    )
+    priority: Priority | None = Field(default=None, description="high | normal | low (default: the key's, else normal)")
+    start_within_seconds: Annotated[int, Field(ge=1, le=86400)] | None = Field(
+        default=None, description="end the job, unbilled, if it has not started within this many seconds"
     )
 
     @field_validator("metadata")
@@ -226,6 +238,12 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     deadline_at: datetime | None = None
+    cancel_after_at: datetime | None = None  # Cancel-After: canceled (error.details.reason "deadline") if not done by then
+    start_by_at: datetime | None = None  # start_within_seconds: ended unbilled if not started by then
+    priority: str = "normal"
+    batch_id: str | None = None
+    cached: bool = False  # served from the result cache: outputs shared with `cached_from`, cost 0
+    cached_from: str | None = None
 
 
 class JobList(BaseModel):
