@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.admin import router as admin_router
+from api.batches import router as batches_router
 from api.callbacks import router as callbacks_router
 from api.chat import router as chat_router
 from api.deps import KeyCache, KeyWatcher
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(jobs_router)
+    app.include_router(batches_router)
     app.include_router(meta_router)
     app.include_router(files_router)
     app.include_router(events_router)

@@ -16,6 +16,8 @@ from arq.worker import Worker
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings, queue_name
 from storage import build_store
+from workers.batches import complete_batches
+from workers.deadlines import enforce_deadlines
 from workers.tasks import cancel_job, poll_job, reconcile, run_job
 from workers.webhooks import deliver_webhook
 
@@ -34,6 +36,11 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     ]
     every = max(1, s.reconcile_every_seconds)
     crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)), run_at_startup=True, keep_result=0, timeout=timeout)]
+    # issue 14: Cancel-After / start_within_seconds, and batch completion, scanned every second
+    crons += [
+        cron(enforce_deadlines, name=f"{s.redis_prefix}:deadlines", second=set(range(60)), keep_result=0, timeout=30),
+        cron(complete_batches, name=f"{s.redis_prefix}:batches", second=set(range(60)), keep_result=0, timeout=30),
+    ]
     workers = []
     for i, q in enumerate(names):
         workers.append(
