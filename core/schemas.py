@@ -334,3 +334,53 @@ class WebhookDeliveryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[WebhookDeliveryPublic]
     next_cursor: str | None = None
+
+
+# usage (GET /v1/usage, api/usage.py) ---------------------------------------------------------
+class UsageGroup(BaseModel):
+    group: str | None = None  # the model, key id or day (YYYY-MM-DD); absent in `total`
+    requests: int
+    succeeded: int
+    failed: int
+    canceled: int
+    incomplete: int  # streams that broke or were dropped (charged for what was generated)
+    duration_ms_total: int
+    duration_ms_avg: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int  # micro-USD charged (settled)
+
+
+class Balance(BaseModel):
+    budget: int | None
+    spent: int
+    held: int
+    available: int | None
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    tenant: str
+    unit: Literal["micro_usd"] = "micro_usd"
+    start: datetime
+    end: datetime
+    group_by: str
+    data: list[UsageGroup]
+    total: UsageGroup
+    balance: Balance
+
+
+# events (GET /v1/jobs/{id}/events, api/events.py; core/events.py makes them) ----------------
+class EventPublic(BaseModel):
+    """One job event as the SSE/websocket streams and webhooks carry it."""
+
+    id: str
+    seq: int
+    job_id: str
+    type: str
+    at: datetime
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in ("job.succeeded", "job.failed", "job.canceled")
