@@ -192,7 +192,7 @@ def parse_duration(value: str, name: str) -> float:
 def wants_cache(body: JobCreate, principal: Principal, model: Model) -> bool:
     if body.cache is not None:
         return body.cache
-    return model.cache or bool(getattr(principal, "cache_by_default", False))
+    return model.cache or principal.cache_by_default
 
 
 async def prepare_job(rt: Runtime, principal: Principal, body: JobCreate, *, idempotency_key: str | None,

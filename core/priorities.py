@@ -8,17 +8,20 @@ waiting jobs in priority order, FIFO within one (see docs/priorities.md).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.schemas import PRIORITY_RANK
+
+if TYPE_CHECKING:
+    from core.keys import Principal
 
 DEFAULT = "normal"
 
 
-def effective(requested: str | None, principal: Any) -> str:
+def effective(requested: str | None, principal: Principal) -> str:
     """The priority a job gets: the request's, else the key's default, capped by the key's maximum."""
-    chosen = requested or getattr(principal, "default_priority", None) or DEFAULT
-    cap = getattr(principal, "max_priority", None)
+    chosen = requested or principal.default_priority or DEFAULT
+    cap = principal.max_priority
     if cap is not None and PRIORITY_RANK[chosen] < PRIORITY_RANK[cap]:
         return str(cap)
     return chosen

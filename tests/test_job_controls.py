@@ -23,6 +23,7 @@ from tests.stack import Stack, make_stack, running
 from tests.test_webhooks import Receiver
 
 FAKE_KEY = "r8_controls"
+ADMIN = "adm-controls-key"
 POLL = 0.4  # the slow deployment's poll interval; the fake's [slow] script is 25 polls: ~10 s
 
 
@@ -54,7 +55,7 @@ async def stack(fake: str, tmp_path_factory: pytest.TempPathFactory, redis_base:
     root = tmp_path_factory.mktemp("controls")
     st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=_catalog(root / "catalog.yaml", fake),
                           env={"CONTROLS_REPLICATE_KEY": FAKE_KEY}, webhook_allowlist='["127.0.0.1/32"]',
-                          webhook_backoff_seconds="[0.2, 0.5, 1]")
+                          webhook_backoff_seconds="[0.2, 0.5, 1]", admin_key=ADMIN)
     async with running(st):
         yield st
 
@@ -241,3 +242,30 @@ async def test_a_thousand_items_go_in_one_call(tmp_path: Path, redis_url: str) -
             assert usage["data"][0]["batch_id"] == out["batch"]["id"]
     finally:
         st.stop()
+
+
+# priorities (API side: stored on the job; the worker's wait queue orders by it) --------------
+async def test_priority_defaults_and_maximum_of_a_key(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
+        r = await admin.post("/v1/admin/keys", json={"tenant": "alice", "name": "prio", "default_priority": "low",
+                                                      "max_priority": "normal", "cache_by_default": True})
+        assert r.status_code == 201, r.text
+        key = r.json()
+        assert (key["default_priority"], key["max_priority"], key["cache_by_default"]) == ("low", "normal", True)
+        bad = await admin.post("/v1/admin/keys", json={"tenant": "alice", "name": "x", "max_priority": "urgent"})
+        assert bad.status_code == 422
+    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {key['key']}"}) as c:
+        assert (await c.post("/v1/jobs", json=image("p1"))).json()["priority"] == "low"  # the key's default
+        assert (await c.post("/v1/jobs", json=image("p2") | {"priority": "high"})).json()["priority"] == "normal"  # capped
+        assert (await c.post("/v1/jobs", json=image("p3") | {"priority": "low"})).json()["priority"] == "low"
+        r = await c.post("/v1/jobs", json=image("p4") | {"priority": "urgent"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+        # the key's cache default: an identical seeded request is served from the cache without asking
+        first = (await c.post("/v1/jobs", json=image("key default cache", seed=77), headers={"Prefer": "wait=30"})).json()
+        assert first["status"] == "succeeded" and first["cached"] is False
+        second = (await c.post("/v1/jobs", json=image("key default cache", seed=77))).json()
+        assert second["cached"] is True and second["cached_from"] == first["id"]
+        third = (await c.post("/v1/jobs", json=image("key default cache", seed=77) | {"cache": False})).json()
+        assert third["cached"] is False
+    async with stack.client() as c:  # a key without settings: normal
+        assert (await c.post("/v1/jobs", json=image("p5"))).json()["priority"] == "normal"
