@@ -230,7 +230,7 @@ async def status_counts(rt: Runtime, batch_ids: list[str]) -> dict[str, dict[str
         rows = await s.exec(select(Job.batch_id, Job.status, func.count()).where(col(Job.batch_id).in_(batch_ids))
                             .group_by(Job.batch_id, Job.status))
         for bid, status, n in rows:
-            out[bid][status] = int(n)
+            out[bid or ""][status] = int(n)
     return out
 
 

@@ -51,7 +51,7 @@ async def complete_once(rt: Runtime, limit: int = 200) -> int:
 async def _complete(rt: Runtime, batch_id: str) -> bool:
     now = utcnow()
     async with rt.sessions() as s:
-        claimed = (await s.exec(  # type: ignore[call-overload]
+        claimed = (await s.exec(
             update(Batch).where(col(Batch.id) == batch_id, col(Batch.completed_at).is_(None)).values(completed_at=now)
             .returning(Batch).execution_options(synchronize_session=False)
         )).scalar_one_or_none()

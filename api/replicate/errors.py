@@ -5,7 +5,7 @@ Our stable error code rides along as `code`, so it is never lost."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Any
 
@@ -49,7 +49,7 @@ def translate(exc: Exception) -> JSONResponse:
 class ReplicateRoute(APIRoute):
     """Every error of a /replicate route (auth and body parsing included) in Replicate's shape."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:

@@ -189,7 +189,8 @@ async def stream_prediction(pid: str, request: Request, rt: RuntimeDep, principa
     hub = request.app.state.event_hub
 
     async def body() -> AsyncIterator[str]:
-        async with contextlib.aclosing(follow_job(rt, hub, principal.tenant, pid, 0)) as items:
+        # follow_job is an async generator (typed as its iterator): aclosing ends it with the response
+        async with contextlib.aclosing(follow_job(rt, hub, principal.tenant, pid, 0)) as items:  # type: ignore[type-var]
             async for item in items:
                 if item is PING:
                     yield ": ping\n\n"

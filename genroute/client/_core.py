@@ -47,7 +47,7 @@ class Config:
         """Seconds before retry number `attempt` (1-based): Retry-After when the server gave one."""
         if retry_after is not None:
             return min(retry_after, 30.0)
-        base = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        base = float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
         return base * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
 
 

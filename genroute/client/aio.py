@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -216,7 +217,7 @@ class AsyncClient:
                     return
 
     # outputs -----------------------------------------------------------------------------
-    async def download(self, job: JobPublic | str, dest: str | Path, *, index: int | None = None) -> list[Path]:
+    async def download(self, job: JobPublic | str, dest: str | Path, *, index: int | None = None) -> builtins.list[Path]:
         """Save the job's outputs (or output `index`) under `dest`, checking each file's sha256.
         Fresh URLs come from /v1/jobs/{id}/outputs/{i}, so this works however old `job` is."""
         j = await self.get(job) if isinstance(job, str) else job

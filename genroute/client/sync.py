@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import time
 from collections.abc import Callable, Iterator
@@ -214,7 +215,7 @@ class Client:
                     return
 
     # outputs -----------------------------------------------------------------------------
-    def download(self, job: JobPublic | str, dest: str | Path, *, index: int | None = None) -> list[Path]:
+    def download(self, job: JobPublic | str, dest: str | Path, *, index: int | None = None) -> builtins.list[Path]:
         """Save the job's outputs (or output `index`) under `dest`, checking each file's sha256.
         Fresh URLs come from /v1/jobs/{id}/outputs/{i}, so this works however old `job` is."""
         j = self.get(job) if isinstance(job, str) else job
