@@ -37,6 +37,7 @@ from core.routing.catalog import CatalogError
 from core.errors import InvalidInput, NotFound
 from core.models import ApiKey, Tenant, utcnow
 from core.runtime import Runtime, reload_catalog
+from core.schemas import Priority
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -107,6 +108,8 @@ class _KeyPolicy(_Strict):
     rpm: Limit | None = Field(default=None, description="requests per sliding minute; null: no limit")
     max_concurrency: Limit | None = Field(default=None, description="jobs and calls in flight; null: no limit")
     expires_at: datetime | None = Field(default=None, description="when the key stops working; null: never")
+    default_priority: Priority | None = Field(default=None, description="a job's priority when it names none")
+    max_priority: Priority | None = Field(default=None, description="the highest priority its jobs get")
     expires_in_seconds: Annotated[int, Field(ge=1, le=MAX_EXPIRES_IN)] | None = Field(
         default=None, description="instead of expires_at: this many seconds from now")
 
@@ -137,6 +140,7 @@ class KeyCreate(_KeyPolicy):
     name: KeyName
     admin: bool = Field(default=False, description="may use /v1/admin/...")
     queue_when_busy: bool = Field(default=True, description="over max_concurrency: wait queued (false: 429)")
+    cache_by_default: bool = Field(default=False, description="its jobs use the result cache unless they say cache: false")
 
 
 class KeyUpdate(_KeyPolicy):
@@ -144,10 +148,11 @@ class KeyUpdate(_KeyPolicy):
 
     name: KeyName | None = None
     queue_when_busy: bool | None = None
+    cache_by_default: bool | None = None
 
     @model_validator(mode="after")
     def _not_null(self) -> KeyUpdate:
-        for f in ("name", "queue_when_busy"):
+        for f in ("name", "queue_when_busy", "cache_by_default"):
             if f in self.model_fields_set and getattr(self, f) is None:
                 raise ValueError(f"{f} cannot be null; leave it out to keep it")
         return self
@@ -169,6 +174,9 @@ class KeyPublic(BaseModel):
     rpm: int | None
     max_concurrency: int | None
     queue_when_busy: bool
+    default_priority: str | None = None
+    max_priority: str | None = None
+    cache_by_default: bool = False
     expires_at: datetime | None
     status: Literal["active", "revoked", "expired"]
     created_at: datetime
@@ -200,6 +208,7 @@ def _key(k: ApiKey) -> dict[str, Any]:
     return {
         "id": k.id, "tenant": k.tenant, "name": k.name, "prefix": k.prefix, "admin": k.is_admin, "scopes": k.scopes,
         "rpm": k.rpm, "max_concurrency": k.max_concurrency, "queue_when_busy": k.queue_when_busy,
+        "default_priority": k.default_priority, "max_priority": k.max_priority, "cache_by_default": k.cache_by_default,
         "expires_at": k.expires_at, "status": keys.key_status(k), "created_at": k.created_at, "revoked_at": k.revoked_at,
     }
 
@@ -274,7 +283,8 @@ async def create_key(body: KeyCreate, rt: RuntimeDep, _: AdminDep) -> KeyCreated
     row, plain = await keys.create_key(
         rt.sessions, name=body.name, tenant=body.tenant, admin=body.admin, scopes=body.scopes_dict(), rpm=body.rpm,
         max_concurrency=body.max_concurrency, queue_when_busy=body.queue_when_busy, expires_at=body.expiry(),
-        catalog=rt.catalog,
+        catalog=rt.catalog, default_priority=body.default_priority, max_priority=body.max_priority,
+        cache_by_default=body.cache_by_default,
     )
     return KeyCreated(**_key(row), key=plain)  # nothing cached knows a new key: no announcement
 

@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api import dashboard, docs, errors
 from api.admin import router as admin_router
+from api.batches import router as batches_router
 from api.callbacks import router as callbacks_router
 from api.chat import router as chat_router
 from api.deployments import router as deployments_router
@@ -22,6 +23,7 @@ from api.limits import BodyLimit
 from api.meta import router as meta_router
 from api.observe import Observe
 from api.openai_media import router as openai_media_router
+from api.replicate import router as replicate_router
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
 from core import logs, metrics
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     docs.install(app)
     app.include_router(jobs_router)
+    app.include_router(batches_router)
     app.include_router(meta_router)
     app.include_router(files_router)
     app.include_router(events_router)
@@ -81,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat_router)  # OpenAI-compatible: errors in OpenAI's shape
     app.include_router(openai_media_router)
     dashboard.install(app)
+    app.include_router(replicate_router)  # Replicate-compatible: errors in Replicate's shape
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
     if s.cors_origins:  # browser apps calling the API directly (GENROUTE_CORS_ORIGINS)
         app.add_middleware(

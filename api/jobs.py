@@ -6,7 +6,8 @@ import asyncio
 import hashlib
 import json
 import re
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -19,14 +20,16 @@ from api.job_query import JobFilter
 from api.pagination import page
 from api.params import check_provider_params
 from api.views import job_public
-from core import logs, netguard
+from core import cache, logs, netguard, priorities
 from core.billing.ledger import hold_for
+from core.routing.catalog import Model
 from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
 from core.events import OVERFLOW, Event, EventHub, Subscription
 from core.ids import new_id
 from core.jobs.ledger import TERMINAL, JobStatus, deadline_for
 from core.keys import Principal
-from core.models import Job, utcnow
+from core.models import Asset, Job, utcnow
+from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_cancel, enqueue_run, queue_position
 from core.limits.keys import admit, take_or_refuse
 from core.runtime import Runtime
@@ -53,7 +56,8 @@ def parse_prefer_wait(prefer: str | None, max_wait: int) -> int | None:
 
 def request_hash(body: JobCreate) -> str:
     data = body.model_dump(mode="json")
-    for optional in ("webhook_url", "webhook_events"):  # absent: the same hash as before they existed
+    for optional in ("webhook_url", "webhook_events", "cache", "priority", "start_within_seconds"):
+        # absent: the same hash as before they existed
         if data.get(optional) is None:
             data.pop(optional, None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
@@ -174,9 +178,11 @@ async def create_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header()] = None,
     prefer: Annotated[str | None, Header()] = None,
+    cancel_after: Annotated[str | None, Header(description="a duration (2s, 5m, 1h30m): cancel the job if not done by then")] = None,
 ) -> JobPublic:
     wait = parse_prefer_wait(prefer, rt.settings.max_wait_seconds)
-    job, created = await submit_job(rt, principal, body, idempotency_key=idempotency_key)
+    options = SubmitOptions(cancel_after=parse_duration(cancel_after, "Cancel-After") if cancel_after else None)
+    job, created = await submit_job(rt, principal, body, idempotency_key=idempotency_key, options=options)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
         response.status_code = 200
@@ -188,12 +194,56 @@ async def create_job(
     return await _public(rt, job)
 
 
-async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """The core of POST /v1/jobs, shared with the OpenAI-compatible facades: the key's
-    scopes and rate (core/limits/keys.py), the input against the model, then one transaction
-    inserts the job with its billing hold (402 when the budget cannot cover it), once per
-    Idempotency-Key; it is enqueued after the commit. Returns the job and whether this
-    call created it (False: a replay)."""
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """What a job may carry besides its body: set by headers (Cancel-After) or by the door it
+    came through (the Replicate routes' webhook format, a batch)."""
+
+    cancel_after: float | None = None  # seconds from creation
+    webhook_format: str | None = None  # "replicate": the job's webhook gets Replicate's bodies
+    batch_id: str | None = None
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request, ready to insert: the job row (not yet saved) and its hold."""
+
+    job: Job
+    hold: int
+    digest: str
+    slot: bool  # a concurrency slot was taken for it (free it if the insert does not happen)
+
+
+DURATION = re.compile(r"^(?:(\d{1,5})h)?(?:(\d{1,7})m(?!s))?(?:(\d{1,9})s)?(?:(\d{1,9})ms)?$")
+MAX_CANCEL_AFTER = 7 * 86400
+
+
+def parse_duration(value: str, name: str) -> float:
+    """Replicate's duration strings: "2s", "5m", "1h30m", "1500ms", or bare seconds."""
+    v = value.strip().lower()
+    if v.replace(".", "", 1).isdigit():
+        seconds = float(v)
+    else:
+        m = DURATION.match(v)
+        if not v or m is None or not any(m.groups()):
+            raise InvalidRequest(f"{name} must be a duration like 30s, 5m or 1h30m, got {value[:40]!r}")
+        h, mi, sec, ms = (int(x) if x else 0 for x in m.groups())
+        seconds = h * 3600 + mi * 60 + sec + ms / 1000
+    if not 1 <= seconds <= MAX_CANCEL_AFTER:
+        raise InvalidRequest(f"{name} must be between 1 s and {MAX_CANCEL_AFTER // 86400} days, got {value[:40]!r}")
+    return seconds
+
+
+def wants_cache(body: JobCreate, principal: Principal, model: Model) -> bool:
+    if body.cache is not None:
+        return body.cache
+    return model.cache or principal.cache_by_default
+
+
+async def prepare_job(rt: Runtime, principal: Principal, body: JobCreate, *, idempotency_key: str | None,
+                      options: SubmitOptions, take_slot: bool = True) -> Prepared:
+    """Check one request (scopes and rate, the input against the model, the webhook URL)
+    and build its job row. Raises the request's error; inserts nothing."""
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
     model = rt.catalog.get(body.model)
@@ -205,49 +255,94 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
     check_input_urls(normalized)
     if body.webhook_url is not None:
         await check_webhook_url(rt, body.webhook_url, loc="webhook_url")
-    digest = request_hash(body)
+    now = utcnow()
+    job = Job(
+        id=new_id("job"),
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        model=model.id,
+        modality=model.modality,
+        input=normalized,
+        meta=dict(body.metadata),
+        status=JobStatus.queued.value,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(body),
+        created_at=now,
+        updated_at=now,
+        deadline_at=deadline_for(now, rt.settings.deadline_seconds(model.modality)),
+        webhook_url=body.webhook_url,
+        webhook_events=list(body.webhook_events) if body.webhook_events is not None else None,
+        webhook_format=options.webhook_format,
+        cancel_after_at=now + timedelta(seconds=options.cancel_after) if options.cancel_after else None,
+        start_by_at=now + timedelta(seconds=body.start_within_seconds) if body.start_within_seconds else None,
+        priority=priorities.effective(body.priority, principal),
+        batch_id=options.batch_id,
+        cache_key=cache.cache_key(model.id, normalized),
+    )
+    logs.bind_here(job_id=job.id)  # the rest of this request's lines are the job's
+    slot = take_slot and principal.max_concurrency is not None and not principal.queue_when_busy
+    if slot:  # this key refuses rather than queues: its slot is taken now (the worker renews it)
+        await take_or_refuse(rt.ledger.quotas, principal, job.id)
+    hold = 0 if (wants_cache(body, principal, model) and job.cache_key) else hold_for(model, rt.catalog, normalized)
+    return Prepared(job, hold, job.request_hash or "", slot)
 
-    job: Job | None = None
-    if idempotency_key is not None:
-        job = await _by_idempotency_key(rt, principal.tenant, idempotency_key)
-    if job is None:
-        now = utcnow()
-        job = Job(
-            id=new_id("job"),
-            tenant=principal.tenant,
-            key_id=principal.key_id,
-            model=model.id,
-            modality=model.modality,
-            input=normalized,
-            meta=dict(body.metadata),
-            status=JobStatus.queued.value,
-            idempotency_key=idempotency_key,
-            request_hash=digest,
-            created_at=now,
-            updated_at=now,
-            deadline_at=deadline_for(now, rt.settings.deadline_seconds(model.modality)),
-            webhook_url=body.webhook_url,
-            webhook_events=list(body.webhook_events) if body.webhook_events is not None else None,
-        )
-        logs.bind_here(job_id=job.id)  # the rest of this request's lines are the job's
-        slot = principal.max_concurrency is not None and not principal.queue_when_busy
-        if slot:  # this key refuses rather than queues: its slot is taken now (the worker renews it)
-            await take_or_refuse(rt.ledger.quotas, principal, job.id)
-        try:
-            # one transaction: the INSERT and the hold; announces job.queued after the commit
-            job = await rt.ledger.create(job, hold=hold_for(model, rt.catalog, normalized), budgeted=principal.budgeted)
-        except IntegrityError:  # a concurrent request with the same key won the insert
-            await _free(rt, principal, job.id, slot)
-            job = await _by_idempotency_key(rt, principal.tenant, idempotency_key or "")
-            if job is None:
-                raise
-        except BaseException:
-            await _free(rt, principal, job.id, slot)
+
+async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idempotency_key: str | None = None,
+                     options: SubmitOptions | None = None) -> tuple[Job, bool]:
+    """The core of POST /v1/jobs, shared with the OpenAI- and Replicate-compatible doors:
+    the key's scopes and rate (core/limits/keys.py), the input against the model, then one
+    transaction inserts the job with its billing hold (402 when the budget cannot cover
+    it), once per Idempotency-Key; it is enqueued after the commit. A cacheable request
+    that hits the result cache (core/cache.py) is answered by a job already succeeded.
+    Returns the job and whether this call created it (False: a replay)."""
+    options = options or SubmitOptions()
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+    found = await _by_idempotency_key(rt, principal.tenant, idempotency_key) if idempotency_key is not None else None
+    if found is not None:
+        return _replay(found, request_hash(body), idempotency_key), False
+    prepared = await prepare_job(rt, principal, body, idempotency_key=idempotency_key, options=options)
+    job = prepared.job
+    model = rt.catalog.get(job.model)
+    hit = None
+    if model is not None and job.cache_key and wants_cache(body, principal, model):
+        hit = await cache.find(rt.sessions, principal.tenant, job.cache_key, rt.settings.cache_ttl_seconds)
+    if hit is None and prepared.hold == 0 and model is not None:  # cacheable but a miss: hold the price
+        prepared.hold = hold_for(model, rt.catalog, job.input)
+    try:
+        # one transaction: the INSERT and the hold; announces job.queued after the commit
+        if hit is not None:
+            job.cached, job.cached_from = True, hit[0].id
+        job = await rt.ledger.create(job, hold=prepared.hold, budgeted=principal.budgeted)
+    except IntegrityError:  # a concurrent request with the same key won the insert
+        await _free(rt, principal, job.id, prepared.slot)
+        found = await _by_idempotency_key(rt, principal.tenant, idempotency_key or "")
+        if found is None:
             raise
-        else:
-            # enqueue after the commit: a worker never sees a job the DB does not have
-            await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
-            return job, True
+        return _replay(found, prepared.digest, idempotency_key), False
+    except BaseException:
+        await _free(rt, principal, job.id, prepared.slot)
+        raise
+    if hit is not None:
+        return await _serve_cached(rt, job, hit[1]), True
+    # enqueue after the commit: a worker never sees a job the DB does not have
+    await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
+    return job, True
+
+
+async def _serve_cached(rt: Runtime, job: Job, source: list[Asset]) -> Job:
+    """Finish a cache hit through the ledger like any job (queued → running → succeeded),
+    so its events, webhooks and usage row are the ordinary ones; it costs nothing."""
+    started = await rt.ledger.transition(job.id, JobStatus.running, expect_version=job.version,
+                                         progress_message="served from the result cache")
+    if started is None:  # canceled in the instant between: leave it so
+        return await rt.ledger.get(job.id) or job
+    done = await rt.ledger.transition(job.id, JobStatus.succeeded, expect_version=started.version,
+                                      assets=cache.shared_assets(job.id, source), cost=Cost(0, "units"))
+    return done or await rt.ledger.get(job.id) or started
+
+
+def _replay(job: Job, digest: str, idempotency_key: str | None) -> Job:
     if job.request_hash != digest:
         raise Conflict(
             f"Idempotency-Key {idempotency_key!r} was already used with a different request body; "
@@ -255,7 +350,7 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
             code="idempotency_conflict",
             details={"job_id": job.id},
         )
-    return job, False
+    return job
 
 
 async def _free(rt: Runtime, principal: Principal, lease_id: str, taken: bool) -> None:

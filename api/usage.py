@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
 from sqlalchemy import Date, case, cast, func
 from sqlmodel import select
 
@@ -19,43 +18,11 @@ from api.deps import PrincipalDep, RuntimeDep
 from core.billing.ledger import balance
 from core.errors import InvalidInput, NotFound
 from core.models import Tenant, UsageRecord
+from core.schemas import Balance, UsageGroup, UsageReport
 
 router = APIRouter(tags=["usage"])
 
 MAX_RANGE_DAYS = 400
-
-
-class UsageGroup(BaseModel):
-    group: str | None = None  # the model, key id or day (YYYY-MM-DD); absent in `total`
-    requests: int
-    succeeded: int
-    failed: int
-    canceled: int
-    incomplete: int  # streams that broke or were dropped (charged for what was generated)
-    duration_ms_total: int
-    duration_ms_avg: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost: int  # micro-USD charged (settled)
-
-
-class Balance(BaseModel):
-    budget: int | None
-    spent: int
-    held: int
-    available: int | None
-
-
-class UsageReport(BaseModel):
-    object: Literal["usage"] = "usage"
-    tenant: str
-    unit: Literal["micro_usd"] = "micro_usd"
-    start: datetime
-    end: datetime
-    group_by: str
-    data: list[UsageGroup]
-    total: UsageGroup
-    balance: Balance
 
 
 def _utc(v: datetime) -> datetime:

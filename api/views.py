@@ -50,6 +50,12 @@ async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_
         started_at=job.started_at,
         finished_at=job.finished_at,
         deadline_at=job.deadline_at,
+        cancel_after_at=job.cancel_after_at,
+        start_by_at=job.start_by_at,
+        priority=job.priority or "normal",
+        batch_id=job.batch_id,
+        cached=job.cached,
+        cached_from=job.cached_from,
     )
 
 

@@ -50,6 +50,9 @@ class Principal:
     queue_when_busy: bool = True  # over max_concurrency: wait queued (False: 429 at submit)
     expires_at: float | None = None  # epoch seconds; the cache checks it on every hit
     budgeted: bool = False  # the tenant has a budget, so chat calls hold before they run
+    default_priority: str | None = None  # a job's priority when it names none (core/priorities.py)
+    max_priority: str | None = None  # the highest a job of this key gets (a higher ask is lowered)
+    cache_by_default: bool = False  # its jobs use the result cache unless they say cache: false
 
     def allows(self, model_id: str, modality: str) -> bool:
         """Whether the key's scopes let it use this model (named, or by its modality)."""
@@ -139,7 +142,16 @@ def principal_of(row: ApiKey, *, budgeted: bool) -> Principal:
         queue_when_busy=row.queue_when_busy,
         expires_at=row.expires_at.timestamp() if row.expires_at is not None else None,
         budgeted=budgeted,
+        default_priority=row.default_priority,
+        max_priority=row.max_priority,
+        cache_by_default=row.cache_by_default,
     )
+
+
+def _check_priority(field: str, value: Any) -> str | None:
+    if value is None or value in ("high", "normal", "low"):
+        return value  # type: ignore[no-any-return]
+    raise InvalidInput(f"{field} must be high, normal, low or null", code="invalid_priority")
 
 
 # keys ----------------------------------------------------------------------------------------
@@ -160,6 +172,9 @@ async def create_key(
     queue_when_busy: bool = True,
     expires_at: datetime | None = None,
     catalog: Any = None,
+    default_priority: str | None = None,
+    max_priority: str | None = None,
+    cache_by_default: bool = False,
 ) -> tuple[ApiKey, str]:
     """Make a key (and its tenant's row if missing; tenant defaults to the name); returns
     the row and the key itself, which is never stored. `catalog` checks scoped model ids."""
@@ -168,7 +183,8 @@ async def create_key(
         id=new_id("key"), tenant=tenant or name, name=_check_name(name), prefix=prefix, key_hash=digest,
         is_admin=bool(admin), scopes=check_scopes(scopes, catalog), rpm=_check_limit("rpm", rpm),
         max_concurrency=_check_limit("max_concurrency", max_concurrency), queue_when_busy=bool(queue_when_busy),
-        expires_at=_check_expiry(expires_at),
+        expires_at=_check_expiry(expires_at), default_priority=_check_priority("default_priority", default_priority),
+        max_priority=_check_priority("max_priority", max_priority), cache_by_default=bool(cache_by_default),
     )
     async with sessions() as s:
         await ensure_tenant(s, row.tenant)  # same transaction: no key without its tenant
@@ -219,6 +235,9 @@ async def update_key(
     queue_when_busy: Any = UNSET,
     expires_at: Any = UNSET,
     catalog: Any = None,
+    default_priority: Any = UNSET,
+    max_priority: Any = UNSET,
+    cache_by_default: Any = UNSET,
 ) -> ApiKey | None:
     """Change what is given (None clears scopes, a limit or the expiry); None if there is no
     such key, Conflict (`key_revoked`) for a revoked one. The secret never changes here."""
@@ -235,6 +254,11 @@ async def update_key(
         values["queue_when_busy"] = bool(queue_when_busy)
     if expires_at is not UNSET:
         values["expires_at"] = _check_expiry(expires_at)
+    for name_, v in (("default_priority", default_priority), ("max_priority", max_priority)):
+        if v is not UNSET:
+            values[name_] = _check_priority(name_, v)
+    if cache_by_default is not UNSET:
+        values["cache_by_default"] = bool(cache_by_default)
     if not key_id or len(key_id) > 40:
         return None
     async with sessions() as s:
@@ -286,7 +310,8 @@ async def rotate_key(sessions: Sessions, key_id: str, *, grace_seconds: float = 
         new = ApiKey(
             id=new_id("key"), tenant=old.tenant, name=old.name, prefix=prefix, key_hash=digest, is_admin=old.is_admin,
             scopes=old.scopes, rpm=old.rpm, max_concurrency=old.max_concurrency, queue_when_busy=old.queue_when_busy,
-            expires_at=old.expires_at,
+            expires_at=old.expires_at, default_priority=old.default_priority, max_priority=old.max_priority,
+            cache_by_default=old.cache_by_default,
         )
         now = utcnow()
         if grace_seconds > 0:

@@ -8,7 +8,7 @@ that record them are the only code that touches prometheus_client.
     limits, budgets    core/limits/deployments.py, quotas.py, billing.py   genroute_limiter_denied_total, genroute_refusals_total
     webhooks           workers/webhooks.py               genroute_webhook_*
     chat               api/chat.py                       genroute_chat_*
-    poll lateness      workers/tasks.py                  genroute_poll_lateness_seconds
+    poll lateness      workers/poll.py                   genroute_poll_lateness_seconds
     Redis state        StateProbe, read at scrape time   genroute_jobs_in_flight, _waiting, genroute_queue_depth
 
 Label values are bounded: route templates (never a raw path), catalog model and
@@ -128,7 +128,7 @@ def job_finished(job: Any) -> None:
 
 
 def observe_poll_lateness(seconds: float) -> None:
-    """How late a poll ran after its `next_poll_at` (call it at the top of poll_job)."""
+    """How late a poll ran after it was due (the poller, as it claims each entry)."""
     POLL_LATENESS.observe(max(0.0, seconds))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Dialect, Index, Integer, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Dialect, Index, Integer, UniqueConstraint, false
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -79,6 +79,10 @@ class ApiKey(SQLModel, table=True):
     max_concurrency: int | None = None  # its jobs and calls in flight at once
     queue_when_busy: bool = True  # over max_concurrency: False answers 429 instead of queueing
     expires_at: datetime | None = _ts(nullable=True)
+    # issue 14: a job's priority when it names none, and the highest it may ask for
+    default_priority: str | None = Field(default=None, max_length=8)
+    max_priority: str | None = Field(default=None, max_length=8)
+    cache_by_default: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
 
 
 class Job(SQLModel, table=True):
@@ -87,6 +91,10 @@ class Job(SQLModel, table=True):
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_id", "tenant", "id"),
         Index("ix_jobs_status_updated", "status", "updated_at"),
+        Index("ix_jobs_batch_id", "batch_id"),
+        Index("ix_jobs_cancel_after_at", "cancel_after_at"),
+        Index("ix_jobs_start_by_at", "start_by_at"),
+        Index("ix_jobs_tenant_cache_key", "tenant", "cache_key"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -128,6 +136,16 @@ class Job(SQLModel, table=True):
     event_seq: int = 0  # seq of the job's last event; allocated by the ledger in the same UPDATE
     webhook_url: str | None = Field(default=None, max_length=2000)
     webhook_events: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    webhook_format: str | None = Field(default=None, max_length=16)  # "replicate": Replicate's events and bodies
+
+    # issue 14: deadlines (workers/deadlines.py), priority, batches, the result cache (core/cache.py)
+    cancel_after_at: datetime | None = _ts(nullable=True)  # Cancel-After: canceled (reason deadline) if not done by then
+    start_by_at: datetime | None = _ts(nullable=True)  # start_within_seconds: ended unbilled if still waiting then
+    priority: str | None = Field(default=None, max_length=8)  # high | normal | low
+    batch_id: str | None = Field(default=None, max_length=40)
+    cached: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
+    cache_key: str | None = Field(default=None, max_length=64)  # sha256 of (model, input) when cacheable
+    cached_from: str | None = Field(default=None, max_length=40)  # the job whose outputs a cached job shares
 
     created_at: datetime = _ts(nullable=False, default=utcnow)
     updated_at: datetime = _ts(nullable=False, default=utcnow)
@@ -137,8 +155,11 @@ class Job(SQLModel, table=True):
 
 
 class Asset(SQLModel, table=True):
+    """One stored output of a job. Blobs are never deleted by genroute; a job served from the
+    result cache gets its own Asset rows naming the same `key` (one blob, several jobs)."""
+
     __tablename__ = "assets"
-    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_assets_job_index"),)
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_assets_job_index"), Index("ix_assets_sha256", "sha256"))
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)
@@ -152,6 +173,25 @@ class Asset(SQLModel, table=True):
     duration_seconds: float | None = None
     thumbnail_key: str | None = Field(default=None, max_length=500)
     created_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class Batch(SQLModel, table=True):
+    """Up to 1,000 jobs submitted in one call (api/batches.py). Its jobs carry `batch_id`;
+    `completed_at` is set, and the batch webhook planned, once every job has ended
+    (workers/batches.py)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_id", "tenant", "id"), Index("ix_batches_completed_at", "completed_at"))
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(max_length=100)
+    key_id: str | None = Field(default=None, max_length=40)
+    total: int  # jobs accepted
+    rejected: int  # items refused at submit (never became jobs)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    created_at: datetime = _ts(nullable=False, default=utcnow)
+    completed_at: datetime | None = _ts(nullable=True)
 
 
 class WebhookEndpoint(SQLModel, table=True):

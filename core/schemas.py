@@ -131,6 +131,9 @@ INPUT_SCHEMAS: dict[str, type[_Input]] = {"image": ImageInput, "video": VideoInp
 
 EventName = Literal["job.queued", "job.started", "job.progress", "job.output", "job.succeeded", "job.failed", "job.canceled"]
 
+Priority = Literal["high", "normal", "low"]
+PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}  # lower starts first
+
 Metadata = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=500)] | int | float | bool | None]
 
 
@@ -145,6 +148,15 @@ class JobCreate(BaseModel):
     )
     webhook_events: list[EventName] | None = Field(
         default=None, max_length=7, description="events sent to webhook_url (default: the terminal ones)"
+    )
+    cache: bool | None = Field(
+        default=None,
+        description="serve from the result cache: an identical earlier job of yours (same model, input and an "
+        "explicit seed) that succeeded within the cache TTL answers at once, cost 0 (default: the key's or model's)",
+    )
+    priority: Priority | None = Field(default=None, description="high | normal | low (default: the key's, else normal)")
+    start_within_seconds: Annotated[int, Field(ge=1, le=86400)] | None = Field(
+        default=None, description="end the job, unbilled, if it has not started within this many seconds"
     )
 
     @field_validator("metadata")
@@ -228,6 +240,12 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     deadline_at: datetime | None = None
+    cancel_after_at: datetime | None = None  # Cancel-After: canceled (error.details.reason "deadline") if not done by then
+    start_by_at: datetime | None = None  # start_within_seconds: ended unbilled if not started by then
+    priority: str = "normal"
+    batch_id: str | None = None
+    cached: bool = False  # served from the result cache: outputs shared with `cached_from`, cost 0
+    cached_from: str | None = None
 
 
 class JobList(BaseModel):
@@ -318,3 +336,53 @@ class WebhookDeliveryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[WebhookDeliveryPublic]
     next_cursor: str | None = None
+
+
+# usage (GET /v1/usage, api/usage.py) ---------------------------------------------------------
+class UsageGroup(BaseModel):
+    group: str | None = None  # the model, key id or day (YYYY-MM-DD); absent in `total`
+    requests: int
+    succeeded: int
+    failed: int
+    canceled: int
+    incomplete: int  # streams that broke or were dropped (charged for what was generated)
+    duration_ms_total: int
+    duration_ms_avg: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int  # micro-USD charged (settled)
+
+
+class Balance(BaseModel):
+    budget: int | None
+    spent: int
+    held: int
+    available: int | None
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    tenant: str
+    unit: Literal["micro_usd"] = "micro_usd"
+    start: datetime
+    end: datetime
+    group_by: str
+    data: list[UsageGroup]
+    total: UsageGroup
+    balance: Balance
+
+
+# events (GET /v1/jobs/{id}/events, api/events.py; core/events.py makes them) ----------------
+class EventPublic(BaseModel):
+    """One job event as the SSE/websocket streams and webhooks carry it."""
+
+    id: str
+    seq: int
+    job_id: str
+    type: str
+    at: datetime
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in ("job.succeeded", "job.failed", "job.canceled")

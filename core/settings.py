@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     outbound_allowlist: Annotated[list[str], NoDecode] = []  # CIDRs admitted although not global, e.g. ["127.0.0.1/32"] in development
     outbound_resolve_timeout_seconds: float = 3.0  # a DNS answer slower than this refuses the URL
 
+    # issue 14: the result cache (core/cache.py), deadlines and batches (workers/deadlines.py, workers/batches.py)
+    cache_ttl_seconds: int = 86400  # how old a succeeded job may be and still answer an identical seeded request
+    deadline_scan_limit: int = 1000  # jobs past their Cancel-After / start-by deadline ended per scan
+    max_batch_items: int = 1000
+    replicate_page_size: int = 100  # predictions per page of GET /replicate/v1/predictions (Replicate's is 100)
+
     # routing: limits and health shared in Redis (core/routing/router.py, core/limits/deployments.py)
     router_backoff_cap_seconds: float = 60.0  # longest jittered delay between attempts
     router_max_retry_after_seconds: float = 300.0  # a provider's Retry-After is honoured up to this

@@ -377,7 +377,7 @@ async def test_a_stalled_client_is_dropped_without_slowing_a_fast_one(stack: Sta
         stack.kill("api-slow")
 
 
-async def test_cli_submit_wait_follows_the_websocket(stack: Stack) -> None:
+async def test_cli_submit_wait_follows_the_event_stream(stack: Stack) -> None:
     env = {**os.environ, "GENROUTE_URL": stack.api_url, "GENROUTE_API_KEY": stack.keys["alice"], "GENROUTE_LOG_LEVEL": "WARNING"}
     cmd = [str(BIN), "submit", "--model", "local-image", "--input", "prompt=a lighthouse", "--input", "size=256x256",
            "--input", "provider_params.latency_seconds=1", "--wait"]
@@ -386,19 +386,7 @@ async def test_cli_submit_wait_follows_the_websocket(stack: Stack) -> None:
     assert proc.stdout.strip().startswith("http") and "polling" not in proc.stderr, (proc.stdout, proc.stderr)
 
 
-async def test_cli_falls_back_to_polling_without_a_websocket(stack: Stack) -> None:
-    from cli.submit import follow_polling, follow_websocket
-
-    job_id = await submit(stack, _job("fallback", latency=0.5, steps=1))
-    shown: list[tuple] = []
-    with pytest.raises(OSError):  # nothing listens there: the CLI then polls
-        await follow_websocket("http://127.0.0.1:9", stack.keys["alice"], job_id, lambda *a: shown.append(a))
-    with httpx.Client(base_url=stack.api_url, headers=auth(stack)) as c:
-        job = await asyncio.to_thread(follow_polling, c, c.get(f"/v1/jobs/{job_id}").json(), lambda *a: shown.append(a))
-    assert job["status"] == "succeeded" and shown
-    # and over the websocket the same job reports its end state
-    state = await follow_websocket(stack.api_url, stack.keys["alice"], job_id, lambda *a: None)
-    assert state is not None and state["status"] == "succeeded"
+# the CLI follows jobs through genroute.client; its polling fallback is tested in tests/test_client.py
 
 
 def test_api_logs_have_no_tracebacks(stack: Stack) -> None:

@@ -30,7 +30,7 @@ from tests.stack import TERMINAL, Stack, make_stack, running
 
 RPM = 7
 GRACE = 4  # seconds: the reconciler re-enqueues queued jobs whose row is older than this
-WAITING = "waiting: its API key has 2 jobs in flight, its concurrency limit"  # workers/tasks.py _key_slot
+WAITING = "waiting: its API key has 2 jobs in flight, its concurrency limit"  # workers/run.py _key_slot
 
 # name (= tenant) -> the key's limits, made in SQL before the API starts
 KEYS: dict[str, dict[str, Any]] = {

@@ -25,6 +25,8 @@ from workers.poll import Poller
 from workers.reconcile import reconcile
 from workers.run import run_job
 from workers.store import store_outputs
+from workers.batches import complete_batches
+from workers.deadlines import enforce_deadlines
 from workers.webhooks import deliver_webhook
 
 log = logging.getLogger("genroute.worker")
@@ -47,6 +49,11 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     ]
     every = max(1, s.reconcile_every_seconds)
     crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)), run_at_startup=True, keep_result=0, timeout=timeout)]
+    # issue 14: Cancel-After / start_within_seconds, and batch completion, scanned every second
+    crons += [
+        cron(enforce_deadlines, name=f"{s.redis_prefix}:deadlines", second=set(range(60)), keep_result=0, timeout=30),
+        cron(complete_batches, name=f"{s.redis_prefix}:batches", second=set(range(60)), keep_result=0, timeout=30),
+    ]
     workers = []
     for i, q in enumerate(names):
         workers.append(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from core import metrics
 from core.callbacks import load_result
 from core.errors import ErrorCode, ProviderError
 from core.jobs.ledger import JobStatus
@@ -121,6 +122,7 @@ class Poller:
 
     def _start(self, entry: PollEntry, now_ms: int) -> None:
         late = now_ms - entry.due_ms
+        metrics.observe_poll_lateness(late / 1000)
         self.stats.polls += 1
         self.stats.late_ms_max = max(self.stats.late_ms_max, late)
         if late > 5000:

@@ -23,8 +23,8 @@ import httpx
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from core import fetcher, logs, metrics
-from core.models import WebhookDelivery, utcnow
+from core import fetcher, logs, metrics, predictions
+from core.models import Job, WebhookDelivery, utcnow
 from core.runtime import Runtime
 from core.webhooks import active_secrets, enqueue_delivery, retry_delay, signed_headers, tenant_secret
 
@@ -134,7 +134,7 @@ async def _send(rt: Runtime, d: WebhookDelivery, body: bytes, headers: dict[str,
 async def _attempt(rt: Runtime, d: WebhookDelivery) -> bool:
     """One attempt of a claimed delivery. True when the chain may move on (delivered or exhausted)."""
     secret = await tenant_secret(rt.sessions, d.tenant)
-    body = json.dumps(d.payload, separators=(",", ":")).encode()
+    body = json.dumps(await _payload(rt, d), separators=(",", ":"), default=str).encode()
     started = time.monotonic()
     status_code, error = await _send(rt, d, body, signed_headers(active_secrets(secret), d.id, body))
     latency_ms = int((time.monotonic() - started) * 1000)
@@ -170,6 +170,17 @@ async def _attempt(rt: Runtime, d: WebhookDelivery) -> bool:
     if not ok:
         log.warning("webhook delivery %s to %s exhausted after %d attempts: %s", d.id, d.url, d.attempt_count, error)
     return True
+
+
+async def _payload(rt: Runtime, d: WebhookDelivery) -> dict[str, Any]:
+    """What to POST: the event; for a job that asked for Replicate-style webhooks (the job's
+    own URL, set through /replicate), the prediction object at that event instead."""
+    if d.endpoint_id is None and d.payload.get("job_id"):
+        async with rt.sessions() as s:
+            job = await s.get(Job, d.job_id)
+        if job is not None and job.webhook_format == predictions.FORMAT:
+            return await predictions.webhook_body(rt, job, d.payload)
+    return d.payload
 
 
 async def due_deliveries(rt: Runtime, *, older_than: float, limit: int = 1000) -> int:

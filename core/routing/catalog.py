@@ -26,12 +26,16 @@ and validated at load; errors name the file, the path inside it and what to fix.
                                        # that cannot honour 1080p is then skipped, not downgraded)
         strategy: priority             # priority | weighted | least_busy | lowest_cost
         fallback_models: []            # model ids tried, in order, when every deployment fails
+        aliases: [black-forest-labs/flux-schnell]   # other names it answers to (Replicate-style
+                                       # owner/name strings work unchanged, api/replicate/)
+        cache: false                   # the result cache is on by default for this model (core/cache.py)
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +47,7 @@ from core.billing.pricing import Price
 from core.schemas import INPUT_SCHEMAS
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalog.yaml"
+ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 Modality = Literal["image", "video", "audio", "text"]
 Strategy = Literal["priority", "weighted", "least_busy", "lowest_cost"]
 
@@ -108,6 +113,15 @@ class Model(BaseModel):
     deployments: list[Deployment] = Field(min_length=1)
     strategy: Strategy = "priority"
     fallback_models: list[str] = Field(default_factory=list, description="tried in order when every deployment fails")
+    aliases: list[str] = Field(
+        default_factory=list, max_length=20, description="other names it answers to, e.g. Replicate-style owner/name"
+    )
+    cache: bool = Field(default=False, description="serve identical seeded requests from the result cache by default")
+
+    @property
+    def replicate_name(self) -> str:
+        """The owner/name Replicate's clients see: its first owner/name alias, else genroute/<id>."""
+        return next((a for a in self.aliases if "/" in a), f"genroute/{self.id}")
 
     def capabilities_of(self, dep: Deployment) -> Capabilities:
         """What `dep` accepts: its own capabilities when it declares them, else the model's."""
@@ -170,7 +184,16 @@ class Catalog(BaseModel):
             if m.id in seen:
                 raise ValueError(f"models[{i}]: duplicate model id {m.id!r}")
             seen.add(m.id)
-        self._by_id = {m.id: m for m in self.models}
+        by_name = {m.id: m for m in self.models}
+        for i, m in enumerate(self.models):
+            for k, alias in enumerate(m.aliases):
+                if not ALIAS.fullmatch(alias):
+                    raise ValueError(f"models[{i}].aliases[{k}]: {alias!r} is not a model name (letters, digits, ._-, one /)")
+                other = by_name.get(alias)
+                if other is not None and other is not m:
+                    raise ValueError(f"models[{i}].aliases[{k}]: {alias!r} already names model {other.id!r}")
+                by_name[alias] = m
+        self._by_id = by_name
         return self
 
     @model_validator(mode="after")
@@ -244,6 +267,7 @@ class Catalog(BaseModel):
         return None
 
     def get(self, model_id: str) -> Model | None:
+        """A model by id or by one of its aliases."""
         return self._by_id.get(model_id)
 
     def validate_input(self, model: Model, raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,204 @@
+"""The official `replicate` Python client (PyPI, 1.x) against a real genroute stack (API and
+worker processes, Redis, the local provider, and the Replicate fake as an upstream), pointed
+at genroute only through its documented `base_url`: run, create/wait, get, cancel, list
+with cursor pages, a webhook with an event filter verified with `standardwebhooks`, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import replicate
+import yaml
+from replicate.exceptions import ReplicateError
+from replicate.helpers import FileOutput
+from replicate.pagination import paginate
+from standardwebhooks import Webhook
+
+from core.routing.catalog import DEFAULT_CATALOG
+from tests.fakes import replicate as replicate_fake
+from tests.fakes.server import serve
+from tests.stack import Stack, make_stack, running
+from tests.test_webhooks import Receiver
+
+FAKE_KEY = "r8_compat"
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[str]:
+    with serve(replicate_fake.create_app(api_key=FAKE_KEY, processing_polls=2)) as url:
+        yield url
+
+
+def _catalog(path: Path, fake_url: str) -> Path:
+    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
+    for m in data["models"]:
+        if m["id"] == "local-image":
+            m["aliases"] = ["acme/local-image"]
+    data["models"].append({
+        "id": "flux-schnell-r", "modality": "image", "aliases": ["black-forest-labs/flux-schnell"],
+        "deployments": [{"name": "replicate-flux-schnell", "adapter": "replicate", "model": "black-forest-labs/flux-schnell",
+                         "base_url": fake_url, "api_key_env": "COMPAT_REPLICATE_KEY", "options": {"poll_interval": 0.05}}],
+    })
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+async def stack(fake: str, tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> AsyncIterator[Stack]:
+    root = tmp_path_factory.mktemp("replicate-compat")
+    st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=_catalog(root / "catalog.yaml", fake),
+                          env={"COMPAT_REPLICATE_KEY": FAKE_KEY}, webhook_allowlist='["127.0.0.1/32"]',
+                          replicate_page_size="3", webhook_backoff_seconds="[0.2, 0.5, 1]")
+    async with running(st):
+        yield st
+
+
+def client(stack: Stack, tenant: str = "alice") -> replicate.Client:
+    return replicate.Client(api_token=stack.keys[tenant], base_url=f"{stack.api_url}/replicate")
+
+
+def local(prompt: str, latency: float = 0.0, steps: int = 2, **extra: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "width": 256, "height": 256, "latency_seconds": latency, "progress_steps": steps, **extra}
+
+
+def outputs_of(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    r = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {stack.keys['alice']}"})
+    assert r.status_code == 200, r.text
+    return r.json()["outputs"]
+
+
+def test_run_returns_outputs_the_clients_file_output_reads(stack: Stack) -> None:
+    c = client(stack)
+    out = c.run("acme/local-image", input=local("a red kite", seed=7))
+    url = str(out[0] if isinstance(out, list) else out)
+    data = FileOutput(url, c).read()  # the client's own reader (it takes https/data URLs itself)
+    latest = c.predictions.list().results[0]
+    assert latest.status == "succeeded" and latest.model == "acme/local-image"
+    assert hashlib.sha256(data).hexdigest() == outputs_of(stack, latest.id)[0]["sha256"]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_falls_back_to_polling_when_the_wait_runs_out(stack: Stack) -> None:
+    c = client(stack)
+    started = time.monotonic()
+    out = c.run("acme/local-image", input=local("slow kite", latency=2.5, steps=3, seed=1), wait=1)
+    took = time.monotonic() - started
+    assert out and took >= 2.0, took  # the create answered `starting` after 1 s, then the client polled
+    assert FileOutput(str(out), c).read()[:4] == b"\x89PNG"
+
+
+def test_create_wait_get_with_logs_metrics_and_urls(stack: Stack) -> None:
+    c = client(stack)
+    p = c.predictions.create(model="acme/local-image", input=local("a tower", latency=1.0, steps=3, seed=3))
+    assert p.status in ("starting", "processing") and p.urls is not None
+    assert p.urls["get"].endswith(f"/replicate/v1/predictions/{p.id}") and p.urls["cancel"].endswith("/cancel")
+    p.wait()
+    assert p.status == "succeeded", (p.status, p.error)
+    assert p.metrics is not None and 0.5 < p.metrics["predict_time"] < 30
+    assert p.completed_at and p.started_at and p.error is None
+    assert "step" in (p.logs or ""), p.logs  # the progress messages, one a line
+    again = c.predictions.get(p.id)
+    assert again.id == p.id and again.status == "succeeded" and again.output == p.output
+    assert p.version == c.models.get("acme/local-image").latest_version.id
+
+
+def test_create_by_version_string_and_by_genroute_name(stack: Stack) -> None:
+    c = client(stack)
+    p = c.predictions.create(version="acme/local-image:" + "ab" * 32, input=local("by version", seed=4), wait=30)
+    assert p.status == "succeeded"
+    # (the client drops `wait` when create() is given model=, so this one polls)
+    q = c.predictions.create(model="genroute/local-audio", input={"text": "hello", "duration": 1})
+    q.wait()
+    assert q.status == "succeeded" and str(q.output).startswith("http")
+    assert FileOutput(str(q.output), c).read()[:4] == b"RIFF"
+
+
+def test_cancel_a_running_prediction(stack: Stack) -> None:
+    c = client(stack)
+    p = c.predictions.create(model="acme/local-image", input=local("never", latency=30, steps=30, seed=5))
+    deadline = time.monotonic() + 20
+    while c.predictions.get(p.id).status == "starting" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    canceled = c.predictions.cancel(p.id)
+    assert canceled.status == "canceled" and canceled.output is None
+    p.reload()
+    assert p.status == "canceled"
+    assert c.predictions.cancel(p.id).status == "canceled"  # a finished prediction comes back unchanged
+
+
+def test_list_walks_every_page_with_the_cursor(stack: Stack) -> None:
+    c = client(stack, "bob")  # bob's predictions only
+    made = [c.predictions.create(model="acme/local-image", input=local(f"page {i}", seed=i)).id for i in range(7)]
+    pages = list(paginate(c.predictions.list))
+    seen = [p.id for pg in pages for p in pg.results]
+    assert all(len(pg.results) <= 3 for pg in pages) and len(pages) >= 3
+    assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen))  # newest first, none twice
+    assert set(made) <= set(seen)
+    alice_ids = {p.id for p in client(stack).predictions.list().results}
+    assert not alice_ids & set(seen)  # never another tenant's
+
+
+def test_errors_come_back_as_replicate_errors_with_our_code(stack: Stack) -> None:
+    c = client(stack)
+    with pytest.raises(ReplicateError) as e:
+        c.predictions.create(model="nobody/nothing", input={"prompt": "x"})
+    assert e.value.status == 404 and "nobody/nothing" in (e.value.detail or "")
+    with pytest.raises(ReplicateError) as e:
+        c.predictions.create(model="acme/local-image", input={"prompt": "x", "num_outputs": 99})
+    assert e.value.status == 422
+    with pytest.raises(ReplicateError) as e:
+        c.predictions.get("job_doesnotexist")
+    assert e.value.status == 404
+    with pytest.raises(ReplicateError) as e:
+        replicate.Client(api_token="wrong", base_url=f"{stack.api_url}/replicate").predictions.list()
+    assert e.value.status == 401
+
+
+def test_model_served_by_the_replicate_fake(stack: Stack, fake: str) -> None:
+    before = httpx.get(f"{fake}/_control/stats").json()["creates"]
+    c = client(stack)
+    out = c.run("black-forest-labs/flux-schnell", input={"prompt": "a cabin", "num_outputs": 1, "output_format": "webp", "seed": 9})
+    assert isinstance(out, list) and len(out) == 1
+    data = FileOutput(str(out[0]), c).read()  # stored by genroute, not the fake's URL
+    assert data[:4] == b"RIFF" and str(out[0]).startswith(stack.api_url)
+    assert httpx.get(f"{fake}/_control/stats").json()["creates"] == before + 1
+
+
+async def test_webhook_with_an_event_filter_is_signed_and_replicate_shaped(stack: Stack) -> None:
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        c = client(stack)
+        secret = (await asyncio.to_thread(c.webhooks.default.secret)).key
+        assert secret.startswith("whsec_")
+        p = await asyncio.to_thread(
+            c.predictions.create, model="acme/local-image", input=local("hooked", latency=0.8, steps=4, seed=11),
+            webhook=receiver.url("/replicate-hook?customId=42"), webhook_events_filter=["start", "completed"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            bodies = [json.loads(b) for _, b in receiver.received]
+            if any(b.get("status") == "succeeded" for b in bodies):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # nothing else may follow
+        wh = Webhook(secret)
+        bodies = []
+        for headers, raw in receiver.received:
+            wh.verify(raw, {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")})
+            bodies.append(json.loads(raw))
+        assert [b["status"] for b in bodies] == ["processing", "succeeded"], bodies  # start, completed; no logs/output
+        assert all(b["id"] == p.id for b in bodies)
+        done = bodies[-1]
+        assert done["output"] and done["metrics"]["predict_time"] > 0 and done["urls"]["get"].endswith(p.id)
+        assert "step" in done["logs"]
+        assert done["webhook"].endswith("?customId=42")
+    finally:
+        await receiver.stop()
