@@ -33,6 +33,7 @@ import hmac
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -43,7 +44,7 @@ import httpx
 
 from adapters.base import Adapter
 from adapters.http import body_json, error_from_response, moderated, send, send_stream, unsupported
-from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -98,6 +99,12 @@ AUDIO_TYPES = {
 }
 IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _MODERATION_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+# A refusal without a moderation code: OpenAI's chat refuses a flagged prompt as 400
+# "invalid_prompt" ("Invalid prompt: your prompt was flagged as potentially violating our
+# usage policy"); OpenAI-compatible hosts (SiliconFlow and others) answer a 400 whose
+# message says the content holds sensitive words.
+_FLAGGED = re.compile(r"flagged as potentially violating|usage polic|safety system|sensitive (?:words|content)"
+                      r"|content (?:policy|moderation)", re.IGNORECASE)
 
 
 def is_gpt_image(model: str) -> bool:
@@ -118,7 +125,8 @@ class OpenAIAdapter(Adapter):
     # -- plumbing ---------------------------------------------------------------------
     def url(self, path: str) -> str:
         if self.default_base_url is None and not self.deployment.base_url:
-            raise ProviderError(ProviderErrorKind.invalid, f"deployment {self.deployment.name!r} needs a base_url")
+            raise ProviderError(ProviderErrorKind.invalid, f"deployment {self.deployment.name!r} needs a base_url",
+                                fault=Fault.operator, resend_safe=True)
         return self.base_url(self.default_base_url or "") + path
 
     def auth_headers(self) -> dict[str, str]:
@@ -217,7 +225,8 @@ class OpenAIAdapter(Adapter):
         endpoint takes uploads, not links)."""
         if ref.startswith("data:"):
             return decode_data_uri(ref)
-        resp = await send(self.http, "GET", ref, provider=f"{self.name} input image", follow_redirects=True)
+        # the user gave this URL: when it does not answer, that is their fault, not OpenAI's
+        resp = await send(self.http, "GET", ref, provider=f"input image {ref[:100]}", follow_redirects=True, fault=Fault.user)
         if not resp.is_success:
             raise ProviderError(ProviderErrorKind.invalid, f"input image {ref[:100]} answered HTTP {resp.status_code}", code=ErrorCode.invalid_input)
         if len(resp.content) > MAX_INPUT_IMAGE_BYTES:
@@ -491,7 +500,8 @@ def check(resp: httpx.Response, provider: str) -> None:
     if isinstance(err, dict):
         code = str(err.get("code") or "")
         message = f"{provider}: {err.get('message') or code}"
-        if code in _MODERATION_CODES:
+        flagged = resp.status_code == 400 and bool(_FLAGGED.search(str(err.get("message") or "")))
+        if code in _MODERATION_CODES or (flagged and code not in ("insufficient_quota", "invalid_api_key")):
             details = err.get("moderation_details") or {}
             stage = "output" if details.get("moderation_stage") == "output" else "input"
             raise moderated(message, stage, [str(c) for c in details.get("categories") or []] or [code])

@@ -30,7 +30,7 @@ from api.deps import PrincipalDep, RuntimeDep
 from api.openai_compat import OpenAIError, from_provider, invalid, model_for, openai_router
 from core.billing import Close, hold, hold_for
 from core.catalog import Deployment, Model
-from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.ids import new_id
 from core.keys import Principal
 from core.limits import Denied
@@ -68,7 +68,7 @@ class CannotChat(ProviderError):
 
 
 def _config_error(message: str) -> CannotChat:
-    return CannotChat(ProviderErrorKind.retryable, message, code=ErrorCode.provider_unavailable, resend_safe=True)
+    return CannotChat(ProviderErrorKind.retryable, message, code=ErrorCode.provider_unavailable, resend_safe=True, fault=Fault.operator)
 
 
 async def _body(request: Request) -> dict[str, Any]:
