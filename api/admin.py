@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from api.deps import AdminDep, KeyCache, RuntimeDep
 from api.pagination import page
+from api.strict import StrictRoute
 from core import keys, tenants
 from core.billing import balance
 from core.catalog import CatalogError
@@ -36,7 +37,7 @@ from core.errors import InvalidInput, NotFound
 from core.models import ApiKey, Tenant, utcnow
 from core.runtime import Runtime, reload_catalog
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1/admin", tags=["admin"])
 
 # request and response shapes ----------------------------------------------------------------
 TenantId = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]

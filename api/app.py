@@ -19,6 +19,7 @@ from api.jobs import router as jobs_router
 from api.limits import BodyLimit
 from api.meta import router as meta_router
 from api.openai_media import router as openai_media_router
+from api.strict import RefuseNul
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
 from core.events import EventHub
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat_router)  # OpenAI-compatible: errors in OpenAI's shape
     app.include_router(openai_media_router)
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
+    app.add_middleware(RefuseNul)  # outermost: before any route or body is read
     return app
 
 

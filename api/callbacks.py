@@ -17,13 +17,14 @@ from fastapi.responses import JSONResponse
 from adapters.base import Adapter
 from adapters.registry import UnknownAdapter, build_adapter
 from api.deps import RuntimeDep
+from api.strict import StrictRoute
 from core.callbacks import callback_key, callback_secret, dump_result, job_id_from_token
 from core.errors import ProviderError, ProviderErrorKind, Unauthorized
 from core.jobs import JobStatus
 from core.queue import enqueue_poll
 from core.types import Pending
 
-router = APIRouter(tags=["callbacks"])
+router = APIRouter(route_class=StrictRoute, tags=["callbacks"])
 
 REPLAY_WINDOW_SECONDS = 900
 

@@ -73,9 +73,9 @@ def _config_error(message: str) -> CannotChat:
 
 async def _body(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise invalid("We could not parse the JSON body of your request.", code="invalid_json") from None
+        body = await request.json()  # api/strict.py: NaN, NUL and deep nesting refused too
+    except ValueError as exc:
+        raise invalid(f"We could not parse the JSON body of your request: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
     messages = body.get("messages")

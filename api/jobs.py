@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import re
 from typing import Annotated
 
@@ -16,36 +18,45 @@ from sqlmodel import select
 from api.deps import PrincipalDep, RuntimeDep
 from api.pagination import page
 from api.views import job_public
+from api.strict import StrictRoute
 from core import netguard
 from core.billing import hold_for
-from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
+from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound, Unavailable
 from core.events import Event
 from core.ids import new_id
 from core.jobs import TERMINAL, JobStatus, deadline_for
 from core.keys import Principal
 from core.models import Job, utcnow
 from core.queue import enqueue_cancel, enqueue_run, queue_position
-from core.quotas import admit, take_or_refuse
+from core.quotas import REDIS_DOWN, admit, take_or_refuse
 from core.runtime import Runtime
 from core.schemas import JobCreate, JobList, JobPublic
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("genroute.api.jobs")
 
-PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait(?:=(\d+))?(?:$|[;,\s])")
+PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait(?:\s*=\s*([^;,\s]*))?(?=$|[;,\s])", re.IGNORECASE)
+WAIT_SECONDS = re.compile(r"[0-9]{1,6}")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def parse_prefer_wait(prefer: str | None, max_wait: int) -> int | None:
-    """`Prefer: wait=N` (RFC 7240). Plain `wait` means the maximum."""
+    """`Prefer: wait=N` (RFC 7240). Plain `wait` means the maximum. One rule for every
+    value: N is a whole number of seconds from 1 to max_wait, anything else (0, -1, 1.5,
+    abc, 5,000 digits) is a 400; a Prefer without `wait` is ignored."""
     if not prefer:
         return None
     m = PREFER_WAIT.search(prefer.strip())
     if m is None:
         return None
-    n = int(m[1]) if m[1] is not None else max_wait
-    if not 1 <= n <= max_wait:
-        raise InvalidRequest(f"Prefer: wait=N takes N from 1 to {max_wait} seconds, got {n}")
-    return n
+    if m[1] is None:
+        return max_wait
+    raw = m[1].strip('"')
+    if not WAIT_SECONDS.fullmatch(raw) or not 1 <= int(raw) <= max_wait:
+        raise InvalidRequest(
+            f"Prefer: wait=N takes a whole number of seconds from 1 to {max_wait}, got {m[1][:20]!r}"
+        )
+    return int(raw)
 
 
 def request_hash(body: JobCreate) -> str:
@@ -68,7 +79,10 @@ async def _public(rt: Runtime, job: Job, *, with_position: bool = False) -> JobP
     assets = (await rt.ledger.assets([job.id]))[job.id] if job.status == JobStatus.succeeded else []
     position = None
     if with_position and job.status == JobStatus.queued:
-        position = await queue_position(rt.redis, rt.settings, job.id, job.modality)
+        try:
+            position = await queue_position(rt.redis, rt.settings, job.id, job.modality)
+        except REDIS_DOWN:  # a hint only: the job itself is read from the database
+            position = None
     return await job_public(rt.store, job, assets, rt.settings.url_ttl_seconds, position)
 
 
@@ -82,7 +96,10 @@ async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
     pubsub = rt.redis.pubsub()
     terminal_heard = False
     try:
-        await pubsub.subscribe(rt.ledger.channel(job.id))
+        try:
+            await pubsub.subscribe(rt.ledger.channel(job.id))
+        except REDIS_DOWN:  # no events to hear: the row alone, read every half second
+            return await _poll_row(rt, job, deadline)
         while True:
             fresh = await rt.ledger.get(job.id)  # after subscribing: no change slips between
             if fresh is None or fresh.status in TERMINAL:
@@ -96,14 +113,18 @@ async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
                 await asyncio.sleep(min(remaining, 0.02))
                 continue
             # a missed message only costs a re-read every 2 s
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 2.0))
+            try:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 2.0))
+            except REDIS_DOWN:
+                return await _poll_row(rt, job, deadline)
             if msg is not None:
                 try:
                     terminal_heard = Event.from_json(msg["data"]).terminal
                 except (ValueError, KeyError, TypeError):
                     pass
     finally:
-        await pubsub.aclose()
+        with contextlib.suppress(*REDIS_DOWN):
+            await pubsub.aclose()
 
 
 async def check_webhook_url(rt: Runtime, url: str, *, loc: str) -> None:
@@ -114,6 +135,19 @@ async def check_webhook_url(rt: Runtime, url: str, *, loc: str) -> None:
         raise InvalidInput(
             f"{loc} is not allowed: {exc}", details=[{"loc": [loc], "msg": str(exc), "type": "url_not_allowed"}]
         ) from exc
+
+
+async def _poll_row(rt: Runtime, job: Job, deadline: float) -> Job:
+    loop = asyncio.get_running_loop()
+    while True:
+        fresh = await rt.ledger.get(job.id)
+        if fresh is None or fresh.status in TERMINAL:
+            return fresh or job
+        job = fresh
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return job
+        await asyncio.sleep(min(remaining, 0.5))
 
 
 def _status_for_wait(job: Job) -> int:
@@ -197,8 +231,7 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
             raise
         else:
             # enqueue after the commit: a worker never sees a job the DB does not have
-            await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
-            return job, True
+            return await _enqueue_created(rt, job), True
     if job.request_hash != digest:
         raise Conflict(
             f"Idempotency-Key {idempotency_key!r} was already used with a different request body; "
@@ -209,9 +242,40 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
     return job, False
 
 
+QUEUE_DOWN = "waiting for the queue (Redis is unavailable); the job starts when it is back"
+
+
+async def _enqueue_created(rt: Runtime, job: Job) -> Job:
+    """Enqueue a committed job. The row is the truth: when Redis does not answer, the job
+    stays queued, says so in its progress message, and the reconciler enqueues it once
+    Redis is back. The client still gets its 201 (a 5xx here made clients retry into a
+    second job and a second charge)."""
+    try:
+        await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
+        return job
+    except REDIS_DOWN as exc:
+        log.warning("job %s committed but not enqueued (%s: %s); the reconciler enqueues it when Redis is back",
+                    job.id, type(exc).__name__, str(exc)[:200])
+    noted = await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=QUEUE_DOWN)
+    return noted or job
+
+
+async def queue_reachable(rt: Runtime) -> None:
+    """Raise Unavailable (503, nothing created) when the queue does not answer: for the
+    synchronous OpenAI-compatible routes, which must answer with the result, not a 201."""
+    try:
+        await rt.redis.ping()
+    except REDIS_DOWN as exc:
+        raise Unavailable("the job queue (Redis) is unavailable; nothing was created; retry shortly",
+                          headers={"Retry-After": "1"}) from exc
+
+
 async def _free(rt: Runtime, principal: Principal, lease_id: str, taken: bool) -> None:
     if taken and rt.ledger.quotas is not None:
-        await rt.ledger.quotas.free(principal.key_id, lease_id)
+        try:
+            await rt.ledger.quotas.free(principal.key_id, lease_id)
+        except REDIS_DOWN:  # the lease expires by itself
+            log.warning("could not free key slot %s: Redis unavailable", lease_id)
 
 
 async def _by_idempotency_key(rt: Runtime, tenant: str, key: str) -> Job | None:
@@ -280,10 +344,9 @@ async def list_jobs(
 async def cancel(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobPublic:
     job = await _load(rt, principal, job_id)
     for _ in range(5):  # the job may move while we try; re-read and decide again
-        if job.status == JobStatus.canceled:
-            return await _public(rt, job)
-        if job.status in TERMINAL:
-            raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be canceled", code="job_not_cancelable")
+        if job.status in TERMINAL:  # canceled too: README promises 409 for every finished job
+            raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be canceled",
+                           code="job_not_cancelable", details={"status": job.status})
         moved = await rt.ledger.transition(
             job.id, JobStatus.canceled, expect_version=job.version, error=(ErrorCode.canceled, "canceled by the client")
         )

@@ -16,11 +16,12 @@ from sqlalchemy import Date, case, cast, func
 from sqlmodel import select
 
 from api.deps import PrincipalDep, RuntimeDep
+from api.strict import StrictRoute
 from core.billing import balance
 from core.errors import InvalidInput, NotFound
 from core.models import Tenant, UsageRecord
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(route_class=StrictRoute, tags=["usage"])
 
 MAX_RANGE_DAYS = 400
 
