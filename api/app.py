@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    errors.document(app)
     app.include_router(jobs_router)
     app.include_router(meta_router)
     app.include_router(files_router)

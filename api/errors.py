@@ -96,8 +96,10 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_input", "request does not match the schema; see details for the fields", details)
 
 
-async def _http(_: Request, exc: Exception) -> JSONResponse:
+async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        return await _method_not_allowed(request, exc)
     code = HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code
     if exc.status_code == 404 and message == "Not Found":
@@ -159,3 +161,104 @@ def install(app: FastAPI) -> None:
                 redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         app.add_exception_handler(cls, _unavailable)
     app.add_exception_handler(Exception, _unexpected)
+
+
+# --- the OpenAPI document: every error answer a route can give --------------------------------
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}},
+}
+OPENAI_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "OpenAIError",
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}},
+}
+_WHY = {
+    400: "malformed request (bad JSON, a NUL byte, a bad header value)",
+    401: "missing or unknown API key",
+    402: "the tenant's budget cannot cover the request",
+    403: "the key may not do this",
+    404: "not found for this tenant",
+    405: "method not allowed (the Allow header lists the path's methods)",
+    409: "conflict (idempotency key reused, job not cancelable)",
+    413: "request body too large",
+    422: "the input does not match the schema",
+    429: "rate or concurrency limit (Retry-After)",
+    502: "the provider failed",
+    503: "a dependency (database, Redis, provider) is unavailable (Retry-After)",
+    504: "the job did not finish in time",
+}
+
+
+def error_statuses(path: str, method: str, op: dict[str, Any]) -> list[int]:
+    """The error statuses an operation can answer, from what it is: every route may get a
+    malformed request (400) and a dependency away (503); keyed routes (everything under
+    /v1 but the signed file links) 401/403/429; a path parameter 404; a body 413/422;
+    POST/PATCH/DELETE with a key 402/409; OpenAI-compatible routes the provider's 502/504."""
+    codes = {400, 503}
+    keyed = path.startswith("/v1/") and not path.startswith("/v1/files/")
+    if keyed:
+        codes |= {401, 403, 429}
+    if any(p.get("in") == "path" for p in op.get("parameters") or ()) or "{" in path:
+        codes.add(404)
+    if method in ("post", "put", "patch"):
+        codes |= {413, 422}
+    if method in ("post", "patch", "delete") and keyed:
+        codes |= {402, 404, 409}
+    if op.get("parameters") and any(p.get("in") == "query" for p in op["parameters"]):
+        codes.add(422)
+    if "openai" in (op.get("tags") or []):
+        codes |= {404, 422, 502, 504}
+    return sorted(codes)
+
+
+def document(app: FastAPI) -> None:
+    """List each operation's error answers, with the error schema, in /openapi.json
+    (FastAPI alone documents only a 422, in a shape we never send)."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        comps.pop("HTTPValidationError", None)
+        comps.pop("ValidationError", None)
+        comps["Error"], comps["OpenAIError"] = ERROR_SCHEMA, OPENAI_ERROR_SCHEMA
+        for path, ops in schema.get("paths", {}).items():
+            for method, op in ops.items():
+                if not isinstance(op, dict) or "responses" not in op:
+                    continue
+                ref = "#/components/schemas/" + ("OpenAIError" if "openai" in (op.get("tags") or []) else "Error")
+                fastapi_422 = {422} if "422" in op["responses"] else set()  # path/query validation
+                for status in sorted(set(error_statuses(path, method, op)) | fastapi_422):
+                    op["responses"][str(status)] = {"description": _WHY[status],
+                                                    "content": {"application/json": {"schema": {"$ref": ref}}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customize it
+
+
+async def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """405 with an Allow header naming every method of the path, not only those of the first
+    route Starlette tried (GET and PATCH /v1/admin/keys/{id} are separate routes). The
+    OpenAPI document is the one list of paths and methods."""
+    import re
+
+    allowed: set[str] = set()
+    for template, ops in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)), request.url.path):
+            allowed |= {m.upper() for m in ops if m in ("get", "put", "post", "patch", "delete")}
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    headers = {"Allow": ", ".join(sorted(allowed))} if allowed else dict(getattr(exc, "headers", None) or {})
+    return error_response(405, "method_not_allowed", "method not allowed on this path; see the Allow header",
+                          headers=headers)
