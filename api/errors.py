@@ -118,7 +118,7 @@ _UNREACHABLE = (ConnectionError, TimeoutError, socket.gaierror, asyncpg.Interfac
 def database_busy(exc: BaseException) -> bool:
     """The database is overloaded or away (pool exhausted, too many connections, restarting,
     not answering at all)."""
-    if isinstance(exc, SATimeoutError | _UNREACHABLE):
+    if isinstance(exc, (SATimeoutError, *_UNREACHABLE)):
         return True
     if isinstance(exc, asyncpg.PostgresError):  # raised raw while connecting
         return str(getattr(exc, "sqlstate", "") or "").startswith(_DB_BUSY)

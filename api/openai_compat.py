@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import unavailable
 from api.strict import StrictRoute
@@ -131,6 +132,10 @@ def translate(exc: Exception) -> OpenAIError:
         if first.get("type") == "missing" and param:
             return invalid(f"Missing required parameter: '{param}'.", param, code="missing_required_parameter")
         return invalid(f"Invalid '{param}': {first.get('msg', 'invalid value')}." if param else "Invalid request body.", param)
+    if isinstance(exc, StarletteHTTPException):  # Starlette's own refusals (a form without a boundary)
+        status = exc.status_code
+        return OpenAIError(status, str(exc.detail), type="invalid_request_error" if status < 500 else "server_error",
+                           headers=exc.headers)
     if isinstance(exc, InvalidInput):
         return from_invalid_input(exc)
     if isinstance(exc, ProviderError):

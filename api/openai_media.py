@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import PrincipalDep, RuntimeDep
+from starlette.formparsers import MultiPartException
+
 from api.jobs import queue_reachable, submit_job, wait_for_terminal
 from api.openai_compat import OpenAIError, from_code, from_invalid_input, invalid, model_for, openai_router, param_of
 from core.errors import InvalidInput
@@ -112,7 +114,10 @@ async def _fields(request: Request) -> tuple[dict[str, Any], dict[str, list[Uplo
     as multipart)."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
+        try:
+            form = await request.form()
+        except (KeyError, ValueError, MultiPartException) as exc:  # no boundary, a broken part
+            raise invalid(f"We could not parse the form body of your request ({type(exc).__name__}).", code="invalid_form") from None
         fields: dict[str, Any] = {}
         files: dict[str, list[UploadFile]] = {}
         for k, v in form.multi_items():
