@@ -315,6 +315,15 @@ class OpenAIAdapter(Adapter):
         our public alias). With stream=True the HTTP status is checked before this
         returns, so errors raise here, and the iterator yields parsed chunks (the usage
         chunk included: `stream_options.include_usage` is on unless the body says not)."""
+        try:
+            return await self._chat(body, stream=stream)
+        except ProviderError as exc:
+            # a chat call leaves no task behind to run on: a 5xx answer may go elsewhere
+            if exc.retryable and isinstance(exc.detail, dict) and "status" in exc.detail:
+                exc.resend_safe = True
+            raise
+
+    async def _chat(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         payload = {**body, "model": self.deployment.model, "stream": stream}
         if not stream:
             return dict((await self._post("/chat/completions", json=payload)).json())
