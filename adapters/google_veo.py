@@ -131,7 +131,11 @@ class GoogleVeoAdapter(Adapter):
             "polls": 0,
         }
         if isinstance(body, dict) and body.get("done"):
-            return _finished(body, handle, self._download_headers())
+            result = _finished(body, handle, self._download_headers())
+            if isinstance(result, Failed):  # refused at once (RAI filter, an error): a submit error
+                kind = ProviderErrorKind.moderated if result.code == ErrorCode.moderated else ProviderErrorKind.failed
+                raise ProviderError(kind, result.message, detail=result.detail, code=result.code)
+            return result
         return Pending(handle=handle, poll_after=self.poll_interval(POLL_SECONDS), message="submitted to Veo")
 
     async def _image(self, ref: str) -> dict[str, str]:

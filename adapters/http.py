@@ -5,9 +5,20 @@ responses into ProviderError (httpx's `map_httpcore_exceptions` is the model).
     raise_for_status(r)  -> None, or ProviderError by status (adapters refine first)
     retry_after(r)       -> seconds from Retry-After / retry-after-ms / body / Google RetryInfo
 
+Whose fault (core.errors.Fault) is decided here, once:
+
+    connect failure, 5xx, timeout, 429   provider  (counts against the deployment's health)
+    400/409/413/415/422                  user      (the request; no health effect)
+    401/403, 402, 404/405 on a create    operator  (a bad key, no credits, a wrong model or
+                                                    base URL: this deployment is marked out)
+    404 on a read (poll, result)         provider  (it lost the task)
+    an input URL that does not answer    user      (`send(..., fault=Fault.user)`)
+
 A create that may have reached the provider (the request was sent, then the read timed
-out or the connection broke) is `resend_safe=False`: no provider documents an idempotency
-key, so resending could start and bill a second task.
+out, the connection broke, or a 5xx came back, which a gateway can send after the
+provider accepted the task) is `resend_safe=False`: no provider documents an idempotency
+key, so resending could start and bill a second task. An adapter that can prove no task
+exists (it looked the task up by a client reference) may say otherwise.
 """
 
 from __future__ import annotations
@@ -23,15 +34,28 @@ from typing import Any
 import httpx
 
 from core import logs
-from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+_CREATE = "genroute.create"  # response extension: the request was a create (error_from_response reads it)
 
 
 @contextmanager
-def transport_errors(provider: str, *, create: bool) -> Iterator[None]:
+def transport_errors(provider: str, *, create: bool, fault: Fault = Fault.provider) -> Iterator[None]:
     """Transport failures become ProviderError(retryable). Reads (GET, polls) are always
-    safe to resend; a create only when it provably never left."""
+    safe to resend; a create only when it provably never left. With `fault=Fault.user`
+    (a URL the user gave us), a failure is the user's: invalid input, no health effect."""
+    if fault is Fault.user:
+        try:
+            yield
+        except httpx.HTTPError as exc:
+            raise ProviderError(
+                ProviderErrorKind.invalid,
+                f"{provider}: cannot be fetched ({type(exc).__name__})",
+                code=ErrorCode.invalid_input,
+                fault=Fault.user,
+            ) from exc
+        return
     try:
         yield
     except _NOT_SENT as exc:
@@ -61,15 +85,19 @@ async def send(
     *,
     provider: str,
     create: bool = False,
+    fault: Fault = Fault.provider,
     **kwargs: Any,
 ) -> httpx.Response:
     """One request, its body read; transport failures mapped by `transport_errors`.
-    The request id of the work it serves goes along (X-Request-Id), for the provider's logs."""
+    The request id of the work it serves goes along (X-Request-Id), for the provider's logs.
+    `fault`: whose fault a failure to reach `url` is (Fault.user for a user's input URL)."""
     rid = logs.request_id()
     if rid is not None:
         kwargs["headers"] = {**(kwargs.get("headers") or {}), "X-Request-Id": rid}
-    with transport_errors(provider, create=create):
-        return await http.request(method, url, **kwargs)
+    with transport_errors(provider, create=create, fault=fault):
+        resp = await http.request(method, url, **kwargs)
+    resp.extensions[_CREATE] = create
+    return resp
 
 
 async def send_stream(http: httpx.AsyncClient, request: httpx.Request, *, provider: str, create: bool = True) -> httpx.Response:
@@ -78,7 +106,9 @@ async def send_stream(http: httpx.AsyncClient, request: httpx.Request, *, provid
     if rid is not None and "x-request-id" not in request.headers:
         request.headers["X-Request-Id"] = rid
     with transport_errors(provider, create=create):
-        return await http.send(request, stream=True)
+        resp = await http.send(request, stream=True)
+    resp.extensions[_CREATE] = create
+    return resp
 
 
 def body_json(resp: httpx.Response) -> Any:
@@ -148,9 +178,16 @@ def retry_after(resp: httpx.Response) -> float | None:
     return None
 
 
-def error_from_response(resp: httpx.Response, provider: str) -> ProviderError:
-    """The generic status mapping; adapters check provider-specific bodies first."""
+def was_create(resp: httpx.Response) -> bool:
+    """Whether `resp` answers a create sent through `send`/`send_stream` (else: a read)."""
+    return bool(resp.extensions.get(_CREATE, resp.request.method == "POST"))
+
+
+def error_from_response(resp: httpx.Response, provider: str, *, create: bool | None = None) -> ProviderError:
+    """The generic status mapping, with whose fault it is; adapters check
+    provider-specific bodies first. `create` defaults to what `send` recorded."""
     status = resp.status_code
+    is_create = was_create(resp) if create is None else create
     message = f"{provider} answered {status}: {error_message(resp)}"
     detail = {"status": status, "body": body_json(resp) if body_json(resp) is not None else resp.text[:500]}
     if status == 429:
@@ -159,12 +196,22 @@ def error_from_response(resp: httpx.Response, provider: str) -> ProviderError:
         should = resp.headers.get("x-should-retry")
         if should == "false":
             return ProviderError(ProviderErrorKind.failed, message, detail=detail)
-        return ProviderError(ProviderErrorKind.retryable, message, retry_after=retry_after(resp), detail=detail, resend_safe=True)
+        # a 502/504 from a gateway can follow a create the provider accepted: not resent
+        return ProviderError(ProviderErrorKind.retryable, message, retry_after=retry_after(resp), detail=detail,
+                             resend_safe=not is_create)
     if status in (401, 403):
         return ProviderError(ProviderErrorKind.auth, message, detail=detail)
     if status == 402:
         return ProviderError(ProviderErrorKind.quota, message, detail=detail)
-    if status in (400, 404, 409, 413, 415, 422):
+    if status in (404, 405):
+        if is_create:  # the deployment names a model or URL the provider does not have
+            return ProviderError(
+                ProviderErrorKind.invalid,
+                f"{message} (the deployment is misconfigured: check its model and base_url)",
+                detail=detail, fault=Fault.operator, resend_safe=True,
+            )
+        return ProviderError(ProviderErrorKind.failed, message, detail=detail)  # it lost the task
+    if status in (400, 409, 413, 415, 422):
         return ProviderError(ProviderErrorKind.invalid, message, detail=detail)
     return ProviderError(ProviderErrorKind.failed, message, detail=detail)
 

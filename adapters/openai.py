@@ -33,6 +33,7 @@ import hmac
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +45,7 @@ import httpx
 from adapters.base import Adapter
 from core import params
 from adapters.http import body_json, error_from_response, moderated, send, send_stream, unsupported
-from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -99,6 +100,12 @@ AUDIO_TYPES = {
 }
 IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _MODERATION_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+# A refusal without a moderation code: OpenAI's chat refuses a flagged prompt as 400
+# "invalid_prompt" ("Invalid prompt: your prompt was flagged as potentially violating our
+# usage policy"); OpenAI-compatible hosts (SiliconFlow and others) answer a 400 whose
+# message says the content holds sensitive words.
+_FLAGGED = re.compile(r"flagged as potentially violating|usage polic|safety system|sensitive (?:words|content)"
+                      r"|content (?:policy|moderation)", re.IGNORECASE)
 
 
 def is_gpt_image(model: str) -> bool:
@@ -126,7 +133,8 @@ class OpenAIAdapter(Adapter):
     # -- plumbing ---------------------------------------------------------------------
     def url(self, path: str) -> str:
         if self.default_base_url is None and not self.deployment.base_url:
-            raise ProviderError(ProviderErrorKind.invalid, f"deployment {self.deployment.name!r} needs a base_url")
+            raise ProviderError(ProviderErrorKind.invalid, f"deployment {self.deployment.name!r} needs a base_url",
+                                fault=Fault.operator, resend_safe=True)
         return self.base_url(self.default_base_url or "") + path
 
     def auth_headers(self) -> dict[str, str]:
@@ -309,6 +317,15 @@ class OpenAIAdapter(Adapter):
         our public alias). With stream=True the HTTP status is checked before this
         returns, so errors raise here, and the iterator yields parsed chunks (the usage
         chunk included: `stream_options.include_usage` is on unless the body says not)."""
+        try:
+            return await self._chat(body, stream=stream)
+        except ProviderError as exc:
+            # a chat call leaves no task behind to run on: a 5xx answer may go elsewhere
+            if exc.retryable and isinstance(exc.detail, dict) and "status" in exc.detail:
+                exc.resend_safe = True
+            raise
+
+    async def _chat(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         payload = {**body, "model": self.deployment.model, "stream": stream}
         if not stream:
             return dict((await self._post("/chat/completions", json=payload)).json())
@@ -494,7 +511,8 @@ def check(resp: httpx.Response, provider: str) -> None:
     if isinstance(err, dict):
         code = str(err.get("code") or "")
         message = f"{provider}: {err.get('message') or code}"
-        if code in _MODERATION_CODES:
+        flagged = resp.status_code == 400 and bool(_FLAGGED.search(str(err.get("message") or "")))
+        if code in _MODERATION_CODES or (flagged and code not in ("insufficient_quota", "invalid_api_key")):
             details = err.get("moderation_details") or {}
             stage = "output" if details.get("moderation_stage") == "output" else "input"
             raise moderated(message, stage, [str(c) for c in details.get("categories") or []] or [code])

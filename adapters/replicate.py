@@ -33,13 +33,14 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
 
 from adapters.base import Adapter
 from adapters.http import body_json, error_from_response, moderated, send, unsupported
-from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
 PROVIDER = "replicate"
@@ -318,6 +319,24 @@ def _check(resp: httpx.Response) -> dict[str, Any]:
     return body
 
 
+def _same_create(prediction: dict[str, Any], model: str, body: dict[str, Any], started: float) -> bool:
+    """Whether a listed prediction could be the one a create with `body` made at `started`
+    (created no earlier than a few seconds before, for clock skew; same version or model)."""
+    created = _epoch(prediction.get("created_at"))
+    if created is None or created < started - 5:
+        return False
+    if body.get("version"):
+        return str(prediction.get("version")) == str(body["version"]).rpartition(":")[2]
+    return str(prediction.get("model")) == model.partition(":")[0]
+
+
+def _epoch(value: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def _as_error(failed: Failed) -> ProviderError:
     """A create that ended at once (sync mode) fails by raising: submit has no Failed."""
     if failed.code == ErrorCode.moderated:
@@ -352,15 +371,16 @@ class ReplicateAdapter(Adapter):
         if _VERSION_ID.match(ref):
             return f"{base}/v1/predictions", {"version": ref}
         if ref.count("/") != 1:
-            raise ProviderError(ProviderErrorKind.invalid, f"{PROVIDER}: model {model!r} is not owner/name[:version]",
-                                code=ErrorCode.invalid_input)
+            raise ProviderError(ProviderErrorKind.invalid, f"{PROVIDER}: deployment model {model!r} is not owner/name[:version]",
+                                fault=Fault.operator, resend_safe=True)
         return f"{base}/v1/models/{ref}/predictions", {}
 
     def _webhook_events(self) -> list[str]:
         events = self.deployment.options.get("webhook_events_filter") or DEFAULT_WEBHOOK_EVENTS
         bad = [e for e in events if e not in WEBHOOK_EVENTS]
         if bad:
-            raise ProviderError(ProviderErrorKind.invalid, f"{PROVIDER}: webhook_events_filter {bad} not in {list(WEBHOOK_EVENTS)}")
+            raise ProviderError(ProviderErrorKind.invalid, f"{PROVIDER}: webhook_events_filter {bad} not in {list(WEBHOOK_EVENTS)}",
+                                fault=Fault.operator, resend_safe=True)
         return list(events)
 
     async def submit(self, request: ProviderRequest) -> SubmitResult:
@@ -380,8 +400,15 @@ class ReplicateAdapter(Adapter):
         kwargs: dict[str, Any] = {"json": body, "headers": headers}
         if timeout is not None:
             kwargs["timeout"] = timeout
-        resp = await send(self.http, "POST", url, provider=PROVIDER, create=True, **kwargs)
-        prediction = _check(resp)
+        started = time.time()
+        try:
+            resp = await send(self.http, "POST", url, provider=PROVIDER, create=True, **kwargs)
+            prediction = _check(resp)
+        except ProviderError as exc:
+            if not (exc.retryable and not exc.resend_safe):
+                raise
+            # the create may have started a prediction (a 502/504 or a timeout after sending)
+            prediction = await self._interrupted(model, body, request.callback_url, started, exc)
         handle = self._handle(prediction, model)
         result = to_result(prediction, handle, self.poll_interval(POLL_SECONDS))
         if isinstance(result, Failed):
@@ -408,6 +435,46 @@ class ReplicateAdapter(Adapter):
             "cancel": own(urls.get("cancel"), f"{base}/v1/predictions/{pid}/cancel"),
             "web": urls.get("web"),
         }
+
+    async def _interrupted(self, model: str, body: dict[str, Any], reference: str | None, started: float,
+                           exc: ProviderError) -> dict[str, Any]:
+        """A create whose outcome is unknown. Replicate has no idempotency key, so look among
+        the account's newest predictions (GET /v1/predictions) for the one it may have made:
+
+        - found by its webhook (our callback URL names the job): that is this job's
+          prediction, proven; it is adopted (returned) and nothing is sent again;
+        - found only by the same model and input, exactly one, created since the create
+          started: not proof enough to adopt, so it is canceled (it would run, and bill the
+          operator, for nobody) and `exc` is raised;
+        - nothing found (or the list fails): `exc` is raised; a prediction created after
+          the lookup cannot be seen, so the create is still not resent.
+        """
+        url = f"{self.base_url(DEFAULT_BASE_URL)}/v1/predictions"
+        try:
+            resp = await send(self.http, "GET", url, provider=PROVIDER, headers=self._headers())
+            listed = body_json(resp) if resp.is_success else None
+        except ProviderError:
+            listed = None
+        results = listed.get("results") if isinstance(listed, dict) else None
+        if not isinstance(results, list):
+            raise exc
+        same = [p for p in results if isinstance(p, dict) and p.get("id") and _same_create(p, model, body, started)]
+        if reference is not None:
+            mine = [p for p in same if p.get("webhook") == reference]
+            if mine:
+                return mine[0]
+        matches = [p for p in same if p.get("input") == body.get("input") and p.get("status") not in _TERMINAL]
+        if len(matches) == 1:
+            handle = self._handle(matches[0], model)
+            try:
+                await self.cancel(handle)
+            except ProviderError:
+                raise exc from None
+            exc.message = f"{exc.message}; prediction {handle['id']} it had started was canceled"
+            exc.args = (exc.message,)
+            exc.detail = {**(exc.detail if isinstance(exc.detail, dict) else {"error": exc.detail}),
+                          "canceled_prediction": handle["id"]}
+        raise exc
 
     async def poll(self, handle: dict[str, Any]) -> PollResult:
         resp = await send(self.http, "GET", handle["get"], provider=PROVIDER, headers=self._headers())

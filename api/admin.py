@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from api.deps import AdminDep, KeyCache, RuntimeDep
 from api.pagination import page
+from api.strict import StrictRoute
 from core import keys
 from core.billing import tenants
 from core.billing import ledger as billing
@@ -39,7 +40,7 @@ from core.models import ApiKey, Tenant, utcnow
 from core.runtime import Runtime, reload_catalog
 from core.schemas import Priority
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1/admin", tags=["admin"])
 
 # request and response shapes ----------------------------------------------------------------
 TenantId = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]

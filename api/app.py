@@ -24,6 +24,7 @@ from api.meta import router as meta_router
 from api.observe import Observe
 from api.openai_media import router as openai_media_router
 from api.replicate import router as replicate_router
+from api.strict import RefuseNul
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
 from core import logs, metrics
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     docs.install(app)
+    errors.document(app)
     app.include_router(jobs_router)
     app.include_router(batches_router)
     app.include_router(meta_router)
@@ -86,13 +88,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     dashboard.install(app)
     app.include_router(replicate_router)  # Replicate-compatible: errors in Replicate's shape
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
+    app.add_middleware(RefuseNul)  # outermost: before any route or body is read
     if s.cors_origins:  # browser apps calling the API directly (GENROUTE_CORS_ORIGINS)
         app.add_middleware(
             CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["*"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "X-Request-Id"],
             expose_headers=["X-Request-Id", "Retry-After", "Location"], max_age=600,
         )
-    app.add_middleware(Observe)  # outermost: request ids and metrics see every answer
+    app.add_middleware(Observe)  # outermost: request ids and metrics see every answer, refusals too
     return app
 
 

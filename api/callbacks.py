@@ -17,12 +17,13 @@ from fastapi.responses import JSONResponse
 from adapters.base import Adapter
 from adapters.registry import UnknownAdapter
 from api.deps import RuntimeDep
+from api.strict import StrictRoute
 from core.callbacks import callback_secret, dump_result, job_id_from_token
 from core.errors import ProviderError, ProviderErrorKind, Unauthorized
 from core.jobs.ledger import JobStatus
 from core.types import Pending
 
-router = APIRouter(tags=["callbacks"])
+router = APIRouter(route_class=StrictRoute, tags=["callbacks"])
 
 REPLAY_WINDOW_SECONDS = 900
 

@@ -30,7 +30,7 @@ from api.params import check_provider_params
 from core.billing.ledger import Close, hold, hold_for
 from core.routing.catalog import Deployment, Model
 from core import metrics
-from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.ids import new_id
 from core.keys import Principal
 from core.models import UsageRecord
@@ -51,14 +51,14 @@ class CannotChat(ProviderError):
 
 
 def _config_error(message: str) -> CannotChat:
-    return CannotChat(ProviderErrorKind.retryable, message, code=ErrorCode.provider_unavailable, resend_safe=True)
+    return CannotChat(ProviderErrorKind.retryable, message, code=ErrorCode.provider_unavailable, resend_safe=True, fault=Fault.operator)
 
 
 async def _body(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise invalid("We could not parse the JSON body of your request.", code="invalid_json") from None
+        body = await request.json()  # api/strict.py: NaN, NUL and deep nesting refused too
+    except ValueError as exc:
+        raise invalid(f"We could not parse the JSON body of your request: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
     messages = body.get("messages")

@@ -43,6 +43,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep, RuntimeDep, resolve_principal
 from api.views import job_public
+from api.strict import StrictRoute, loads
 from core.errors import InvalidRequest, NotFound
 from core.events import OVERFLOW, Event, EventBus, EventHub, Pos, Subscription, parse_last_event_id
 from core.jobs.ledger import TERMINAL, JobStatus
@@ -51,7 +52,7 @@ from core.models import Job
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.api.events")
-router = APIRouter(tags=["events"])
+router = APIRouter(route_class=StrictRoute, tags=["events"])
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
@@ -165,15 +166,30 @@ async def ws_principal(ws: WebSocket, rt: Runtime) -> Principal | None:
     token = token or ws.query_params.get("token", "")
     if not token:
         try:
-            first = json.loads(await asyncio.wait_for(ws.receive_text(), 10))
+            first = await asyncio.wait_for(_message(ws), 10)
             if isinstance(first, dict) and first.get("op") == "auth" and isinstance(first.get("token"), str):
                 token = first["token"]
-        except (TimeoutError, ValueError, KeyError, WebSocketDisconnect):
+        except (TimeoutError, _Close, WebSocketDisconnect):
             pass
     principal = await _principal_from_token(ws, rt, token) if token else None
     if principal is None:
         await _close(ws, CLOSE_UNAUTHORIZED, "unauthorized: send Authorization: Bearer KEY, ?token=KEY or an auth message")
     return principal
+
+
+async def _message(ws: WebSocket) -> Any:
+    """The next client message, parsed by api/strict.py's `loads`. A binary frame, or text
+    that is not JSON we accept (NaN, NUL, nested past the limit), is a bad request (4400)."""
+    msg = await ws.receive()
+    if msg["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(msg.get("code", 1000), msg.get("reason"))
+    text = msg.get("text")
+    if text is None:
+        raise _Close(CLOSE_BAD_REQUEST, "messages must be JSON text frames, not binary")
+    try:
+        return loads(text)
+    except ValueError as exc:
+        raise _Close(CLOSE_BAD_REQUEST, f"messages must be JSON objects: {exc}") from None
 
 
 def _dump(item: Any) -> str:
@@ -302,10 +318,7 @@ class _Mux:
 
     async def _receive(self) -> None:
         while True:
-            try:
-                msg = json.loads(await self.ws.receive_text())
-            except ValueError as exc:
-                raise _Close(CLOSE_BAD_REQUEST, "messages must be JSON objects") from exc
+            msg = await _message(self.ws)
             if not isinstance(msg, dict):
                 raise _Close(CLOSE_BAD_REQUEST, "messages must be JSON objects")
             op = msg.get("op")

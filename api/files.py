@@ -8,9 +8,10 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from api.deps import RuntimeDep
+from api.strict import StrictRoute
 from core.errors import NotFound
 
-router = APIRouter(tags=["files"])
+router = APIRouter(route_class=StrictRoute, tags=["files"])
 
 
 @router.get("/v1/files/{key:path}")

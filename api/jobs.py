@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,10 +22,11 @@ from api.job_query import JobFilter
 from api.pagination import page
 from api.params import check_provider_params
 from api.views import job_public
+from api.strict import StrictRoute
 from core import cache, logs, netguard, priorities
 from core.billing.ledger import hold_for
 from core.routing.catalog import Model
-from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound
+from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound, Unavailable
 from core.events import OVERFLOW, Event, EventHub, Subscription
 from core.ids import new_id
 from core.jobs.ledger import TERMINAL, JobStatus, deadline_for
@@ -31,27 +34,35 @@ from core.keys import Principal
 from core.models import Asset, Job, utcnow
 from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_cancel, enqueue_run, queue_position
-from core.limits.keys import admit, take_or_refuse
+from core.limits.keys import REDIS_DOWN, admit, take_or_refuse
 from core.runtime import Runtime
 from core.schemas import JobCreate, JobList, JobPublic
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("genroute.api.jobs")
 
-PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait(?:=(\d+))?(?:$|[;,\s])")
+PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait(?:\s*=\s*([^;,\s]*))?(?=$|[;,\s])", re.IGNORECASE)
+WAIT_SECONDS = re.compile(r"[0-9]{1,6}")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def parse_prefer_wait(prefer: str | None, max_wait: int) -> int | None:
-    """`Prefer: wait=N` (RFC 7240). Plain `wait` means the maximum."""
+    """`Prefer: wait=N` (RFC 7240). Plain `wait` means the maximum. One rule for every
+    value: N is a whole number of seconds from 1 to max_wait, anything else (0, -1, 1.5,
+    abc, 5,000 digits) is a 400; a Prefer without `wait` is ignored."""
     if not prefer:
         return None
     m = PREFER_WAIT.search(prefer.strip())
     if m is None:
         return None
-    n = int(m[1]) if m[1] is not None else max_wait
-    if not 1 <= n <= max_wait:
-        raise InvalidRequest(f"Prefer: wait=N takes N from 1 to {max_wait} seconds, got {n}")
-    return n
+    if m[1] is None:
+        return max_wait
+    raw = m[1].strip('"')
+    if not WAIT_SECONDS.fullmatch(raw) or not 1 <= int(raw) <= max_wait:
+        raise InvalidRequest(
+            f"Prefer: wait=N takes a whole number of seconds from 1 to {max_wait}, got {m[1][:20]!r}"
+        )
+    return int(raw)
 
 
 def request_hash(body: JobCreate) -> str:
@@ -86,10 +97,13 @@ async def _position(rt: Runtime, job: Job) -> tuple[int | None, float | None]:
     else in the ARQ queue it has not been picked from yet."""
     model = rt.catalog.get(job.model)
     gates = {f"d:{d.name}": d.limits.max_concurrency or 1 for d in (model.deployments if model else [])}
-    pos = await rt.waits.position(job.id, gates)
-    if pos is not None:
-        return pos.ahead, pos.eta_seconds
-    return await queue_position(rt.redis, rt.settings, job.id, job.modality), None
+    try:
+        pos = await rt.waits.position(job.id, gates)
+        if pos is not None:
+            return pos.ahead, pos.eta_seconds
+        return await queue_position(rt.redis, rt.settings, job.id, job.modality), None
+    except REDIS_DOWN:  # a hint only: the job itself is read from the database
+        return None, None
 
 
 async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
@@ -103,7 +117,10 @@ async def wait_for_terminal(rt: Runtime, job: Job, seconds: float) -> Job:
     deadline = loop.time() + seconds
     sub = Subscription(64)
     channel = rt.ledger.events.job_channel(job.id)
-    await hub.add(channel, sub)
+    try:
+        await hub.add(channel, sub)
+    except REDIS_DOWN:  # no events to hear: the row alone, read every half second
+        return await _poll_row(rt, job, deadline)
     try:
         fresh = await rt.ledger.get(job.id)  # after subscribing: no change slips between
         while fresh is not None and fresh.status not in TERMINAL:
@@ -164,6 +181,19 @@ def check_input_urls(normalized: dict[str, Any]) -> None:
             raise InvalidInput(
                 f"{where} is not allowed: {exc}", details=[{"loc": loc, "msg": str(exc), "type": "url_not_allowed"}]
             ) from exc
+
+
+async def _poll_row(rt: Runtime, job: Job, deadline: float) -> Job:
+    loop = asyncio.get_running_loop()
+    while True:
+        fresh = await rt.ledger.get(job.id)
+        if fresh is None or fresh.status in TERMINAL:
+            return fresh or job
+        job = fresh
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return job
+        await asyncio.sleep(min(remaining, 0.5))
 
 
 def _status_for_wait(job: Job) -> int:
@@ -326,8 +356,7 @@ async def submit_job(rt: Runtime, principal: Principal, body: JobCreate, *, idem
     if hit is not None:
         return await _serve_cached(rt, job, hit[1]), True
     # enqueue after the commit: a worker never sees a job the DB does not have
-    await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
-    return job, True
+    return await _enqueue_created(rt, job), True
 
 
 async def _serve_cached(rt: Runtime, job: Job, source: list[Asset]) -> Job:
@@ -353,9 +382,40 @@ def _replay(job: Job, digest: str, idempotency_key: str | None) -> Job:
     return job
 
 
+QUEUE_DOWN = "waiting for the queue (Redis is unavailable); the job starts when it is back"
+
+
+async def _enqueue_created(rt: Runtime, job: Job) -> Job:
+    """Enqueue a committed job. The row is the truth: when Redis does not answer, the job
+    stays queued, says so in its progress message, and the reconciler enqueues it once
+    Redis is back. The client still gets its 201 (a 5xx here made clients retry into a
+    second job and a second charge)."""
+    try:
+        await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
+        return job
+    except REDIS_DOWN as exc:
+        log.warning("job %s committed but not enqueued (%s: %s); the reconciler enqueues it when Redis is back",
+                    job.id, type(exc).__name__, str(exc)[:200])
+    noted = await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=QUEUE_DOWN)
+    return noted or job
+
+
+async def queue_reachable(rt: Runtime) -> None:
+    """Raise Unavailable (503, nothing created) when the queue does not answer: for the
+    synchronous OpenAI-compatible routes, which must answer with the result, not a 201."""
+    try:
+        await rt.redis.ping()
+    except REDIS_DOWN as exc:
+        raise Unavailable("the job queue (Redis) is unavailable; nothing was created; retry shortly",
+                          headers={"Retry-After": "1"}) from exc
+
+
 async def _free(rt: Runtime, principal: Principal, lease_id: str, taken: bool) -> None:
     if taken and rt.ledger.quotas is not None:
-        await rt.ledger.quotas.free(principal.key_id, lease_id)
+        try:
+            await rt.ledger.quotas.free(principal.key_id, lease_id)
+        except REDIS_DOWN:  # the lease expires by itself
+            log.warning("could not free key slot %s: Redis unavailable", lease_id)
 
 
 async def _by_idempotency_key(rt: Runtime, tenant: str, key: str) -> Job | None:
@@ -430,10 +490,9 @@ async def list_jobs(
 async def cancel(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobPublic:
     job = await _load(rt, principal, job_id)
     for _ in range(5):  # the job may move while we try; re-read and decide again
-        if job.status == JobStatus.canceled:
-            return await _public(rt, job)
-        if job.status in TERMINAL:
-            raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be canceled", code="job_not_cancelable")
+        if job.status in TERMINAL:  # canceled too: README promises 409 for every finished job
+            raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be canceled",
+                           code="job_not_cancelable", details={"status": job.status})
         moved = await rt.ledger.transition(
             job.id, JobStatus.canceled, expect_version=job.version, error=(ErrorCode.canceled, "canceled by the client")
         )

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import PrincipalDep, RuntimeDep
+from api.strict import StrictRoute
 from core.schemas import INPUT_SCHEMAS, ModelList, ModelPublic
 
-router = APIRouter()
+router = APIRouter(route_class=StrictRoute)
 
 
 def _parameters(modality: str) -> dict[str, Any]:

@@ -25,9 +25,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.errors import database_busy
+from api.errors import database_busy, unavailable
+from api.strict import StrictRoute
 from core.routing.catalog import Model
 from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
 from core.runtime import Runtime
@@ -100,7 +101,9 @@ def param_of(loc: Any, fields: Mapping[str, str] | None = None) -> str | None:
     """The OpenAI parameter a validation error's location names. `fields` maps our job
     input's field names to the facade's (e.g. text -> input, duration_seconds -> seconds)."""
     parts = [str(p) for p in (loc or ()) if not isinstance(p, int)]
-    if parts[:1] in (["body"], ["input"]):
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
+    if parts[:1] == ["input"] and len(parts) > 1:  # a job input's field; a lone "input" is the parameter
         parts = parts[1:]
     if not parts:
         return None
@@ -126,11 +129,16 @@ def translate(exc: Exception) -> OpenAIError:
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return invalid("We could not parse the JSON body of your request.", code="invalid_json")
+            why = (first.get("ctx") or {}).get("error")
+            return invalid("We could not parse the JSON body of your request" + (f": {why}." if why else "."), code="invalid_json")
         param = param_of(first.get("loc"))
         if first.get("type") == "missing" and param:
             return invalid(f"Missing required parameter: '{param}'.", param, code="missing_required_parameter")
         return invalid(f"Invalid '{param}': {first.get('msg', 'invalid value')}." if param else "Invalid request body.", param)
+    if isinstance(exc, StarletteHTTPException):  # Starlette's own refusals (a form without a boundary)
+        status = exc.status_code
+        return OpenAIError(status, str(exc.detail), type="invalid_request_error" if status < 500 else "server_error",
+                           headers=exc.headers)
     if isinstance(exc, InvalidInput):
         return from_invalid_input(exc)
     if isinstance(exc, ProviderError):
@@ -143,14 +151,15 @@ def translate(exc: Exception) -> OpenAIError:
         status = 400 if exc.status_code == 422 else exc.status_code
         kind = {402: "insufficient_quota", 429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         return OpenAIError(status, exc.message, type=kind, code=exc.code, headers=exc.headers)
-    if database_busy(exc):
-        return OpenAIError(503, "the database is overloaded or unavailable; retry shortly", type="server_error",
+    if (which := unavailable(exc)) is not None:
+        log.warning("%s unavailable in an OpenAI-compatible route: %s: %s", which, type(exc).__name__, str(exc)[:300])
+        return OpenAIError(503, f"{which} is overloaded or unavailable; retry shortly", type="server_error",
                            code="unavailable", headers={"Retry-After": "1"})
     log.exception("unhandled error in an OpenAI-compatible route", exc_info=exc)
     return OpenAIError(500, "internal error; it has been logged", type="server_error", code="internal")
 
 
-class OpenAIRoute(APIRoute):
+class OpenAIRoute(StrictRoute):
     """Every error a route (or its dependencies: auth, body parsing) raises comes out in
     OpenAI's shape."""
 

@@ -28,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import PrincipalDep, RuntimeDep
-from api.jobs import submit_job, wait_for_terminal
+from starlette.formparsers import MultiPartException
+
+from api.jobs import queue_reachable, submit_job, wait_for_terminal
 from api.openai_compat import OpenAIError, from_code, from_invalid_input, invalid, model_for, openai_router, param_of
 from core.errors import InvalidInput
 from core.jobs.ledger import TERMINAL, JobStatus
@@ -112,19 +114,24 @@ async def _fields(request: Request) -> tuple[dict[str, Any], dict[str, list[Uplo
     as multipart)."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
+        try:
+            form = await request.form()
+        except (KeyError, ValueError, MultiPartException) as exc:  # no boundary, a broken part
+            raise invalid(f"We could not parse the form body of your request ({type(exc).__name__}).", code="invalid_form") from None
         fields: dict[str, Any] = {}
         files: dict[str, list[UploadFile]] = {}
         for k, v in form.multi_items():
             if isinstance(v, UploadFile):
                 files.setdefault(k.removesuffix("[]"), []).append(v)
+            elif "\x00" in v or "\x00" in k:  # as api/strict.py refuses in JSON: PostgreSQL cannot hold it
+                raise invalid(f"Invalid '{k[:60]}': form fields may not contain NUL.", k[:60])
             else:
                 fields[k] = v
         return fields, files
     try:
-        body = await request.json()
-    except ValueError:
-        raise invalid("We could not parse the JSON body of your request.", code="invalid_json") from None
+        body = await request.json()  # api/strict.py: NaN, NUL and deep nesting refused too
+    except ValueError as exc:
+        raise invalid(f"We could not parse the JSON body of your request: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
     return body, {}
@@ -143,8 +150,12 @@ async def _data_uri(upload: UploadFile, param: str) -> str:
 async def _create(
     rt: Runtime, principal: Principal, request: Request, model_id: str, inp: dict[str, Any], via: str, params: Mapping[str, str]
 ) -> Job:
-    """A job through POST /v1/jobs' own code path; input errors name the OpenAI parameter."""
+    """A job through POST /v1/jobs' own code path; input errors name the OpenAI parameter.
+    The synchronous routes (all but videos) answer with the result, never a 201: with the
+    queue away they are refused before anything is created (503)."""
     body = JobCreate(model=model_id, input=inp, metadata={"via": f"openai.{via}"})
+    if via != "videos":
+        await queue_reachable(rt)
     try:
         job, _ = await submit_job(rt, principal, body, idempotency_key=request.headers.get("idempotency-key"))
     except InvalidInput as exc:

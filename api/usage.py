@@ -15,12 +15,13 @@ from sqlalchemy import Date, case, cast, func
 from sqlmodel import select
 
 from api.deps import PrincipalDep, RuntimeDep
+from api.strict import StrictRoute
 from core.billing.ledger import balance
 from core.errors import InvalidInput, NotFound
 from core.models import Tenant, UsageRecord
 from core.schemas import Balance, UsageGroup, UsageReport
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(route_class=StrictRoute, tags=["usage"])
 
 MAX_RANGE_DAYS = 400
 

@@ -20,6 +20,7 @@ from sqlmodel import col, select
 from api.pagination import page
 from api.deps import PrincipalDep, RuntimeDep
 from api.jobs import check_webhook_url
+from api.strict import StrictRoute
 from core.errors import Conflict, NotFound
 from core.ids import new_id
 from core.keys import Principal
@@ -36,7 +37,7 @@ from core.schemas import (
 )
 from core.webhooks import enqueue_delivery, rotate_secret, tenant_secret
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+router = APIRouter(route_class=StrictRoute, prefix="/v1/webhooks", tags=["webhooks"])
 MAX_ENDPOINTS = 20
 
 

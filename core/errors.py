@@ -12,7 +12,8 @@
      ├─ RateLimited          429 the key's request rate or concurrency limit (Retry-After)
      └─ Unavailable          503 a dependency does not answer
 
-    ProviderError            raised by adapters; `kind` decides retry and the job's error code
+    ProviderError            raised by adapters; `kind` decides retry and the job's error code,
+                             `fault` whose fault it is (decided once, where the error is translated)
 
 One table in api/errors.py turns these into HTTP responses; no route raises HTTPException.
 """
@@ -117,6 +118,27 @@ class ProviderErrorKind(StrEnum):
     failed = "failed"  # the provider ran the task and it failed
 
 
+class Fault(StrEnum):
+    """Whose fault a provider-side error is (DESIGN.md §12). Only `provider` counts against a
+    deployment's health; `operator` marks the one deployment unusable until the catalog
+    reloads; `user` and `ours` never touch health."""
+
+    user = "user"  # the request: bad input, flagged content, an input URL that does not answer
+    provider = "provider"  # the provider's trouble: 5xx, timeouts, throttling, a task that failed
+    operator = "operator"  # the catalog or account: bad key, wrong model or base URL, no credits
+    ours = "ours"  # genroute's own infrastructure or code
+
+
+_KIND_TO_FAULT = {
+    ProviderErrorKind.retryable: Fault.provider,
+    ProviderErrorKind.rate_limited: Fault.provider,
+    ProviderErrorKind.invalid: Fault.user,
+    ProviderErrorKind.moderated: Fault.user,
+    ProviderErrorKind.auth: Fault.operator,
+    ProviderErrorKind.quota: Fault.operator,
+    ProviderErrorKind.failed: Fault.provider,
+}
+
 _KIND_TO_CODE = {
     ProviderErrorKind.retryable: ErrorCode.provider_unavailable,
     ProviderErrorKind.rate_limited: ErrorCode.rate_limited,
@@ -141,15 +163,20 @@ class ProviderError(Exception):
         detail: Any = None,
         code: ErrorCode | None = None,
         resend_safe: bool = False,
+        fault: Fault | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.retry_after = retry_after
         self.detail = detail
-        self.code = code or _KIND_TO_CODE[kind]
+        self.fault = fault or _KIND_TO_FAULT[kind]
+        # an operator's mistake is never reported to the user as their invalid input
+        self.code = code or (ErrorCode.provider_unavailable if self.fault is Fault.operator and kind is ProviderErrorKind.invalid
+                             else _KIND_TO_CODE[kind])
         # True when a create provably did not start a provider task: the connection never
-        # opened, or the provider answered 429/5xx. Only then may a create be sent again.
+        # opened, the provider refused it (429, a 404 for a wrong model), or the adapter
+        # checked upstream that no task exists. Only then may a create be sent again.
         self.resend_safe = resend_safe
 
     @property

@@ -30,7 +30,7 @@ import pytest
 from adapters.base import Adapter
 from adapters.registry import build_adapter
 from core.routing.catalog import Deployment
-from core.errors import ErrorCode, ProviderError
+from core.errors import ErrorCode, Fault, ProviderError
 from core.types import Done, Failed, Pending, PollResult, ProviderRequest
 from storage import S3BlobStore, StorageError, store_output
 
@@ -180,13 +180,15 @@ class AdapterContract:
         assert exc.value.code == ErrorCode.rate_limited and exc.value.resend_safe
         assert exc.value.retry_after is not None and exc.value.retry_after > 0
 
-    async def test_transient_5xx_is_retryable(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_transient_5xx_is_retryable_but_not_resent(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A 5xx on a create is the provider's trouble, but it may follow an accepted task (a
+        gateway's 502/504): no provider dedupes creates, so it is not marked safe to resend."""
         case = self.success[0]
         broken = Case(case.modality, case.model, _with_keyword(case.input, "[500]"))
         adapter = self.make(fake, broken, http, monkeypatch)
         with pytest.raises(ProviderError) as exc:
             await adapter.submit(self.request(broken))
-        assert exc.value.retryable and exc.value.resend_safe
+        assert exc.value.retryable and not exc.value.resend_safe and exc.value.fault is Fault.provider
 
     async def test_unsupported_parameters_are_refused_before_sending(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
         for case in self.unsupported:

@@ -63,8 +63,8 @@ class TestGoogleVeo(AdapterContract):
         Case("video", MODEL, video("a crowd [moderated-output]"), code=ErrorCode.moderated, stage="output"),
         Case("video", MODEL, video("a crowd [blocked400]"), code=ErrorCode.moderated, stage="input"),
         Case("video", MODEL, video("a crowd [fail]"), code=ErrorCode.provider_error),
-        # a model the provider does not have: its own 404 NOT_FOUND is the user's mistake
-        Case("video", "veo-9-unknown", video("x"), code=ErrorCode.invalid_input),
+        # a model the provider does not have: the deployment's mistake (the operator's), not the user's
+        Case("video", "veo-9-unknown", video("x"), code=ErrorCode.provider_unavailable),
         # pass-through params the fake (like Veo) refuses: the provider's message, invalid_input
         Case("video", MODEL, video("x", provider_params={"aspectRatio": "1:1"}), code=ErrorCode.invalid_input),
     ]

@@ -71,7 +71,7 @@ class TestReplicateContract(AdapterContract):
         Case("image", SCHNELL, img("a fox [aborted]"), code=ErrorCode.timeout),
         Case("image", SCHNELL, img("a fox [data-removed]"), code=ErrorCode.provider_error),
         Case("image", SCHNELL, img("a fox [402]"), code=ErrorCode.provider_error),
-        Case("image", "acme/missing-model", img("a fox"), code=ErrorCode.invalid_input),
+        Case("image", "acme/missing-model", img("a fox"), code=ErrorCode.provider_unavailable),  # the deployment's mistake, not the user's
         # provider_params win over our mapping and are not checked by us: the model's 422
         Case("image", SCHNELL, img("a fox", provider_params={"num_outputs": 9}), code=ErrorCode.invalid_input),
         # moderated in sync mode: submit itself raises

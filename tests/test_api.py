@@ -112,8 +112,10 @@ async def test_cancel_queued_job_is_immediate(stack: Stack, alice: httpx.AsyncCl
     r = await alice.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["error"]["code"] == "canceled"
-    # canceling again is harmless; a finished job cannot be canceled
-    assert (await alice.post(f"/v1/jobs/{job['id']}/cancel")).json()["status"] == "canceled"
+    # a finished job cannot be canceled, a canceled one included (README: finished -> 409)
+    again = await alice.post(f"/v1/jobs/{job['id']}/cancel")
+    _err(again, 409, "job_not_cancelable")
+    assert again.json()["error"]["details"] == {"status": "canceled"}
     done = (await alice.post("/v1/jobs", json=IMAGE, headers={"Prefer": "wait=20"})).json()
     _err(await alice.post(f"/v1/jobs/{done['id']}/cancel"), 409, "job_not_cancelable")
 

@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.http import error_from_response, retry_after, send
-from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
+from core.routing.router import NO_EFFECT, can_fall_back, health_effect
 from tests.fakes.server import free_port, serve
 
 
@@ -45,27 +46,58 @@ async def test_connect_error_is_resend_safe() -> None:
     assert exc.value.kind is ProviderErrorKind.retryable and exc.value.resend_safe
 
 
-def _resp(status: int, body: object = None, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.Response(status, json=body, headers=headers, request=httpx.Request("POST", "http://p/x"))
+def _resp(status: int, body: object = None, headers: dict[str, str] | None = None, method: str = "POST") -> httpx.Response:
+    return httpx.Response(status, json=body, headers=headers, request=httpx.Request(method, "http://p/x"))
+
+
+U, P, O = Fault.user, Fault.provider, Fault.operator
 
 
 @pytest.mark.parametrize(
-    "status,body,headers,code,retry,safe",
+    "status,body,headers,method,code,retry,safe,fault",
     [
-        (401, {"error": {"message": "bad key"}}, None, ErrorCode.provider_auth, False, False),
-        (403, None, None, ErrorCode.provider_auth, False, False),
-        (402, {"detail": "out of credits"}, None, ErrorCode.provider_error, False, False),
-        (422, {"detail": [{"loc": ["body", "width"], "msg": "too big"}]}, None, ErrorCode.invalid_input, False, False),
-        (429, {"detail": "slow down"}, {"retry-after": "7"}, ErrorCode.rate_limited, True, True),
-        (503, None, None, ErrorCode.provider_unavailable, True, True),
-        (500, None, {"x-should-retry": "false"}, ErrorCode.provider_error, False, False),
+        (401, {"error": {"message": "bad key"}}, None, "POST", ErrorCode.provider_auth, False, False, O),
+        (403, None, None, "GET", ErrorCode.provider_auth, False, False, O),
+        (402, {"detail": "out of credits"}, None, "POST", ErrorCode.provider_error, False, False, O),
+        (422, {"detail": [{"loc": ["body", "width"], "msg": "too big"}]}, None, "POST", ErrorCode.invalid_input, False, False, U),
+        (400, {"error": {"message": "bad size"}}, None, "POST", ErrorCode.invalid_input, False, False, U),
+        # a misconfigured deployment: the operator's, never reported as the user's input
+        (404, {"detail": "Model not found: acme/nope"}, None, "POST", ErrorCode.provider_unavailable, False, True, O),
+        (404, {"detail": "prediction not found"}, None, "GET", ErrorCode.provider_error, False, False, P),
+        (429, {"detail": "slow down"}, {"retry-after": "7"}, "POST", ErrorCode.rate_limited, True, True, P),
+        # a 5xx on a create may follow an accepted task (a gateway's 502/504): not resent
+        (503, None, None, "POST", ErrorCode.provider_unavailable, True, False, P),
+        (502, None, None, "POST", ErrorCode.provider_unavailable, True, False, P),
+        (503, None, None, "GET", ErrorCode.provider_unavailable, True, True, P),
+        (500, None, {"x-should-retry": "false"}, "POST", ErrorCode.provider_error, False, False, P),
     ],
 )
-def test_status_mapping(status: int, body: object, headers: dict | None, code: ErrorCode, retry: bool, safe: bool) -> None:
-    err = error_from_response(_resp(status, body, headers), "p")
-    assert (err.code, err.retryable, err.resend_safe) == (code, retry, safe)
+def test_status_mapping(status: int, body: object, headers: dict | None, method: str, code: ErrorCode, retry: bool,
+                        safe: bool, fault: Fault) -> None:
+    err = error_from_response(_resp(status, body, headers, method), "p")
+    assert (err.code, err.retryable, err.resend_safe, err.fault) == (code, retry, safe, fault)
     if status == 422:
         assert "body.width: too big" in err.message
+
+
+async def test_send_records_whether_it_was_a_create(url: str) -> None:
+    """Cancel and Veo's poll are POSTs too: whether a 404 is the operator's depends on what
+    `send` was told, not on the method."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        resp = await send(http, "POST", f"{url}/missing", provider="p", create=False)
+        assert resp.status_code == 404
+        assert error_from_response(resp, "p").fault is Fault.provider
+        resp = await send(http, "POST", f"{url}/missing", provider="p", create=True)
+        assert error_from_response(resp, "p").fault is Fault.operator
+
+
+async def test_an_input_url_that_does_not_answer_is_the_users_fault() -> None:
+    async with httpx.AsyncClient(timeout=2) as http:
+        with pytest.raises(ProviderError) as exc:
+            await send(http, "GET", f"http://127.0.0.1:{free_port()}/in.png", provider="input image", fault=Fault.user)
+    e = exc.value
+    assert (e.kind, e.code, e.fault, e.retryable) == (ProviderErrorKind.invalid, ErrorCode.invalid_input, Fault.user, False)
+    assert health_effect(e) == NO_EFFECT and not can_fall_back(e)
 
 
 def test_retry_after_sources() -> None:

@@ -291,7 +291,7 @@ def test_backoff_full_jitter_capped_and_honouring_retry_after() -> None:
     [
         (K.retryable, True, False, True),
         (K.rate_limited, True, False, True),
-        (K.quota, True, False, True),
+        (K.quota, False, True, True),  # out of credits: the operator's account, this deployment is out
         (K.auth, False, True, True),
         (K.invalid, False, False, False),
         (K.moderated, False, False, False),

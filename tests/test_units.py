@@ -38,7 +38,7 @@ def test_prefer_wait_parsing() -> None:
     assert parse_prefer_wait("wait=5", 60) == 5
     assert parse_prefer_wait("respond-async, wait=10", 60) == 10
     assert parse_prefer_wait("wait", 60) == 60
-    for bad in ("wait=0", "wait=61"):
+    for bad in ("wait=0", "wait=61", "wait=-1", "wait=1.5", "wait=abc", "wait=", "wait=" + "9" * 5000, "wait=99999"):
         with pytest.raises(InvalidRequest):
             parse_prefer_wait(bad, 60)
 

@@ -281,7 +281,9 @@ class Limiter:
         return int(n), (int(until) / 1000 if int(until) else None)
 
     async def record_error(self, dep: Deployment, err: BaseException, *, catalog_version: str) -> HealthEffect:
-        """Apply router.health_effect(err) to `dep`. User errors cost no round trip at all."""
+        """Apply router.health_effect(err) to `dep`, which reads the error's `fault`: only the
+        provider's faults count, the operator's mark this deployment out, the user's and
+        ours cost no round trip at all."""
         effect = health_effect(err)
         if effect.unhealthy:
             await self.mark_unhealthy(dep, catalog_version, reason=str(err))

@@ -8,18 +8,35 @@ limited to N requests a minute gets exactly N, however many processes share them
 Concurrency: a job takes a slot when a worker starts it (lease id = job id, so a task
 run twice holds one slot) and frees it on its terminal transition (core/jobs/ledger.py); a key
 that asked for no queueing takes it at submit instead, and is answered 429 when full.
+
+When Redis does not answer, the per-key gate fails open, as Stripe's limiters do: the
+outage is ours, not the client's, and refusing every request (503) for it would turn a
+queue outage into an API outage. It is not waived, though: each API process counts the
+key's rate in its own sliding window until Redis is back (so N replicas admit at most N
+times the rpm), and spend stays bounded by the tenant's budget, held in PostgreSQL. A
+key's concurrency slot at submit is skipped (the worker takes it when the job runs, and
+nothing runs until Redis is back). Each state change is logged once.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
+import time
 import uuid
 
+import redis.exceptions
 from redis.asyncio import Redis
 
 from core import metrics
 from core.errors import Forbidden, RateLimited
 from core.keys import Principal
+
+log = logging.getLogger("genroute.quotas")
+
+# what redis-py raises when the server does not answer (refused, reset, timed out)
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 _NOW = """
 local t = redis.call('TIME')
@@ -63,6 +80,9 @@ class KeyQuotas:
         self._hit = redis.register_script(HIT)
         self._take = redis.register_script(TAKE)
 
+        self._local: dict[str, collections.deque[float]] = {}  # key id -> starts, while Redis is away
+        self._down = False
+
     def _key(self, key_id: str, kind: str) -> str:
         return f"{self.prefix}:key:{key_id}:{kind}"
 
@@ -70,11 +90,36 @@ class KeyQuotas:
         """The key's slot leases (a wait queue hands a freed one on: core/limits/waits.py)."""
         return self._key(key_id, "slots")
 
+    def _state(self, down: bool, exc: BaseException | None = None) -> None:
+        if down and not self._down:
+            log.warning("Redis unavailable (%s): per-key rate limits fall back to this process's own count",
+                        type(exc).__name__ if exc else "?")
+        elif not down and self._down:
+            log.warning("Redis is back: per-key rate limits are shared again")
+            self._local.clear()
+        self._down = down
+
     async def hit(self, key_id: str, rpm: int) -> float | None:
         """Count one request against the key's per-minute limit. None: admitted; else the
-        seconds until the window has room (the request was not counted)."""
-        ok, retry = await self._hit(keys=[self._key(key_id, "rate")], args=[rpm, self.window_ms, uuid.uuid4().hex])
+        seconds until the window has room (the request was not counted). With Redis away,
+        counted in this process (module docstring)."""
+        try:
+            ok, retry = await self._hit(keys=[self._key(key_id, "rate")], args=[rpm, self.window_ms, uuid.uuid4().hex])
+        except REDIS_DOWN as exc:
+            self._state(True, exc)
+            return self._local_hit(key_id, rpm)
+        self._state(False)
         return None if int(ok) else max(0.0, int(retry) / 1000)
+
+    def _local_hit(self, key_id: str, rpm: int) -> float | None:
+        now, window = time.monotonic(), self.window_ms / 1000
+        starts = self._local.setdefault(key_id, collections.deque())
+        while starts and starts[0] <= now - window:
+            starts.popleft()
+        if len(starts) >= rpm:
+            return max(0.0, starts[0] + window - now)
+        starts.append(now)
+        return None
 
     async def take(self, key_id: str, lease_id: str, max_concurrency: int) -> float | None:
         """Take (or renew) a slot for `lease_id`. None: held; else the seconds until the
@@ -121,7 +166,11 @@ async def take_or_refuse(quotas: KeyQuotas | None, principal: Principal, lease_i
     for keys that asked for no queueing."""
     if not principal.max_concurrency or quotas is None:
         return
-    retry = await quotas.take(principal.key_id, lease_id, principal.max_concurrency)
+    try:
+        retry = await quotas.take(principal.key_id, lease_id, principal.max_concurrency)
+    except REDIS_DOWN as exc:  # fail open: the worker takes the slot when the job runs
+        quotas._state(True, exc)
+        return
     if retry is not None:
         metrics.refused("key_concurrency")
         raise RateLimited(

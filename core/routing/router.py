@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from core.routing.catalog import Catalog, Deployment, Model, capability_problems
-from core.errors import ProviderError, ProviderErrorKind
+from core.errors import Fault, ProviderError, ProviderErrorKind
 from core.billing.pricing import estimate_cost, token_estimate
 
 
@@ -304,17 +304,22 @@ class HealthEffect:
 
 NO_EFFECT = HealthEffect()
 
-# The provider's trouble, not the user's: these open the breaker. `failed` (the task ran and
-# failed) may well be the input's fault, and invalid/moderated always are: they never count.
-_COUNTED = frozenset({ProviderErrorKind.retryable, ProviderErrorKind.rate_limited, ProviderErrorKind.quota})
+# Only the provider's trouble opens the breaker, and of that only what says the deployment
+# is struggling now (5xx, timeouts, throttling). A task that ran and `failed` may well be
+# the input's fault: it never counts.
+_COUNTED = frozenset({ProviderErrorKind.retryable, ProviderErrorKind.rate_limited})
 
 
 def health_effect(err: BaseException) -> HealthEffect:
+    """What `err` does to its deployment, read from whose fault it is (decided once, where
+    the adapter translated it): the provider's counts, the operator's (bad key, no
+    credits, a wrong model or URL) marks this one deployment out until the catalog
+    reloads, the user's and ours do nothing."""
     if not isinstance(err, ProviderError):
         return NO_EFFECT  # our own bug or a cancel: not the provider's health
-    if err.kind == ProviderErrorKind.auth:
+    if err.fault is Fault.operator:
         return HealthEffect(unhealthy=True)
-    if err.kind in _COUNTED:
+    if err.fault is Fault.provider and err.kind in _COUNTED:
         cool = err.retry_after if err.kind == ProviderErrorKind.rate_limited and err.retry_after else None
         return HealthEffect(counts=True, cool_for=cool)
     return NO_EFFECT
@@ -323,9 +328,12 @@ def health_effect(err: BaseException) -> HealthEffect:
 def can_fall_back(err: BaseException) -> bool:
     """May the same request go to the next candidate? Only when the deployment is at fault
     and the create provably did not start a task there (else the user could pay twice).
-    A refused key or exhausted quota means the provider turned the request away."""
+    An operator's mistake (refused key, no credits, a model the provider does not have)
+    means the provider turned the request away; a user's mistake would fail anywhere."""
     if not isinstance(err, ProviderError):
         return False
-    if err.kind in (ProviderErrorKind.auth, ProviderErrorKind.quota):
-        return True
+    if err.fault is Fault.operator:
+        return err.resend_safe or err.kind in (ProviderErrorKind.auth, ProviderErrorKind.quota)
+    if err.fault is not Fault.provider:
+        return False
     return err.retryable and err.resend_safe

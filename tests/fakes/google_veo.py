@@ -14,7 +14,8 @@ Prompt keywords (tests/contract.py): [moderated] RAI-filtered operation with a p
 reason; [moderated-output] RAI-filtered output; [blocked400] create refused with a 400
 safety message; [fail] done + error{code:13}; [429] RESOURCE_EXHAUSTED + RetryInfo 30s;
 [500] create 500; [poll500] first operation GET 500; [slow] pending for many polls;
-[expired] the file URL answers 404 (deleted after its TTL).
+[expired] the file URL answers 404 (deleted after its TTL); [filtered-at-create] plus
+[moderated]: the create answers the operation already done and RAI-filtered.
 
 The CDN is a second app (`create_cdn_app`) meant to run on another port, so a redirect
 crosses origins; it records whether it ever saw the API key. Without `cdn_url` the main app
@@ -157,7 +158,10 @@ def create_app(state: VeoState | None = None, cdn_url: str | None = None, **opti
                 "duration": params.get("durationSeconds", 8), "size": SIZES.get((resolution, aspect), (1280, 720)),
                 "samples": int(params.get("sampleCount", 1)),
             }
-        return JSONResponse({"name": f"models/{model}/operations/{op_id}"})
+        name = f"models/{model}/operations/{op_id}"
+        if "[filtered-at-create]" in prompt:  # the operation comes back already done and filtered
+            return JSONResponse(_result(state, state.operations[op_id], name, str(request.base_url).rstrip("/")))
+        return JSONResponse({"name": name})
 
     async def operation(request: Request) -> Response:
         if (refused := _key_error(request, state)) is not None:

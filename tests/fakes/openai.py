@@ -18,7 +18,8 @@ Routes (under /v1, `Authorization: Bearer <api_key>`, or the header given as `au
     GET  /_control/stats, POST /_control/reset
 
 Prompt keywords (tests/contract.py): [moderated] [moderated-output] [fail] [429] [500]
-[poll500] [slow] [expired]; also [quota] (429 insufficient_quota) and [503].
+[poll500] [slow] [expired]; also [quota] (429 insufficient_quota) and [503]; chat also
+[flagged] (400 invalid_prompt: a flagged prompt) and [model404] (404 model_not_found).
 A project webhook (`webhook_url` + `webhook_secret` options) gets `video.completed` /
 `video.failed` signed per Standard Webhooks; videos then finish on their own after
 `webhook_delay` seconds instead of per poll.
@@ -532,7 +533,14 @@ def create_app(
             return error(400, "Invalid 'messages': empty array. Expected an array with minimum length 1.", param="messages", code="empty_array")
         last = messages[-1].get("content", "")
         text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last if isinstance(p, dict))
-        # chat has no moderation error (refusals are content): only the transport keywords apply
+        if "[flagged]" in text:  # a prompt the moderation layer refuses before the model sees it
+            return error(400, "Invalid prompt: your prompt was flagged as potentially violating our usage policy. "
+                         "Please try again with a different prompt: https://platform.openai.com/docs/guides/reasoning#advice-on-prompting",
+                         param=None, code="invalid_prompt")
+        if "[model404]" in text:  # the deployment names a model this account does not have
+            return error(404, f"The model `{f['model']}` does not exist or you do not have access to it.",
+                         param=None, code="model_not_found")
+        # other than a flagged prompt, refusals are content: only the transport keywords apply
         if (problem := scripted(text.replace("[moderated", "["), output_moderation_now=False)) is not None:
             return problem
         reply = f"You said: {text}"

@@ -20,6 +20,8 @@ time), then terminal. Predictions with a webhook also advance on their own every
     [429] / [429body]   429 throttled (with / without a Retry-After header)
     [500]  [poll500]    500 on create / on the first GET
     [402]               402 insufficient credit
+    [502-accepted]      the prediction is created, then a gateway answers 502 (the create's
+                        outcome is unknown to the client)
     [slow]              `slow_polls` processing polls
     [expired]           output listed, files answer 410 already
     [data-removed]      data removed at completion: data_removed true, output/input null
@@ -374,6 +376,8 @@ async def _create(request: Request, state: State, model: str | None) -> Response
         if "start" in p.events:
             state.spawn(state.deliver(p, "start", json.dumps(p.body())))
         state.spawn(state.tick(p))
+    if "[502-accepted]" in text:
+        return _problem(502, "Bad Gateway", "upstream connect error or disconnect/reset before headers")
     wait = _prefer_wait(request)
     if wait is not None:
         deadline = time.monotonic() + wait
