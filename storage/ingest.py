@@ -56,7 +56,7 @@ async def store_output(
     """
     with metrics.storing():  # the job's storing time, told apart from its time at the provider
         return await _store_output(store, http, ref, key_base=key_base, index=index, max_bytes=max_bytes,
-                                   max_image_pixels=max_image_pixels, tmp_dir=tmp_dir)
+                                   max_image_pixels=max_image_pixels, tmp_dir=tmp_dir, timeout=timeout)
 
 
 async def _store_output(
@@ -69,6 +69,7 @@ async def _store_output(
     max_bytes: int,
     max_image_pixels: int,
     tmp_dir: Path | None,
+    timeout: float,
 ) -> StoredAsset:
     validate_key(f"{key_base}/{index}.bin")  # fail before downloading anything
     sink: _TempSink | None = None

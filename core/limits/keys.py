@@ -127,14 +127,6 @@ class KeyQuotas:
         ok, retry = await self._take(keys=[self._key(key_id, "slots")], args=[lease_id, self.lease_ms, max_concurrency])
         return None if int(ok) else max(0.0, int(retry) / 1000)
 
-    async def renew(self, key_id: str, lease_id: str) -> None:
-        """Extend a held slot (a long job's polls do); a lease already gone stays gone."""
-        key = self._key(key_id, "slots")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {lease_id: (await self.redis.time())[0] * 1000 + self.lease_ms}, xx=True)
-            pipe.pexpire(key, self.lease_ms + 1000, gt=True)
-            await pipe.execute()
-
     async def free(self, key_id: str, lease_id: str) -> None:
         await self.redis.zrem(self._key(key_id, "slots"), lease_id)
 
