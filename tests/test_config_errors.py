@@ -1,0 +1,40 @@
+"""Each bad setting ends a command with one line naming the variable, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent / "genroute"
+
+CASES = [
+    ({"GENROUTE_WORKER_MAX_JOBS": "abc"}, ["keys", "create", "--name", "x"], "GENROUTE_WORKER_MAX_JOBS"),
+    ({"GENROUTE_STORAGE": "gcs"}, ["api"], "GENROUTE_STORAGE"),
+    ({"GENROUTE_WEBHOOK_ALLOWLIST": "[bad"}, ["worker"], "GENROUTE_WEBHOOK_ALLOWLIST"),
+    ({"GENROUTE_LOG_FORMAT": "xml"}, ["api"], "GENROUTE_LOG_FORMAT"),
+    ({}, ["api"], "GENROUTE_SECRET_KEY"),
+    ({"GENROUTE_SECRET_KEY": "s", "GENROUTE_DATABASE_URL": "nonsense"}, ["api"], "GENROUTE_DATABASE_URL"),
+    ({"GENROUTE_SECRET_KEY": "s", "GENROUTE_CATALOG": "/no/such.yaml"}, ["worker"], "GENROUTE_CATALOG"),
+    ({"GENROUTE_SECRET_KEY": "s", "GENROUTE_REDIS_URL": "redis://127.0.0.1:1/0"}, ["worker"], "GENROUTE_REDIS_URL"),
+]
+
+
+@pytest.mark.parametrize(("env", "argv", "variable"), CASES)
+def test_bad_setting_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], argv: list[str], variable: str) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GENROUTE_")}
+    out = subprocess.run([str(BIN), *argv], cwd=tmp_path, env={**base, **env}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and variable in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_keys_create_on_a_fresh_data_dir_makes_the_schema(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GENROUTE_")}
+    out = subprocess.run([str(BIN), "keys", "create", "--name", "me", "--json"], cwd=tmp_path, env=base,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert '"key": "gr_' in out.stdout and "Traceback" not in out.stderr
