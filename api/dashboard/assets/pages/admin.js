@@ -53,7 +53,7 @@ async function tenants(body) {
           h('td', { class: 'row-actions' },
             h('button', { class: 'btn btn-small', onclick: () => setBudget(t) }, 'Budget'),
             h('a', { class: 'btn btn-small btn-ghost', href: `#/jobs?tenant=${encodeURIComponent(t.id)}` }, 'Jobs'),
-            h('a', { class: 'btn btn-small btn-ghost', href: `#/usage?tenant=${encodeURIComponent(t.id)}` }, 'Usage'))))))))
+            h('a', { class: 'btn btn-small btn-ghost', href: `#/usage?tenant=${encodeURIComponent(t.id)}` }, 'Usage')))))))
         : empty('No tenants yet', 'Keys made without a tenant belong to "default". Create tenants to give them budgets.'));
     } catch (err) { clear(listBox, errorBox(err, load)); }
   }
@@ -146,7 +146,7 @@ async function keys(body, query) {
           h('td', { class: 'small', title: k.created_at }, ago(k.created_at)),
           h('td', { class: 'row-actions' }, k.status === 'active' ? [
             h('button', { class: 'btn btn-small rotate', onclick: () => act(k, 'rotate') }, 'Rotate'),
-            h('button', { class: 'btn btn-small btn-danger revoke', onclick: () => act(k, 'revoke') }, 'Revoke')] : null)))))))
+            h('button', { class: 'btn btn-small btn-danger revoke', onclick: () => act(k, 'revoke') }, 'Revoke')] : null))))))
         : empty('No keys', tenantFilter ? `Tenant ${tenantFilter} has no keys.` : 'Create the first one above.'));
     } catch (err) { clear(listBox, errorBox(err, load)); }
   }
