@@ -139,8 +139,16 @@ async def main() -> None:
                 nonlocal remaining
                 while remaining > 0:
                     remaining -= 1
-                    r = await c.post("/v1/jobs", json=body)
-                    r.raise_for_status()
+                    key = uuid.uuid4().hex  # a dropped answer is retried without a second job
+                    for attempt in range(5):
+                        try:
+                            r = await c.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+                            r.raise_for_status()
+                            break
+                        except httpx.TransportError:
+                            if attempt == 4:
+                                raise
+                            await asyncio.sleep(0.5)
                     ids.append(r.json()["id"])
 
             await asyncio.gather(*(client() for _ in range(args.concurrency)))

@@ -210,8 +210,8 @@ class StateProbe(Collector):
         return f"{self.limiter_prefix}:slots:{deployment}"
 
     def wait_key(self, deployment: str) -> str:
-        """The deployment's wait queue of jobs waiting for a slot."""
-        return f"{self.limiter_prefix}:wait:{deployment}"
+        """The deployment's wait queue of jobs waiting for a slot (core/limits/waits.py)."""
+        return f"{self.limiter_prefix}:wq:d:{deployment}"
 
     async def refresh(self) -> None:
         names = sorted(set(self.deployments()))

@@ -378,6 +378,7 @@ class EventPublic(BaseModel):
 
     id: str
     seq: int
+    sub: int = 0  # > 0: a progress sub-event published without a row write (core/events.py)
     job_id: str
     type: str
     at: datetime

@@ -189,7 +189,9 @@ async def test_a_job_that_waits_long_sits_in_the_keys_wait_queue_without_spinnin
             r = await c.post("/v1/jobs", json=image("waits"))
             assert r.status_code == 201, r.text
             waiter = r.json()["id"]
-            while (await c.get(f"/v1/jobs/{waiter}")).json()["progress"]["message"] != WAITING:
+            t0 = time.monotonic()
+            while not ((await c.get(f"/v1/jobs/{waiter}")).json()["progress"]["message"] or "").startswith("waiting: its API key"):
+                assert time.monotonic() - t0 < 30, "the waiter never said it waits for its key"
                 await asyncio.sleep(0.05)  # its first run found the slot taken
             runs: list[int] = []
             positions: list[int | None] = []

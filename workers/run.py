@@ -65,9 +65,10 @@ async def _stop_waiting(rt: Runtime, job_id: str, kept: str | None = None) -> No
         if kind == "d":
             dep = rt.catalog.deployment(name)
             if dep is not None:
-                woken = await rt.waits.wake(deployment_gate(rt, dep))
+                gate = deployment_gate(rt, dep)
+                woken = await rt.waits.wake(gate)
                 if woken is not None:
-                    await enqueue_woken(rt.redis, rt.settings, rt.waits, woken)
+                    await enqueue_woken(rt.redis, rt.settings, rt.waits, woken, gate.name)
 
 
 def _key_gate(rt: Runtime, key_id: str, limit: int) -> Gate:
@@ -87,10 +88,10 @@ async def _key_slot(ctx: Ctx, job: Job) -> bool:
         return True
     gate = _key_gate(rt, job.key_id, limit)
     woken = await rt.waits.enter(job.id, job.modality, [gate])
-    if job.id in woken:  # a slot freed meanwhile and is ours
+    if (gate.name, job.id) in woken:  # a slot freed meanwhile and is ours
         return True
-    for other in woken:
-        await enqueue_woken(rt.redis, rt.settings, rt.waits, other)
+    for name, other in woken:
+        await enqueue_woken(rt.redis, rt.settings, rt.waits, other, name)
     await _say_waiting(rt, job, f"waiting: its API key has {limit} jobs in flight, its concurrency limit", {gate.name: limit})
     return False
 
@@ -175,9 +176,9 @@ async def _wait(rt: Runtime, job: Job, out: Unplaced) -> None:
             gates.append(deployment_gate(rt, dep))
     if gates:
         woken = await rt.waits.enter(job.id, job.modality, gates)
-        for other in woken:
-            await enqueue_woken(rt.redis, rt.settings, rt.waits, other)
-        if job.id not in woken:
+        for name, other in woken:  # this job too, when a slot freed meanwhile: its run takes it
+            await enqueue_woken(rt.redis, rt.settings, rt.waits, other, name)
+        if not any(other == job.id for _, other in woken):
             await _say_waiting(rt, job, out.plan.message(), {g.name: g.max_concurrency for g in gates})
         return
     if job.progress_message != out.plan.message():

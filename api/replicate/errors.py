@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+
+from api.strict import StrictRoute
 
 from api.errors import database_busy
 from core.errors import GenrouteError
@@ -46,8 +47,9 @@ def translate(exc: Exception) -> JSONResponse:
     return problem(500, "internal error; it has been logged", "internal")
 
 
-class ReplicateRoute(APIRoute):
-    """Every error of a /replicate route (auth and body parsing included) in Replicate's shape."""
+class ReplicateRoute(StrictRoute):
+    """Every error of a /replicate route (auth and body parsing included) in Replicate's shape;
+    bodies are parsed as strictly as on every other route (api/strict.py)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

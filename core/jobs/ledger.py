@@ -326,9 +326,10 @@ class Ledger:
         next job waiting in the key's queue and run that job."""
         if self.waits is None or self.quotas is None or self.settings is None or not isinstance(self.redis, ArqRedis):
             return
-        woken = await self.waits.wake(Gate(f"k:{key_id}", self.quotas.slots_key(key_id), -1))
+        gate = Gate(f"k:{key_id}", self.quotas.slots_key(key_id), -1)
+        woken = await self.waits.wake(gate)
         if woken is not None:
-            await enqueue_woken(self.redis, self.settings, self.waits, woken)
+            await enqueue_woken(self.redis, self.settings, self.waits, woken, gate.name)
 
     async def _free_key_slot(self, job: Job) -> None:
         if job.key_id and self.quotas is not None:

@@ -36,11 +36,16 @@ async def enqueue_cancel(redis: ArqRedis, settings: Settings, job_id: str, modal
     return job is not None
 
 
-async def enqueue_woken(redis: ArqRedis, settings: Settings, waits: Any, job_id: str) -> bool:
-    """Run a job a wait queue just handed a slot to (core/limits/waits.py)."""
+async def enqueue_woken(redis: ArqRedis, settings: Settings, waits: Any, job_id: str, gate: str = "") -> bool:
+    """Run a job a wait queue just handed a slot to (core/limits/waits.py). `gate`
+    "d:{deployment}": its run tries that deployment first, where the slot is already its own."""
     modality = await redis.hget(waits.job_key(job_id), "_m")
     mod = modality.decode() if isinstance(modality, bytes) else (modality or "image")
-    return await enqueue_run(redis, settings, job_id, mod, suffix=f":w{time.time_ns()}")
+    prefer = gate[2:] if gate.startswith("d:") else None
+    job = await redis.enqueue_job(
+        "run_job", job_id, prefer, _job_id=f"run:{job_id}:w{time.time_ns()}", _queue_name=settings.queue_for(mod),
+    )
+    return job is not None
 
 
 async def queue_position(redis: ArqRedis, settings: Settings, job_id: str, modality: str) -> int | None:

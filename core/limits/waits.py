@@ -136,17 +136,17 @@ class WaitQueues:
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:wj:{job_id}"
 
-    async def enter(self, job_id: str, modality: str, gates: list[Gate]) -> list[str]:
+    async def enter(self, job_id: str, modality: str, gates: list[Gate]) -> list[tuple[str, str]]:
         """Wait at these gates (keeping the first ticket, so a job woken but beaten to the
-        slot keeps its place). Returns the jobs a free slot was handed to on the way,
-        this one perhaps among them: the caller runs each of them now."""
+        slot keeps its place). Returns (gate name, job) for each free slot handed out on
+        the way, this job perhaps among them: the caller runs each of them now."""
         keys = [self.job_key(job_id)]
         args: list[Any] = [job_id, modality, self.handoff_ms, f"{self.prefix}:wq:seq", f"{self.prefix}:wj:"]
         for g in gates:
             keys += [self.queue_key(g.name), g.slots_key]
             args += [g.name, g.max_concurrency]
         out = await self._enter(keys=keys, args=args)
-        return [_s(x) for x in out[1:] if x]
+        return [(g.name, _s(x)) for g, x in zip(gates, out[1:], strict=True) if x]
 
     async def wake(self, gate: Gate) -> str | None:
         """After a slot of `gate` was released: hand it to the head of its queue, if any.

@@ -191,7 +191,7 @@ async def release(rt: Any, dep: Deployment | str, lease_id: str, *, success: boo
 async def wake(rt: Any, gate: Gate) -> None:
     woken = await rt.waits.wake(gate)
     if woken is not None:
-        await enqueue_woken(rt.redis, rt.settings, rt.waits, woken)
+        await enqueue_woken(rt.redis, rt.settings, rt.waits, woken, gate.name)
 
 
 def _ms(t0: float) -> int:
