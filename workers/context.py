@@ -4,7 +4,10 @@ nothing to do, so running one twice is harmless (ARQ is at-least-once)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
 from core.callbacks import callback_secret, callback_url
@@ -60,6 +63,28 @@ def request_for(rt: Runtime, job: Job, dep: Deployment) -> ProviderRequest:
         callback_url=callback_url(s.public_url, s.secret_key, dep.adapter, job.id) if wants_callbacks else None,
         callback_secret=callback_secret(s.secret_key, job.id) if wants_callbacks else None,
     )
+
+
+@contextlib.asynccontextmanager
+async def alive(rt: Runtime, key: str) -> AsyncIterator[None]:
+    """A Redis marker that lives while this block runs (renewed every third of its
+    lifetime, `submit_marker_seconds`): when it is gone, the work died with its worker,
+    and the reconciler may act at once instead of after a task timeout."""
+    ttl = rt.settings.submit_marker_seconds
+
+    async def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await rt.redis.set(key, "1", px=int(ttl * 1000))
+            await asyncio.sleep(ttl / 3)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(Exception):
+            await rt.redis.delete(key)
 
 
 async def cancel_quietly(adapter: Any, handle: dict[str, Any]) -> None:

@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -31,7 +29,7 @@ from core.routing.dispatch import Placed, Refused, Stopped, Unplaced, deployment
 from core.routing.router import Candidate
 from core.runtime import Runtime
 from core.types import Done, Pending
-from workers.context import Ctx, cancel_quietly, deployment_of, fail, log, release, request_for
+from workers.context import Ctx, alive, cancel_quietly, deployment_of, fail, log, release, request_for
 from workers.store import hand_to_store
 
 
@@ -196,29 +194,10 @@ def submitting_key(rt: Runtime, job_id: str) -> str:
     return f"{rt.settings.redis_prefix}:submitting:{job_id}"
 
 
-@contextlib.asynccontextmanager
-async def submitting(rt: Runtime, job_id: str) -> AsyncIterator[None]:
-    """A marker that lives while this process is inside the job's create call (renewed
-    every few seconds): when it is gone and the row has no handle, the submit died with
-    its worker, and the reconciler may act on it at once, not after the task timeout."""
-    key = submitting_key(rt, job_id)
-    ttl = rt.settings.submit_marker_seconds
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(ttl / 3)
-            with contextlib.suppress(Exception):
-                await rt.redis.set(key, "1", px=int(ttl * 1000))
-
-    with contextlib.suppress(Exception):
-        await rt.redis.set(key, "1", px=int(ttl * 1000))
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(Exception):
-            await rt.redis.delete(key)
+def submitting(rt: Runtime, job_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+    """Marks that this process is inside the job's create call: when the marker is gone
+    and the row has no handle, the submit died with its worker."""
+    return alive(rt, submitting_key(rt, job_id))
 
 
 async def _resume(ctx: Ctx, job: Job) -> None:

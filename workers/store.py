@@ -10,9 +10,6 @@ provider's result again.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from core.billing.pricing import actual_cost
 from core.callbacks import dump_result, load_result
@@ -22,7 +19,7 @@ from core.models import Asset, Job
 from core.runtime import Runtime
 from core.types import Done, OutputRef
 from storage import StorageError, store_output
-from workers.context import Ctx, deployment_of, fail, release
+from workers.context import Ctx, alive, deployment_of, fail, release
 
 
 def done_key(rt: Runtime, job_id: str) -> str:
@@ -46,26 +43,6 @@ async def hand_to_store(rt: Runtime, job: Job, done: Done) -> None:
     )
 
 
-@contextlib.asynccontextmanager
-async def _alive(rt: Runtime, job_id: str) -> AsyncIterator[None]:
-    key = storing_key(rt, job_id)
-    ttl = rt.settings.submit_marker_seconds
-
-    async def beat() -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                await rt.redis.set(key, "1", px=int(ttl * 1000))
-            await asyncio.sleep(ttl / 3)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(Exception):
-            await rt.redis.delete(key)
-
-
 async def store_outputs(ctx: Ctx, job_id: str, seq: int) -> None:
     rt = ctx["rt"]
     job = await rt.ledger.get(job_id)
@@ -80,7 +57,7 @@ async def store_outputs(ctx: Ctx, job_id: str, seq: int) -> None:
     result = load_result(raw)
     if not isinstance(result, Done):
         return
-    async with _alive(rt, job_id):
+    async with alive(rt, storing_key(rt, job_id)):
         await finish(rt, job, result)
     await rt.redis.delete(done_key(rt, job_id))
 
