@@ -55,65 +55,49 @@ async def store_output(
     answers 401/403/404/410, or that the guard refuses, has code provider_error.
     """
     with metrics.storing():  # the job's storing time, told apart from its time at the provider
-        return await _store_output(store, http, ref, key_base=key_base, index=index, max_bytes=max_bytes,
-                                   max_image_pixels=max_image_pixels, tmp_dir=tmp_dir, timeout=timeout)
-
-
-async def _store_output(
-    store: BlobStore,
-    http: httpx.AsyncClient,
-    ref: OutputRef,
-    *,
-    key_base: str,
-    index: int,
-    max_bytes: int,
-    max_image_pixels: int,
-    tmp_dir: Path | None,
-    timeout: float,
-) -> StoredAsset:
-    validate_key(f"{key_base}/{index}.bin")  # fail before downloading anything
-    sink: _TempSink | None = None
-    try:
-        sink = await asyncio.to_thread(_TempSink, max_bytes, tmp_dir)
-        if ref.data is not None:
-            await sink.write(ref.data)
-        elif ref.path is not None:
-            await _copy_from_file(Path(ref.path), sink)
-        else:
-            await _download(http, ref, sink, timeout)
-        await sink.finish()
-
-        # the bytes decide, never the provider's hint: a hint of text/html or SVG would make
-        # a stored file active content on the download origin
-        content_type = sniff_content_type(sink.head[:SNIFF_BYTES])
-        key = f"{key_base}/{index}.{extension_for(content_type)}"
+        validate_key(f"{key_base}/{index}.bin")  # fail before downloading anything
+        sink: _TempSink | None = None
         try:
-            probe = await asyncio.to_thread(
-                probe_file, sink.path, content_type, max_image_pixels=max_image_pixels
-            )
-        except ProbeError as exc:
-            raise StorageError(f"output {index} refused: {exc}") from exc
+            sink = await asyncio.to_thread(_TempSink, max_bytes, tmp_dir)
+            if ref.data is not None:
+                await sink.write(ref.data)
+            elif ref.path is not None:
+                await _copy_from_file(Path(ref.path), sink)
+            else:
+                await _download(http, ref, sink, timeout)
+            await sink.finish()
 
-        await store.put_file(key, sink.path, content_type)
-        thumbnail_key = None
-        if probe.thumbnail is not None:
-            thumbnail_key = f"{key_base}/{index}.thumb.webp"
-            await _put_bytes(store, thumbnail_key, probe.thumbnail, "image/webp", tmp_dir)
-        return StoredAsset(
-            key=key,
-            content_type=content_type,
-            bytes=sink.size,
-            sha256=sink.sha256,
-            width=probe.width,
-            height=probe.height,
-            duration_seconds=probe.duration_seconds,
-            thumbnail_key=thumbnail_key,
-        )
-    except OSError as exc:  # the temp file: disk full, permissions
-        raise StorageError(f"output {index}: cannot write a temporary file: {exc}") from exc
-    finally:
-        if sink is not None:
-            await sink.discard()
+            # the bytes decide, never the provider's hint: a hint of text/html or SVG would make
+            # a stored file active content on the download origin
+            content_type = sniff_content_type(sink.head[:SNIFF_BYTES])
+            key = f"{key_base}/{index}.{extension_for(content_type)}"
+            try:
+                probe = await asyncio.to_thread(
+                    probe_file, sink.path, content_type, max_image_pixels=max_image_pixels
+                )
+            except ProbeError as exc:
+                raise StorageError(f"output {index} refused: {exc}") from exc
+
+            await store.put_file(key, sink.path, content_type)
+            thumbnail_key = None
+            if probe.thumbnail is not None:
+                thumbnail_key = f"{key_base}/{index}.thumb.webp"
+                await _put_bytes(store, thumbnail_key, probe.thumbnail, "image/webp", tmp_dir)
+            return StoredAsset(
+                key=key,
+                content_type=content_type,
+                bytes=sink.size,
+                sha256=sink.sha256,
+                width=probe.width,
+                height=probe.height,
+                duration_seconds=probe.duration_seconds,
+                thumbnail_key=thumbnail_key,
+            )
+        except OSError as exc:  # the temp file: disk full, permissions
+            raise StorageError(f"output {index}: cannot write a temporary file: {exc}") from exc
+        finally:
+            if sink is not None:
+                await sink.discard()
 
 
 async def _copy_from_file(path: Path, sink: _TempSink) -> None:
