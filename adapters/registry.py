@@ -1,7 +1,8 @@
 """Adapters by name. A catalog deployment names its adapter; the worker builds it here.
 
-Modules are imported when first used, so a deployment of one provider never loads the
-others' code.
+The table of names is `core.routing.catalog.ADAPTERS` (a catalog naming another adapter is
+refused when it loads). Modules are imported when first used, so a deployment of one
+provider never loads the others' code.
 """
 
 from __future__ import annotations
@@ -15,20 +16,11 @@ from typing import Any
 import httpx
 
 from adapters.base import Adapter
-from core.routing.catalog import Deployment
+from core.routing.catalog import ADAPTERS, Deployment
 from core import logs, metrics
 from core.errors import ProviderError
 from core.types import Done, Failed, Pending
 
-ADAPTERS: dict[str, str] = {
-    "local": "adapters.local:LocalAdapter",
-    "openai": "adapters.openai:OpenAIAdapter",
-    "openai_compatible": "adapters.openai_compatible:OpenAICompatibleAdapter",
-    "bfl": "adapters.bfl:BFLAdapter",
-    "google_veo": "adapters.google_veo:GoogleVeoAdapter",
-    "replicate": "adapters.replicate:ReplicateAdapter",
-    "fal": "adapters.fal:FalAdapter",
-}
 
 
 class UnknownAdapter(LookupError):

@@ -103,8 +103,11 @@ def check_catalog(settings: Settings) -> None:
     try:
         load_catalog(settings.catalog)
     except CatalogError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
-        raise ConfigProblem(f"GENROUTE_CATALOG: {first} (check it with `genroute catalog check FILE`)") from None
+        lines = str(exc).strip().splitlines() or ["invalid"]
+        problems = "; ".join(lines[1:4]) if len(lines) > 1 else lines[0]
+        more = f" (and {len(lines) - 4} more)" if len(lines) > 4 else ""
+        raise ConfigProblem(f"GENROUTE_CATALOG is refused: {problems}{more}; "
+                            "`genroute catalog check FILE` lists every problem") from None
     except OSError as exc:
         raise ConfigProblem(f"GENROUTE_CATALOG={str(settings.catalog)!r} cannot be read ({exc.strerror}); "
                             "point it at a catalog file or unset it for the built-in one") from None

@@ -104,3 +104,25 @@ async def test_admin_endpoint_needs_the_admin_key(stack: Stack) -> None:
     async with stack.client() as c:  # a tenant key is not the admin key
         r = await c.post("/v1/admin/catalog/reload")
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+
+
+async def test_a_catalog_naming_an_unknown_adapter_is_refused_on_reload(stack: Stack) -> None:
+    """What `genroute catalog check` refuses, a reload refuses: the old catalog keeps
+    serving, so jobs never sit queued for a deployment no process can build."""
+    catalog = Path(stack.env["GENROUTE_CATALOG"])
+    good = catalog.read_text()
+    bad = yaml.safe_load(good)
+    bad["models"].append({"id": "ghost", "modality": "image",
+                          "deployments": [{"name": "ghost-1", "adapter": "no_such_adapter", "model": "m"}]})
+    catalog.write_text(yaml.safe_dump(bad, sort_keys=False))
+    try:
+        async with stack.client() as c:
+            r = await c.post("/v1/admin/catalog/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_catalog", r.text
+            details = "\n".join(r.json()["error"]["details"])
+            assert "unknown adapter 'no_such_adapter'" in details and f"{catalog}:" in details, details
+            assert "ghost" not in await _models(c)
+            r = await c.post("/v1/jobs", json={"model": "ghost", "input": {"prompt": "x"}})
+            assert r.status_code in (400, 404, 422) and r.json()["error"]["code"] == "model_not_found", r.text
+    finally:
+        catalog.write_text(good)

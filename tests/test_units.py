@@ -112,7 +112,7 @@ def test_catalog_check_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - {id: a, modality: image, deployments: [{name: d, adapter: nope, model: m}]}\n")
     out = subprocess.run([str(exe), "catalog", "check", str(bad)], capture_output=True, text=True)
-    assert out.returncode == 1 and "models[0].deployments[0].adapter" in out.stderr and "nope" in out.stderr
+    assert out.returncode == 1 and "models.0.deployments.0.adapter" in out.stderr and "nope" in out.stderr
 
 
 def test_providers_section_fills_deployments(tmp_path: Path) -> None:

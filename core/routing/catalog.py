@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from core.errors import InvalidInput
 from core.billing.pricing import Price
@@ -66,6 +66,21 @@ class Limits(BaseModel):
     tpm: int | None = Field(default=None, ge=1, description="tokens per sliding minute (text)")
 
 
+# Where each adapter's code lives, by the name a deployment gives (`adapter: bfl`). The
+# names live here so that loading a catalog refuses an unknown one in every process, with
+# its file and line, as `genroute catalog check` does; adapters/registry.py imports the
+# modules lazily from this table.
+ADAPTERS: dict[str, str] = {
+    "local": "adapters.local:LocalAdapter",
+    "openai": "adapters.openai:OpenAIAdapter",
+    "openai_compatible": "adapters.openai_compatible:OpenAICompatibleAdapter",
+    "bfl": "adapters.bfl:BFLAdapter",
+    "google_veo": "adapters.google_veo:GoogleVeoAdapter",
+    "replicate": "adapters.replicate:ReplicateAdapter",
+    "fal": "adapters.fal:FalAdapter",
+}
+
+
 class Deployment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +95,13 @@ class Deployment(BaseModel):
     price: Price | None = None  # None: unknown (sorted last by lowest_cost)
     limits: Limits = Field(default_factory=lambda: Limits())
     capabilities: Capabilities | None = None  # replaces the model's for this deployment
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, name: str) -> str:
+        if name not in ADAPTERS:
+            raise ValueError(f"unknown adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}")
+        return name
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -370,7 +392,8 @@ def load_catalog(path: Path | None = None) -> Catalog:
         for e in exc.errors(include_url=False):
             line = _line_of(root, list(e["loc"]))
             where = f"{path}:{line}" if line else str(path)
-            lines.append(f"{where}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: {msg}")
         raise CatalogError("invalid catalog:\n" + "\n".join(lines)) from None
     catalog._version = hashlib.sha256(text.encode()).hexdigest()[:16]
     return catalog
