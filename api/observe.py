@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core import logs, metrics
 
 HEADER = b"x-request-id"
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 _SANE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
@@ -69,7 +70,10 @@ class Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message["headers"] = [*message.get("headers", []), (HEADER, rid.encode())]
+                headers = [*message.get("headers", []), (HEADER, rid.encode())]
+                if not any(k.lower() == NOSNIFF[0] for k, _ in headers):
+                    headers.append(NOSNIFF)  # every answer, downloads above all: no type guessing
+                message["headers"] = headers
             await send(message)
 
         try:

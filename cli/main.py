@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_dev)
 
     a = sub.add_parser("api", help="serve the HTTP API")
-    a.add_argument("--host", default="0.0.0.0")
+    a.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 to expose it, behind a TLS proxy)")
     a.add_argument("--port", type=int, default=8000)
     a.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     a.add_argument("--log-level", default="info")

@@ -25,7 +25,7 @@ from core.db import Sessions
 from core.errors import Conflict, InvalidInput
 from core.ids import new_id
 from core.models import ApiKey, Tenant, utcnow
-from core.billing.tenants import UNSET, ensure_tenant
+from core.billing.tenants import UNSET, check_not_reserved, ensure_tenant
 
 KEY_PREFIX = "gr_"
 MODALITIES = ("image", "video", "audio", "text")
@@ -180,7 +180,7 @@ async def create_key(
     the row and the key itself, which is never stored. `catalog` checks scoped model ids."""
     plain, prefix, digest = _new_secret()
     row = ApiKey(
-        id=new_id("key"), tenant=tenant or name, name=_check_name(name), prefix=prefix, key_hash=digest,
+        id=new_id("key"), tenant=check_not_reserved(tenant or name), name=_check_name(name), prefix=prefix, key_hash=digest,
         is_admin=bool(admin), scopes=check_scopes(scopes, catalog), rpm=_check_limit("rpm", rpm),
         max_concurrency=_check_limit("max_concurrency", max_concurrency), queue_when_busy=bool(queue_when_busy),
         expires_at=_check_expiry(expires_at), default_priority=_check_priority("default_priority", default_priority),

@@ -179,6 +179,8 @@ async def test_validation_errors_say_what_to_fix(stack: Stack) -> None:
             # method, path, body, status, code, a word the message or details must carry
             ("POST", "/v1/admin/tenants", {"id": "bad id!"}, 422, "invalid_input", "id"),
             ("POST", "/v1/admin/tenants", {"id": "x" * 101}, 422, "invalid_input", "id"),
+            ("POST", "/v1/admin/tenants", {"id": "admin"}, 422, "reserved_tenant_id", "reserved"),
+            ("POST", "/v1/admin/tenants", {"id": "Admin"}, 422, "reserved_tenant_id", "reserved"),
             ("POST", "/v1/admin/tenants", {"id": "neg", "budget": -1}, 422, "invalid_input", "budget"),
             ("POST", "/v1/admin/tenants", {"id": "extra", "spent": 5}, 422, "invalid_input", "spent"),
             ("PATCH", "/v1/admin/tenants/valid", {"budget": 1.5}, 422, "invalid_input", "budget"),

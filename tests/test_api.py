@@ -235,6 +235,7 @@ async def test_readyz_and_unknown_routes(stack: Stack, alice: httpx.AsyncClient)
     r = await alice.get(f"{stack.api_url}/readyz")
     assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "redis": "ok", "storage": "ok"}
     _err(await alice.get("/v1/nope"), 404, "not_found")
+    assert (await alice.get("/v1/nope")).headers["x-content-type-options"] == "nosniff"
     _err(await alice.delete("/v1/jobs"), 405, "method_not_allowed")
     _err(await alice.get("/v1/jobs/" + "x" * 500), 404, "not_found")
 
@@ -243,7 +244,9 @@ async def test_signed_file_urls_refuse_tampering(alice: httpx.AsyncClient) -> No
     job = (await alice.post("/v1/jobs", json=IMAGE, headers={"Prefer": "wait=20"})).json()
     url = job["outputs"][0]["url"]
     async with httpx.AsyncClient() as anon:
-        assert (await anon.get(url)).status_code == 200
+        got = await anon.get(url)
+        assert got.status_code == 200 and got.headers["content-type"].startswith("image/")
+        assert got.headers["x-content-type-options"] == "nosniff"  # a browser never guesses another type
         _err(await anon.get(url.replace("sig=", "sig=0")), 404, "not_found")
         _err(await anon.get(url.replace("exp=", "exp=1")), 404, "not_found")
         base = url.split("/v1/files/")[0]

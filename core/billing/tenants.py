@@ -20,6 +20,9 @@ from core.models import Tenant, utcnow
 
 TENANT_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TENANT_ID_RULE: Final = "1-100 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+# The tenant id of GENROUTE_ADMIN_KEY's principal (api/deps.py): no tenant of an operator's
+# may take it, in any letter case, or its jobs, usage and webhooks would mix with the admin's.
+RESERVED_TENANT_IDS: Final = frozenset({"admin"})
 
 
 class _Unset:
@@ -37,6 +40,15 @@ def valid_tenant_id(tenant_id: str) -> bool:
 def check_tenant_id(tenant_id: str) -> str:
     if not valid_tenant_id(tenant_id):
         raise InvalidInput(f"invalid tenant id {tenant_id[:120]!r}: use {TENANT_ID_RULE}", code="invalid_tenant_id")
+    return tenant_id
+
+
+def check_not_reserved(tenant_id: str) -> str:
+    """For tenants an operator names (a new tenant, a new key's tenant)."""
+    check_tenant_id(tenant_id)
+    if tenant_id.lower() in RESERVED_TENANT_IDS:
+        raise InvalidInput(f"tenant id {tenant_id!r} is reserved for the admin key's own principal: choose another",
+                           code="reserved_tenant_id", details=[{"loc": ["id"], "reserved": sorted(RESERVED_TENANT_IDS)}])
     return tenant_id
 
 
@@ -70,6 +82,7 @@ async def ensure_tenant(session_or_sessions: AsyncSession | Sessions, tenant_id:
 
 
 async def create_tenant(sessions: Sessions, tenant_id: str, *, name: str | None = None, budget: int | None = None) -> Tenant:
+    check_not_reserved(tenant_id)
     """A new tenant; Conflict (`tenant_exists`) if the id is taken."""
     check_tenant_id(tenant_id)
     check_budget(budget)
