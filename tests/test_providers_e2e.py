@@ -173,3 +173,26 @@ async def test_rate_limited_create_is_retried_then_fails_with_rate_limited(stack
     assert job["status"] == "failed" and job["error"]["code"] == "rate_limited", job
     assert job["attempt"] == 3
     assert (await _stats(fakes["bfl"]))["creates"] - before == 3
+
+
+async def test_a_provider_that_reports_no_progress_still_reads_as_a_number(stack: Stack) -> None:
+    """Veo's operations say nothing of progress: a read while it runs answers 200 with a
+    fraction (what was last shown, 0 at first), never a 500 for a null."""
+    async with stack.client() as c:
+        r = await c.post("/v1/jobs", json={"model": "veo-3", "input": {"prompt": "a slow tide [slow]", "duration_seconds": 8}})
+        assert r.status_code == 201, r.text
+        job = r.json()
+    seen: list[float] = []
+    async with stack.client() as c:
+        for _ in range(100):
+            r = await c.get(f"/v1/jobs/{job['id']}")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert isinstance(body["progress"]["fraction"], int | float), body["progress"]
+            if body["status"] == "running":
+                seen.append(body["progress"]["fraction"])
+            if body["status"] in ("succeeded", "failed", "canceled"):
+                break
+            await asyncio.sleep(0.1)
+    assert seen, "the job was never read while running"
+    assert body["status"] == "succeeded", body

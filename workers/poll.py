@@ -183,13 +183,17 @@ class Poller:
             fields["s0"] = now_ms
         if result.handle != e.handle:
             fields["h"] = json.dumps(result.handle, separators=(",", ":"))
-        progress = {"progress": result.progress, "message": result.message, "queue_position": result.queue_position}
+        fraction = result.progress
+        if fraction is None:  # the provider says nothing of progress: keep what was last shown
+            last = json.loads(e.published).get("progress") if e.published else None
+            fraction = last if isinstance(last, int | float) else 0.0
+        progress = {"progress": fraction, "message": result.message, "queue_position": result.queue_position}
         published = json.dumps(progress, separators=(",", ":"), sort_keys=True)
         if published != e.published:
             fields["pv"] = published
             if e.webhooks:  # subscribers want job.progress webhooks: a delivery row, so the row too
                 moved = await self.rt.ledger.transition(
-                    e.job_id, JobStatus.running, progress=result.progress, progress_message=result.message,
+                    e.job_id, JobStatus.running, progress=fraction, progress_message=result.message,
                     queue_position=result.queue_position,
                 )
                 if moved is None:
@@ -200,7 +204,7 @@ class Poller:
                 self.batch.events.append((e, data))
                 if now_ms - e.written_ms >= self.rt.settings.progress_write_seconds * 1000:
                     fields["pw"] = now_ms
-                    self.batch.rows.append({"id": e.job_id, "progress": result.progress,
+                    self.batch.rows.append({"id": e.job_id, "progress": fraction,
                                             "progress_message": result.message, "queue_position": result.queue_position})
         lease_ms = self.rt.settings.router_lease_seconds * 1000
         if now_ms - e.renewed_ms >= lease_ms / 3:
@@ -264,7 +268,7 @@ class Poller:
         last = json.loads(e.published).get("progress") if e.published else None
         extra = {"progress": last} if isinstance(last, int | float) else {}
         claimed = await rt.ledger.transition(
-            e.job_id, JobStatus.running, expect_poll_seq=e.seq, poll_seq=e.seq + 1, progress_message="storing outputs", **extra,
+            e.job_id, JobStatus.running, expect_poll_seq=e.seq, poll_seq=e.seq + 1, progress_message="storing outputs", queue_position=None, **extra,
             next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
         )
         if claimed is None:

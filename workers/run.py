@@ -254,7 +254,7 @@ async def submitted(rt: Runtime, job: Job, adapter: Any, result: Pending | Done,
         return
     saved = await rt.ledger.transition(
         job.id, JobStatus.running, expect_version=job.version, provider_handle=result.handle or {"done_at_submit": True},
-        attempts=attempts, progress_message="storing outputs", poll_seq=job.poll_seq + 1,
+        attempts=attempts, progress_message="storing outputs", queue_position=None, poll_seq=job.poll_seq + 1,
         next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
     )
     if saved is not None:
