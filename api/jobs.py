@@ -391,7 +391,7 @@ async def _enqueue_created(rt: Runtime, job: Job) -> Job:
     Redis is back. The client still gets its 201 (a 5xx here made clients retry into a
     second job and a second charge)."""
     try:
-        await enqueue_run(rt.redis, rt.settings, job.id, job.modality)
+        await enqueue_run(rt.redis, rt.settings, job.id, job.modality, priority=job.priority)
         return job
     except REDIS_DOWN as exc:
         log.warning("job %s committed but not enqueued (%s: %s); the reconciler enqueues it when Redis is back",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,32 @@ async def test_priority_defaults_and_maximum_of_a_key(stack: Stack) -> None:
         assert third["cached"] is False
     async with stack.client() as c:  # a key without settings: normal
         assert (await c.post("/v1/jobs", json=image("p5"))).json()["priority"] == "normal"
+
+
+async def test_high_priority_jobs_start_before_the_low_ones_waiting_for_the_same_slot(stack: Stack) -> None:
+    """One slot, held; low jobs queue for it, then high ones: every high job starts before
+    every low job that had not started when the high one was submitted, FIFO within each."""
+    def one_slot(prompt: str, latency: float, priority: str) -> dict[str, Any]:
+        return {"model": "one-slot", "priority": priority,
+                "input": {"prompt": prompt, "size": "256x256", "provider_params": {"latency_seconds": latency}}}
+
+    async with stack.client() as c:
+        blocker = (await c.post("/v1/jobs", json=one_slot("blocker", 3.0, "normal"))).json()
+        lows = [(await c.post("/v1/jobs", json=one_slot(f"low {i}", 0.3, "low"))).json() for i in range(6)]
+        highs: list[tuple[float, dict[str, Any]]] = []
+        for i in range(2):
+            submitted = time.time()
+            highs.append((submitted, (await c.post("/v1/jobs", json=one_slot(f"high {i}", 0.3, "high"))).json()))
+        done = {j["id"]: await stack.wait_job(c, j["id"], timeout=60) for j in [blocker, *lows, *(h for _, h in highs)]}
+    assert all(j["status"] == "succeeded" for j in done.values()), [(j["id"], j["status"], j["error"]) for j in done.values()]
+
+    def started(job: dict[str, Any]) -> float:
+        return datetime.fromisoformat(done[job["id"]]["started_at"].replace("Z", "+00:00")).timestamp()
+
+    for submitted, high in highs:
+        overtaken = [low for low in lows if started(low) > submitted]
+        assert overtaken, "every low job had started before a high one was submitted: the slot was not held"
+        assert all(started(high) < started(low) for low in overtaken), (
+            [started(h) for _, h in highs], [started(low) for low in lows])
+    assert [started(low) for low in lows] == sorted(started(low) for low in lows)  # FIFO within a priority
+    assert started(highs[0][1]) < started(highs[1][1])

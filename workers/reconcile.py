@@ -33,7 +33,7 @@ from workers.webhooks import due_deliveries
 log = logging.getLogger("genroute.reconciler")
 
 PAGE = 2000
-_COLS = (Job.id, Job.modality, Job.next_poll_at, Job.updated_at, Job.deadline_at, Job.progress_message)
+_COLS = (Job.id, Job.modality, Job.next_poll_at, Job.updated_at, Job.deadline_at, Job.progress_message, Job.priority)
 
 
 async def reconcile(ctx: Ctx) -> dict[str, int]:
@@ -110,7 +110,7 @@ async def _queued(rt: Runtime, rows: list[Any], now: datetime, stale: datetime, 
         if run_queued and not run_in_progress:
             continue  # its run is on the queue, behind others
         # no run at all, or one held by a dead worker (its in-progress key outlives it)
-        if await enqueue_run(rt.redis, rt.settings, r.id, r.modality, suffix=tag if run_in_progress else ""):
+        if await enqueue_run(rt.redis, rt.settings, r.id, r.modality, suffix=tag if run_in_progress else "", priority=r.priority):
             counts["requeued"] += 1
 
 
@@ -140,5 +140,5 @@ async def _running(rt: Runtime, rows: list[Any], stale: datetime, tag: str, coun
             counts["repolled"] += 1
         else:
             # a submit that never reported back: run_job decides whether it may be resent
-            await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=tag)
+            await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=tag, priority=job.priority)
             counts["resubmitted"] += 1

@@ -9,22 +9,42 @@ ARQ tasks: they live on the poll schedule (core/jobs/polls.py).
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from arq.connections import ArqRedis
 
+from core import priorities
 from core.settings import Settings
+
+# ARQ starts due runs in score order, the score being the enqueue time (ms). A run due now
+# is scored as if enqueued this much earlier, by priority, so a high job's run is picked
+# before a backlog of normal and low ones (and normal before low); FIFO within one. (ARQ's
+# own log line reports this head start as "delayed=…".) Woken runs already hold a slot:
+# they go first of all.
+HEAD_START = {0: timedelta(hours=2), 1: timedelta(hours=1), 2: timedelta(0)}
+WOKEN_HEAD_START = timedelta(hours=3)
+_EXPIRES = timedelta(days=1)  # ARQ's default lifetime of a job key, kept whatever the head start
+
+
+def _due(head_start: timedelta) -> dict[str, Any]:
+    if not head_start:
+        return {}
+    return {"_defer_until": datetime.now(timezone.utc) - head_start, "_expires": _EXPIRES}
 
 
 async def enqueue_run(
-    redis: ArqRedis, settings: Settings, job_id: str, modality: str, *, suffix: str = "", delay: float = 0.0
+    redis: ArqRedis, settings: Settings, job_id: str, modality: str, *, suffix: str = "", delay: float = 0.0,
+    priority: str | None = None,
 ) -> bool:
+    """Run the job now (ahead of lower priorities' runs) or, with `delay`, at that time."""
+    timing = {"_defer_by": delay} if delay else _due(HEAD_START[priorities.rank(priority)])
     job = await redis.enqueue_job(
         "run_job",
         job_id,
         _job_id=f"run:{job_id}{suffix}",
         _queue_name=settings.queue_for(modality),
-        _defer_by=delay or None,
+        **timing,
     )
     return job is not None
 
@@ -44,6 +64,7 @@ async def enqueue_woken(redis: ArqRedis, settings: Settings, waits: Any, job_id:
     prefer = gate[2:] if gate.startswith("d:") else None
     job = await redis.enqueue_job(
         "run_job", job_id, prefer, _job_id=f"run:{job_id}:w{time.time_ns()}", _queue_name=settings.queue_for(mod),
+        **_due(WOKEN_HEAD_START),
     )
     return job is not None
 

@@ -5,9 +5,10 @@ limit) joins a FIFO queue per slot set instead of re-running on a timer (DESIGN.
 Releasing a slot hands it straight to the head of that queue, so a newcomer cannot take
 it first and the order is kept; the woken job's run finds the slot already its own.
 
-    P:wq:{gate}     ZSET  job id -> order (first wait's ticket; lower goes first)
-    P:wq:seq        STR   ticket counter
+    P:wq:{gate}     ZSET  job id -> order: priority rank * 1e13 + ticket (lower goes first:
+                          high before normal before low; FIFO by submission within one)
     P:wj:{job}      HASH  gate -> slots key (the gates it waits at), _m modality, _t ticket
+                          (the job's submit time in ms, kept from its first wait)
     P:dur:{gate}    STR   recent task duration (s), a moving average, for ETAs
 
 A gate is `d:{deployment}` or `k:{key id}`; its slots are the ZSET of leases (lease id ->
@@ -18,10 +19,14 @@ between "the slot is full" and "I am waiting" (no lost wake-up).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
+
+from core import priorities
 
 _NOW = """
 local t = redis.call('TIME')
@@ -49,22 +54,23 @@ local function hand(wq, slots, maxc, handoff_ms, wj_prefix)
 end
 """
 
-# KEYS: wj, then per gate: wq, slots   ARGV: job, modality, handoff_ms, ticket key, wj prefix,
-# then per gate: gate name, max_concurrency
+# KEYS: wj, then per gate: wq, slots   ARGV: job, modality, handoff_ms, submit time (ms), wj prefix,
+# priority rank (0 high .. 2 low), then per gate: gate name, max_concurrency
 # -> {ticket, woken job per gate ('' none)}
 ENTER = _NOW + _HAND + """
 local job, handoff_ms, wj_prefix = ARGV[1], tonumber(ARGV[3]), ARGV[5]
 local ticket = tonumber(redis.call('HGET', KEYS[1], '_t') or '0')
-if ticket == 0 then ticket = redis.call('INCR', ARGV[4]) end
+if ticket == 0 then ticket = tonumber(ARGV[4]) end
 redis.call('HSET', KEYS[1], '_t', ticket, '_m', ARGV[2])
+local order = tonumber(ARGV[6]) * 1e13 + ticket
 local out = {ticket}
 local n = (#KEYS - 1) / 2
 for i = 0, n - 1 do
   local wq, slots = KEYS[2 + i * 2], KEYS[3 + i * 2]
-  local gate, maxc = ARGV[6 + i * 2], tonumber(ARGV[7 + i * 2])
+  local gate, maxc = ARGV[7 + i * 2], tonumber(ARGV[8 + i * 2])
   redis.call('HSET', KEYS[1], gate, slots)
   redis.call('SET', wq .. ':max', maxc, 'EX', 86400)
-  redis.call('ZADD', wq, 'NX', ticket, job)
+  redis.call('ZADD', wq, 'NX', order, job)
   out[#out + 1] = hand(wq, slots, maxc, handoff_ms, wj_prefix) or ''
 end
 return out
@@ -136,12 +142,17 @@ class WaitQueues:
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:wj:{job_id}"
 
-    async def enter(self, job_id: str, modality: str, gates: list[Gate]) -> list[tuple[str, str]]:
-        """Wait at these gates (keeping the first ticket, so a job woken but beaten to the
-        slot keeps its place). Returns (gate name, job) for each free slot handed out on
-        the way, this job perhaps among them: the caller runs each of them now."""
+    async def enter(self, job_id: str, modality: str, gates: list[Gate], priority: str | None = None,
+                    submitted: datetime | None = None) -> list[tuple[str, str]]:
+        """Wait at these gates, behind every job of a higher priority and every one of the
+        same submitted before it (runs start concurrently, so the order they reach a gate
+        is not the order they were submitted in). A job woken but beaten to the slot keeps
+        its place. Returns (gate name, job) for each free slot handed out on the way, this
+        job perhaps among them: the caller runs each of them now."""
         keys = [self.job_key(job_id)]
-        args: list[Any] = [job_id, modality, self.handoff_ms, f"{self.prefix}:wq:seq", f"{self.prefix}:wj:"]
+        since = submitted.timestamp() if submitted is not None else time.time()
+        args: list[Any] = [job_id, modality, self.handoff_ms, int(since * 1000), f"{self.prefix}:wj:",
+                           priorities.rank(priority)]
         for g in gates:
             keys += [self.queue_key(g.name), g.slots_key]
             args += [g.name, g.max_concurrency]
