@@ -48,6 +48,8 @@ from tests.stack import Stack, make_stack, running
 
 OPENAI_KEY = "sk-attack-operator-key-0123456789"
 EVIL_KEY = "bfl-attack-operator-key-0123456789"
+WRONG_KEY = "sk-attack-stale-key-zz9876"
+ADMIN_KEY = "admin-attack-key-0123456789abcdef"
 PUBLIC_HOST = "127.0.0.2"  # admitted by the stack's allowlist: plays a public server
 INPUT_CAP = 50 * 2**20  # adapters/openai.py MAX_INPUT_IMAGE_BYTES
 OUTPUT_CAP = 24 * 2**20  # the stack's GENROUTE_MAX_OUTPUT_BYTES
@@ -171,8 +173,9 @@ def public_server() -> Iterator[Public]:
 
 
 def evil_bfl_app(seen: list[dict[str, Any]]) -> Starlette:
-    """A BFL-shaped provider that answers whatever URL the prompt names: `OUT <url>` as the
-    result's sample (an output URL), `POLL <url>` as the task's polling_url."""
+    """A BFL-shaped provider that answers whatever the prompt names: `OUT <url>` as the
+    result's sample (an output URL), `POLL <url>` as the task's polling_url, `ANSWER
+    <name>` as the create's answer, `TASKERROR <name>` as the poll's Error body (EVIL_ANSWERS)."""
     tasks: dict[str, tuple[str, str]] = {}
 
     async def submit(request: Request) -> Response:
@@ -181,6 +184,9 @@ def evil_bfl_app(seen: list[dict[str, Any]]) -> Starlette:
         body = await request.json()
         seen.append(body)
         verb, _, url = str(body.get("prompt", "")).partition(" ")
+        if verb == "ANSWER":
+            status, answer = EVIL_ANSWERS[url]
+            return JSONResponse(answer, status)
         tid = f"t{len(tasks)}"
         tasks[tid] = (verb, url)
         own = f"{request.url.scheme}://{request.url.netloc}/v1/get_result?id={tid}"
@@ -189,6 +195,8 @@ def evil_bfl_app(seen: list[dict[str, Any]]) -> Starlette:
     async def result(request: Request) -> Response:
         tid = request.query_params.get("id", "")
         verb, url = tasks.get(tid, ("", ""))
+        if verb == "TASKERROR":
+            return JSONResponse({"id": tid, "status": "Error", **EVIL_ANSWERS[url][1]})
         return JSONResponse({"id": tid, "status": "Ready", "result": {"sample": url}})
 
     return Starlette(routes=[Route("/v1/get_result", result), Route("/v1/{model:path}", submit, methods=["POST"])])
@@ -222,12 +230,36 @@ def chat_cases() -> list[str]:
     return sorted(n for n in ADAPTERS if "text" in adapter_class(n).provider_params)
 
 
+# What the provider answers on `ANSWER <name>` / `TASKERROR <name>` (kept out of the prompt,
+# which the tenant sees anyway): (status, body)
+EVIL_ANSWERS: dict[str, tuple[int, dict[str, Any]]] = {
+    "billing": (402, {"detail": "Insufficient credits: balance $0.31 on account acct_8812. Add credits at https://dashboard.bfl.ai"}),
+    "topology": (503, {"error": "upstream connect error: 10.0.4.7:8443 (pool eu-west-2b) reset"}),
+    "input": (422, {"detail": "prompt refused for key sk-live-abcdefgh12345678 see https://internal.bfl.ai/t/99"}),
+    "task": (200, {"error": "worker gpu-node-17.internal failed: see https://ops.bfl.internal/runs/5 token=tok_abcdef123456"}),
+}
+LEAKS = [
+    # (prompt or model, the job's code, what the provider said that the tenant must not see)
+    ("badkey", "provider_auth", ["9876", "Incorrect API key", "platform.openai.com"]),
+    ("ANSWER billing", "provider_error", ["Insufficient credits", "acct_8812", "0.31", "dashboard.bfl.ai"]),
+    ("ANSWER topology", "provider_unavailable", ["10.0.4.7", "eu-west-2b", "upstream connect"]),
+    ("ANSWER input", "invalid_input", ["sk-live-abcdefgh12345678", "internal.bfl.ai"]),
+    ("TASKERROR task", "provider_error", ["ops.bfl.internal", "tok_abcdef123456"]),
+]
+
+
 def _catalog(path: Path, openai_url: str, evil_url: str) -> Path:
     fast = {"poll_interval": 0.05}
     models: list[dict[str, Any]] = [
         {"id": "edit", "modality": "image", "deployments": [{
             "name": "openai-edit", "adapter": "openai", "model": "gpt-image-1", "base_url": openai_url,
             "api_key_env": "ATTACK_OPENAI_KEY", "options": fast}]},
+        {"id": "badkey", "modality": "image", "deployments": [{
+            "name": "openai-badkey", "adapter": "openai", "model": "gpt-image-1", "base_url": openai_url,
+            "api_key_env": "ATTACK_WRONG_KEY", "options": fast}]},
+        *({"id": f"leak{i}", "modality": "image", "deployments": [{  # one each: an operator's fault marks it out
+            "name": f"leak{i}-bfl", "adapter": "bfl", "model": "flux-evil", "base_url": evil_url,
+            "api_key_env": "ATTACK_EVIL_KEY", "options": fast}]} for i in range(len(LEAKS))),
         {"id": "evil", "modality": "image", "deployments": [{
             "name": "evil-bfl", "adapter": "bfl", "model": "flux-evil", "base_url": evil_url,
             "api_key_env": "ATTACK_EVIL_KEY", "options": fast}]},
@@ -260,7 +292,8 @@ async def stack(servers: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("attacks")
     st = await make_stack(
         root, redis_url=f"{redis_base}/0", catalog=_catalog(root / "catalog.yaml", servers["openai"], servers["evil"]),
-        env={"ATTACK_OPENAI_KEY": OPENAI_KEY, "ATTACK_EVIL_KEY": EVIL_KEY,
+        env={"ATTACK_OPENAI_KEY": OPENAI_KEY, "ATTACK_EVIL_KEY": EVIL_KEY, "ATTACK_WRONG_KEY": WRONG_KEY,
+             "GENROUTE_ADMIN_KEY": ADMIN_KEY,
              "GENROUTE_OUTBOUND_ALLOWLIST": f'["{PUBLIC_HOST}/32"]'},
         max_output_bytes=str(OUTPUT_CAP), log_level="INFO",
     )
@@ -500,6 +533,42 @@ async def test_an_endless_stream_stops_at_the_byte_cap(stack: Stack, servers: di
     # the input is held in memory up to its cap (it is sent on as one upload); the output
     # streams to a temp file: either way nowhere near the bytes the server sent for ever
     assert peak - before < (2 * cap if where == "input" else cap // 2) + 64 * 2**20, (before, peak)
+
+
+# -- provider error detail: tenants get the code and a cleaned message ----------------------
+
+
+
+@pytest.mark.parametrize("i", range(len(LEAKS)), ids=["auth", "billing", "topology", "input", "task"])
+async def test_provider_error_detail_reaches_admins_not_tenants(stack: Stack, i: int) -> None:
+    what, code, secrets = LEAKS[i]
+    body = ({"model": "badkey", "input": {"prompt": "a fox"}} if what == "badkey"
+            else {"model": f"leak{i}", "input": {"prompt": what}})
+    job = await _finished(stack, body)
+    assert job["status"] == "failed" and job["error"]["code"] == code, job["error"]
+    async with stack.client() as c:
+        tenant_views = [json.dumps((await c.get(f"/v1/jobs/{job['id']}")).json()),
+                        json.dumps((await c.get("/v1/jobs", params={"limit": 50})).json()),
+                        (await c.get(f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"})).text]
+        denied = await c.get(f"/v1/admin/jobs/{job['id']}")
+        assert denied.status_code in (401, 403)
+    for view in tenant_views:
+        for s in secrets:
+            assert s not in view, (s, view[:2000])
+    assert job["error"]["message"], job["error"]
+    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        full = (await admin.get(f"/v1/admin/jobs/{job['id']}")).json()
+    provider = json.dumps(full["error"]["details"]["provider"])
+    assert any(s in provider for s in secrets), provider  # the operator keeps the provider's own words
+    assert any(s in (stack.root / "worker.log").read_text() for s in secrets)  # and the worker's log line
+
+
+async def test_openai_routes_get_the_cleaned_message_too(stack: Stack) -> None:
+    async with stack.client() as c:
+        r = await c.post("/v1/images/generations", json={"model": "badkey", "prompt": "a fox"})
+    assert r.status_code >= 400, r.text
+    for s in ("9876", "Incorrect API key", "platform.openai.com"):
+        assert s not in r.text, r.text
 
 
 # -- hole 4: keys and signatures in logs ----------------------------------------------------
