@@ -241,7 +241,7 @@ EVIL_ANSWERS: dict[str, tuple[int, dict[str, Any]]] = {
 LEAKS = [
     # (prompt or model, the job's code, what the provider said that the tenant must not see)
     ("badkey", "provider_auth", ["9876", "Incorrect API key", "platform.openai.com"]),
-    ("ANSWER billing", "provider_error", ["Insufficient credits", "acct_8812", "0.31", "dashboard.bfl.ai"]),
+    ("ANSWER billing", "provider_error", ["Insufficient credits", "acct_8812", "$0.31", "dashboard.bfl.ai"]),
     ("ANSWER topology", "provider_unavailable", ["10.0.4.7", "eu-west-2b", "upstream connect"]),
     ("ANSWER input", "invalid_input", ["sk-live-abcdefgh12345678", "internal.bfl.ai"]),
     ("TASKERROR task", "provider_error", ["ops.bfl.internal", "tok_abcdef123456"]),
@@ -618,3 +618,20 @@ async def test_no_key_or_signature_in_any_log_line_of_a_token_run(tmp_path: Path
     assert sig not in text
     for line in text.splitlines():
         assert not re.search(r"[?&](token|sig|signature|x-amz-signature)=(?!\[redacted\])", line, re.I), line
+
+
+def test_the_parameter_allowlists_are_documented_as_declared() -> None:
+    """docs/adapters/provider-params.md lists, per adapter and modality, exactly the names
+    the adapter declares settable (a new adapter or name fails here until documented)."""
+    from adapters.registry import adapter_class
+
+    doc = (Path(__file__).parents[1] / "docs" / "adapters" / "provider-params.md").read_text()
+    for name in sorted(ADAPTERS):
+        section = doc.split(f"## `{name}`", 1)
+        assert len(section) == 2, f"docs/adapters/provider-params.md has no section for {name}"
+        body = section[1].split("\n## ", 1)[0]
+        rows = dict(re.findall(r"^\| (\w+) \| (.+) \|$", body, re.M))
+        declared = adapter_class(name).provider_params
+        for modality, names in declared.items():
+            assert set(re.findall(r"`([^`]+)`", rows.get(modality, ""))) == set(names), (name, modality)
+        assert set(rows) - {"modality"} <= set(declared) | ({"(any)"} if not declared else set()), (name, rows)
