@@ -124,7 +124,7 @@ def _checking_params(
                 ProviderErrorKind.invalid,
                 f"provider_params.{name} is not allowed: {why}",
                 code=ErrorCode.invalid_input,
-                detail={"loc": ["input", "provider_params", name]},
+                detail={"loc": ["input", "provider_params", *(int(p) if p.isdigit() else p for p in name.split("."))]},
             )
         return await submit(self, request)
 

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from adapters.base import Adapter
-from adapters.http import body_json, error_from_response, send, unsupported
+from adapters.http import body_json, error_from_response, follow_up, send, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
@@ -139,7 +139,11 @@ class BFLAdapter(Adapter):
         return Pending(handle=handle, poll_after=self.poll_interval(POLL_SECONDS), progress=0.0, message="submitted")
 
     async def poll(self, handle: dict[str, Any]) -> PollResult:
-        resp = await send(self.http, "GET", handle["polling_url"], provider=PROVIDER, headers=self._auth())
+        url = str(handle["polling_url"])
+        base = self.base_url(DEFAULT_BASE_URL)
+        # the key goes to BFL's own hosts (the task may live on a regional one) or the base's
+        headers = self._auth() if _key_may_go(url, base) else self.headers()
+        resp = await follow_up(self.http, "GET", url, base=base, provider=PROVIDER, headers=headers)
         if not resp.is_success:
             raise _error(resp)
         answer = body_json(resp)
@@ -226,6 +230,18 @@ class BFLAdapter(Adapter):
         # no x-key on it (it is a delivery-host URL, the key must not leave BFL's API)
         ref = OutputRef(url=sample, content_type=f"image/{fmt}")
         return Done(outputs=[ref], handle=handle, usage=dict(handle.get("usage") or {}))
+
+
+def _key_may_go(url: str, base: str) -> bool:
+    """The x-key is sent to the base URL's host, or over https to bfl.ai and its subdomains
+    (the regional hosts polling URLs name), never to another host an answer names."""
+    try:
+        u, b = httpx.URL(url), httpx.URL(base)
+    except httpx.InvalidURL:
+        return False
+    if (u.scheme, u.host) == (b.scheme, b.host):
+        return True
+    return u.scheme == "https" and (u.host == "bfl.ai" or u.host.endswith(".bfl.ai"))
 
 
 # -- request mapping ---------------------------------------------------------------------

@@ -42,7 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from adapters.base import Adapter
-from adapters.http import body_json, error_from_response, error_message, moderated, send, unsupported
+from adapters.http import body_json, error_from_response, error_message, follow_up, moderated, send, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
@@ -174,7 +174,8 @@ class FalAdapter(Adapter):
 
     # -- poll ------------------------------------------------------------------------------
     async def poll(self, handle: dict[str, Any]) -> PollResult:
-        resp = await send(self.http, "GET", handle["status_url"], provider=PROVIDER, params={"logs": "1"}, headers=self._headers(handle["status_url"]))
+        resp = await follow_up(self.http, "GET", handle["status_url"], base=self.base_url(DEFAULT_BASE), provider=PROVIDER,
+                               params={"logs": "1"}, headers=self._headers(handle["status_url"]))
         if resp.status_code in (404, 410):
             return Failed(ErrorCode.provider_error, f"fal no longer knows request {handle['request_id']}", {"status": resp.status_code})
         if not resp.is_success:
@@ -199,7 +200,8 @@ class FalAdapter(Adapter):
         return Pending(handle, interval, progress=log_progress(logs), message=(logs[-1][:200] if logs else "in progress"))
 
     async def _fetch_result(self, handle: dict[str, Any], status: dict[str, Any]) -> PollResult:
-        resp = await send(self.http, "GET", handle["response_url"], provider=PROVIDER, headers=self._headers(handle["response_url"]))
+        resp = await follow_up(self.http, "GET", handle["response_url"], base=self.base_url(DEFAULT_BASE), provider=PROVIDER,
+                               headers=self._headers(handle["response_url"]))
         if not resp.is_success:
             return run_failure(resp.status_code, body_json(resp), resp)
         usage = {"request_id": handle["request_id"], **_usage(status)}
@@ -209,7 +211,8 @@ class FalAdapter(Adapter):
 
     # -- cancel ----------------------------------------------------------------------------
     async def cancel(self, handle: dict[str, Any]) -> None:
-        resp = await send(self.http, "PUT", handle["cancel_url"], provider=PROVIDER, headers=self._headers(handle["cancel_url"]))
+        resp = await follow_up(self.http, "PUT", handle["cancel_url"], base=self.base_url(DEFAULT_BASE), provider=PROVIDER,
+                               headers=self._headers(handle["cancel_url"]))
         # 400 ALREADY_COMPLETED / 404 NOT_FOUND: nothing left to stop
         if resp.is_success or resp.status_code in (400, 404):
             return

@@ -4,6 +4,9 @@ responses into ProviderError (httpx's `map_httpcore_exceptions` is the model).
     send(...)            -> httpx.Response, or ProviderError for transport failures
     raise_for_status(r)  -> None, or ProviderError by status (adapters refine first)
     retry_after(r)       -> seconds from Retry-After / retry-after-ms / body / Google RetryInfo
+    follow_up(...)       -> httpx.Response for a URL a provider's answer named (a polling or
+                            result URL): on the deployment's own origin as `send`, elsewhere
+                            through the guarded fetcher (core/fetcher.py)
 
 Whose fault (core.errors.Fault) is decided here, once:
 
@@ -33,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from core import logs
+from core import fetcher, logs
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -109,6 +112,59 @@ async def send_stream(http: httpx.AsyncClient, request: httpx.Request, *, provid
         resp = await http.send(request, stream=True)
     resp.extensions[_CREATE] = create
     return resp
+
+
+FOLLOW_UP_MAX_BYTES = 8 * 2**20  # a polling or result answer is JSON: far less than this
+FOLLOW_UP_SECONDS = 60.0
+
+
+def same_origin(url: str, base: str) -> bool:
+    """Whether `url` is on the deployment's base URL's origin (scheme, host, port): the
+    operator's choice, trusted like the base URL itself."""
+    try:
+        a, b = httpx.URL(url), httpx.URL(base)
+    except httpx.InvalidURL:
+        return False
+    return (a.scheme, a.host, a.port or _PORTS.get(a.scheme)) == (b.scheme, b.host, b.port or _PORTS.get(b.scheme))
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+async def follow_up(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    base: str,
+    provider: str,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> httpx.Response:
+    """A request to a URL the provider's answer named. On the base URL's origin it is sent
+    like any call to the provider; anywhere else it goes through the guarded fetcher (the
+    address checked and connected to as checked, no redirect followed, the answer capped),
+    so a provider, or whoever answers in its name, cannot point us into our own network.
+    A refused URL is the provider's fault and ends the job; transport trouble is retried."""
+    if same_origin(url, base):
+        return await send(http, method, url, provider=provider, headers=headers, params=params)
+    if params:
+        url = str(httpx.URL(url).copy_merge_params(params))
+    try:
+        async with fetcher.fetch(http, url, method=method, headers=headers, max_bytes=FOLLOW_UP_MAX_BYTES,
+                                 timeout=FOLLOW_UP_SECONDS, max_redirects=0) as got:
+            content = await got.read()
+            answer = got.response
+    except fetcher.FetchError as exc:
+        if exc.kind in (fetcher.FetchFailure.transport, fetcher.FetchFailure.timeout):
+            raise ProviderError(ProviderErrorKind.retryable, f"{provider}: {exc.reason}", resend_safe=True) from None
+        raise ProviderError(
+            ProviderErrorKind.failed, f"{provider}: the URL its answer named was not fetched: {exc.reason}",
+            detail={"fetch": exc.kind.value},
+        ) from None
+    # the body is decoded already: the headers must not say otherwise
+    kept = [(k, v) for k, v in answer.headers.multi_items() if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(answer.status_code, headers=kept, content=content, request=answer.request)
 
 
 def body_json(resp: httpx.Response) -> Any:

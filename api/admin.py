@@ -13,6 +13,8 @@
                                                  expires_at? | expires_in_seconds?}  (null clears)
     POST  /v1/admin/keys/{id}/revoke
     POST  /v1/admin/keys/{id}/rotate            {grace_seconds?}  new key shown once
+    GET   /v1/admin/jobs/{id}                   any tenant's job, with the provider's own error words
+                                                (error.details.provider; tenants get a cleaned message)
 
 Money is micro-USD (1 USD = 1,000,000); a null budget means no cap. Each API process reloads
 its own catalog (send the call to every replica, or SIGHUP them); workers reload on SIGHUP.
@@ -38,7 +40,9 @@ from core.routing.catalog import CatalogError
 from core.errors import InvalidInput, NotFound
 from core.models import ApiKey, Tenant, utcnow
 from core.runtime import Runtime, reload_catalog
-from core.schemas import Priority
+from core.schemas import JobPublic, Priority
+from api.views import job_public
+from core.jobs.ledger import JobStatus
 
 router = APIRouter(route_class=StrictRoute, prefix="/v1/admin", tags=["admin"])
 
@@ -341,3 +345,15 @@ async def rotate_key(key_id: str, request: Request, rt: RuntimeDep, _: AdminDep,
     new, plain, old = rotated
     await _changed(request, rt, f"key:{key_id}")
     return KeyRotated(**_key(new), key=plain, previous=KeyPublic(**_key(old)))
+
+
+# jobs -------------------------------------------------------------------------------------------
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+async def job_detail(job_id: str, rt: RuntimeDep, _: AdminDep) -> JobPublic:
+    """Any tenant's job as its owner sees it, plus what the provider itself answered when it
+    failed (`error.details.provider`: its message and body), which tenants never get."""
+    job = await rt.ledger.get(job_id) if len(job_id) <= 40 else None
+    if job is None:
+        raise NotFound(f"no job {job_id[:40]!r}")
+    assets = (await rt.ledger.assets([job.id]))[job.id] if job.status == JobStatus.succeeded else []
+    return await job_public(rt.store, job, assets, rt.settings.url_ttl_seconds, operator=True)

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import database_busy, unavailable
 from api.strict import StrictRoute
+from core import disclosure
 from core.routing.catalog import Model
 from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
 from core.runtime import Runtime
@@ -94,7 +95,8 @@ def from_code(code: str, message: str, *, retry_after: float | None = None, para
 
 
 def from_provider(exc: ProviderError) -> OpenAIError:
-    return from_code(exc.code.value, exc.message, retry_after=exc.retry_after)
+    """The tenant's words for it (core/disclosure.py): never the provider's body."""
+    return from_code(exc.code.value, disclosure.of_provider_error(exc).message, retry_after=exc.retry_after)
 
 
 def param_of(loc: Any, fields: Mapping[str, str] | None = None) -> str | None:

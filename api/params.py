@@ -42,5 +42,10 @@ def check_provider_params(catalog: Catalog, model: Model, given: Mapping[str, An
     path = ".".join((*loc, name))
     raise ParamNotAllowed(
         f"{path} is not allowed: {why}",
-        details=[{"loc": [*loc, name], "msg": why, "type": "param_not_allowed"} for name, why in bad],
+        details=[{"loc": [*loc, *_parts(name)], "msg": why, "type": "param_not_allowed"} for name, why in bad],
     )
+
+
+def _parts(path: str) -> list[str | int]:
+    """A nested parameter's dotted path as a loc (`referenceImages.0.image.uri`)."""
+    return [int(p) if p.isdigit() else p for p in path.split(".")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.disclosure import without_private
 from core.jobs.ledger import charged
 from core.models import Asset, Job
 from core.schemas import AssetPublic, AttemptPublic, CostPublic, ErrorPublic, JobPublic, ProgressPublic
@@ -24,7 +25,8 @@ async def asset_public(store: Any, asset: Asset, ttl: int) -> AssetPublic:
 
 
 async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_position: int | None = None,
-                     eta_seconds: float | None = None) -> JobPublic:
+                     eta_seconds: float | None = None, *, operator: bool = False) -> JobPublic:
+    """`operator`: the admin view, with the provider's own error words (core/disclosure.py)."""
     return JobPublic(
         id=job.id,
         tenant=job.tenant,
@@ -37,7 +39,8 @@ async def job_public(store: Any, job: Job, assets: list[Asset], ttl: int, queue_
         queue_position=queue_position if queue_position is not None else job.queue_position,
         eta_seconds=round(eta_seconds, 1) if eta_seconds is not None else None,
         outputs=[await asset_public(store, a, ttl) for a in assets],
-        error=ErrorPublic(code=job.error_code, message=job.error_message or "", details=job.error_detail)
+        error=ErrorPublic(code=job.error_code, message=job.error_message or "",
+                          details=job.error_detail if operator else without_private(job.error_detail))
         if job.error_code
         else None,
         deployment=job.deployment,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
@@ -763,3 +764,30 @@ def test_probe_refuses_corrupt_and_pillow_warning_images(tmp_path: Path) -> None
     warned.write_bytes(bomb_png(side, side))
     with pytest.raises(ProbeError, match="decompression bomb"):
         probe_file(warned, "image/png", max_image_pixels=pillow_limit * 2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "data,served_as,hint,stored_as",
+    [
+        (b"<html><script>alert(document.cookie)</script></html>", "image/png", "image/png", "text/plain"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', "image/svg+xml", None, "text/plain"),
+        (png_bytes((32, 32)), "text/html; charset=utf-8", "text/html", "image/png"),
+    ],
+    ids=["html-served-as-png", "svg", "png-served-as-html"],
+)
+async def test_stored_object_carries_the_sniffed_type_never_the_providers(
+    s3_store: S3BlobStore, http: httpx.AsyncClient, provider: FileServer, tmp_dir: Path,
+    data: bytes, served_as: str, hint: str | None, stored_as: str,
+) -> None:
+    """The S3 object's Content-Type (what a browser is told when it opens the download) is
+    the one the bytes show, whatever the provider's answer and OutputRef hint said."""
+    provider.routes["/out/typed"] = (200, {"Content-Type": served_as}, data)
+    asset = await store_output(
+        s3_store, http, OutputRef(url=f"{provider.url}/out/typed", content_type=hint),
+        key_base="t/typed", index=0, max_bytes=MiB, max_image_pixels=MAX_PIXELS, tmp_dir=tmp_dir,
+    )
+    head = await asyncio.to_thread(s3_store._clients()[0].head_object, Bucket=s3_store.bucket, Key=asset.key)
+    assert (asset.content_type, head["ContentType"]) == (stored_as, stored_as)
+    served = await http.get(await s3_store.url(asset.key, expires_in=60))
+    assert served.headers["content-type"] == stored_as and served.content == data

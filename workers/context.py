@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
 from core.callbacks import callback_secret, callback_url
+from core.disclosure import PRIVATE
 from core.errors import ErrorCode
 from core.jobs.ledger import JobStatus
 from core.models import Job
@@ -35,6 +36,10 @@ def deployment_of(rt: Runtime, job: Job) -> Deployment | None:
 async def fail(rt: Runtime, job: Job, code: ErrorCode, message: str, detail: Any = None, **changes: Any) -> Job | None:
     if detail is not None:
         changes["error_detail"] = detail
+    private = detail.get(PRIVATE) if isinstance(detail, dict) else None
+    if isinstance(private, dict):  # the provider's own words: for the operator's log, never the tenant
+        log.warning("job %s failed (%s): %s; provider detail: %s", job.id, code.value, str(private.get("message"))[:1000],
+                    str(private.get("detail"))[:2000])
     failed = await rt.ledger.transition(job.id, JobStatus.failed, error=(code, message), **changes)
     if failed is not None:
         await release(rt, failed)

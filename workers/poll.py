@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from core import metrics
+from core import disclosure, metrics
 from core.callbacks import load_result
 from core.errors import ErrorCode, ProviderError
 from core.jobs.ledger import JobStatus
@@ -158,7 +158,8 @@ class Poller:
                 delay = max(min(exc.retry_after or 0.0, cap), min(60.0, 2.0 ** (e.errors + 1)))
                 self._reschedule(e, now_ms, delay, {"e": e.errors + 1})
                 return
-            await self._end(e, exc.code, exc.message, exc.detail)
+            told = disclosure.of_provider_error(exc)
+            await self._end(e, exc.code, told.message, told.detail)
             return
         except INFRA_ERRORS:
             raise
@@ -169,7 +170,8 @@ class Poller:
         if isinstance(result, Pending):
             await self._pending(e, now_ms, result)
         elif isinstance(result, Failed):
-            await self._end(e, result.code, result.message, result.detail)
+            told = disclosure.of_failure(result.message, result.detail)
+            await self._end(e, result.code, told.message, told.detail)
         else:
             await self._done(e, result)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlmodel import select
 
+from core import disclosure
 from core.errors import ErrorCode, ProviderError
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.jobs.queue import enqueue_run, enqueue_woken
@@ -289,11 +290,12 @@ async def _submit_failed(
     """A create failed. Retry it only when it provably started nothing upstream."""
     s = rt.settings
     extra: dict[str, Any] = {"attempts": attempts} if attempts is not None else {}
+    told = disclosure.of_provider_error(exc)  # the tenant's words; the provider's kept for operators
     if exc.retryable and not (exc.resend_safe or (adapter is not None and adapter.idempotent_submit)):
         await fail(
             rt, job, ErrorCode.provider_unavailable,
-            f"{exc.message}; the request may have reached the provider, so it was not resent "
-            "(a second create could run and bill the job twice)", exc.detail, **extra,
+            f"{told.message}; the request may have reached the provider, so it was not resent "
+            "(a second create could run and bill the job twice)", told.detail, **extra,
         )
         return
     if exc.retryable and job.attempt < s.submit_attempts:
@@ -301,12 +303,12 @@ async def _submit_failed(
         delay = min(60.0, max(exc.retry_after or 0.0, backoff))
         waiting = await rt.ledger.transition(
             job.id, JobStatus.queued, expect_version=job.version,
-            progress_message=f"attempt {job.attempt} refused ({exc.code.value}: {exc.message[:200]}); retrying in {delay:.1f}s",
+            progress_message=f"attempt {job.attempt} refused ({exc.code.value}: {told.message[:200]}); retrying in {delay:.1f}s",
             next_poll_at=utcnow() + timedelta(seconds=delay),  # the reconciler waits for it too
             **extra,
         )
         if waiting is not None:
             await enqueue_run(rt.redis, s, job.id, job.modality, suffix=f":retry{job.attempt}", delay=delay, priority=job.priority)
         return
-    await fail(rt, job, exc.code, exc.message, exc.detail, **extra)
+    await fail(rt, job, exc.code, told.message, told.detail, **extra)
 

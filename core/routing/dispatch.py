@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from core import disclosure
 from core.errors import ErrorCode, ProviderError
 from core.jobs.queue import enqueue_woken
 from core.limits.deployments import Denied
@@ -145,7 +146,9 @@ async def dispatch(
             await release(rt, dep, lease_id)
             if counts(exc):
                 await rt.limiter.record_error(dep, exc, catalog_version=cat.version)
-            tried[-1].update(duration_ms=_ms(t0), error={"code": exc.code.value, "message": exc.message[:500]})
+            # attempts are shown to the tenant: the cleaned message (core/disclosure.py)
+            tried[-1].update(duration_ms=_ms(t0), error={"code": exc.code.value,
+                                                         "message": disclosure.of_provider_error(exc).message[:500]})
             last = exc
             if can_fall_back(exc) and i + 1 < len(candidates):
                 continue
