@@ -39,7 +39,8 @@ Behaviour by prompt keyword (tests/contract.py), on every route:
 Otherwise a video is InQueue for `queue_polls` polls (position counting down), InProgress for
 `progress_polls`, then Succeed. The reply to an unknown requestId is undocumented: 400 20015 here.
 
-Control: GET /_control/stats, POST /_control/reset, POST /_control/config, GET /_control/requests.
+Control (at the root and under /v1): GET /_control/stats, POST /_control/reset, POST /_control/config,
+GET /_control/requests.
 """
 
 from __future__ import annotations
@@ -366,10 +367,11 @@ def create_app(
             Route("/v1/video/status", status, methods=["POST"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/files/{fid}.{ext}", files, methods=["GET"]),
-            Route("/_control/stats", stats, methods=["GET"]),
-            Route("/_control/reset", reset, methods=["POST"]),
-            Route("/_control/config", config, methods=["POST"]),
-            Route("/_control/requests", recent, methods=["GET"]),
+            # control routes at the root and under /v1 (the base URL a deployment is given)
+            *(Route(f"{prefix}/_control/stats", stats, methods=["GET"]) for prefix in ("", "/v1")),
+            *(Route(f"{prefix}/_control/reset", reset, methods=["POST"]) for prefix in ("", "/v1")),
+            *(Route(f"{prefix}/_control/config", config, methods=["POST"]) for prefix in ("", "/v1")),
+            *(Route(f"{prefix}/_control/requests", recent, methods=["GET"]) for prefix in ("", "/v1")),
         ],
         exception_handlers={404: not_found, 405: not_found},
     )
