@@ -183,13 +183,17 @@ class Poller:
             fields["s0"] = now_ms
         if result.handle != e.handle:
             fields["h"] = json.dumps(result.handle, separators=(",", ":"))
-        progress = {"progress": result.progress, "message": result.message, "queue_position": result.queue_position}
+        fraction = result.progress
+        if fraction is None:  # the provider gives no figure now: the last one stands (a row's progress is never NULL)
+            last = json.loads(e.published).get("progress") if e.published else None
+            fraction = last if isinstance(last, int | float) else 0.0
+        progress = {"progress": fraction, "message": result.message, "queue_position": result.queue_position}
         published = json.dumps(progress, separators=(",", ":"), sort_keys=True)
         if published != e.published:
             fields["pv"] = published
             if e.webhooks:  # subscribers want job.progress webhooks: a delivery row, so the row too
                 moved = await self.rt.ledger.transition(
-                    e.job_id, JobStatus.running, progress=result.progress, progress_message=result.message,
+                    e.job_id, JobStatus.running, progress=fraction, progress_message=result.message,
                     queue_position=result.queue_position,
                 )
                 if moved is None:
@@ -200,7 +204,7 @@ class Poller:
                 self.batch.events.append((e, data))
                 if now_ms - e.written_ms >= self.rt.settings.progress_write_seconds * 1000:
                     fields["pw"] = now_ms
-                    self.batch.rows.append({"id": e.job_id, "progress": result.progress,
+                    self.batch.rows.append({"id": e.job_id, "progress": fraction,
                                             "progress_message": result.message, "queue_position": result.queue_position})
         lease_ms = self.rt.settings.router_lease_seconds * 1000
         if now_ms - e.renewed_ms >= lease_ms / 3:
