@@ -506,6 +506,10 @@ def check(resp: httpx.Response, provider: str) -> None:
     """OpenAI's own error bodies first (moderation, quota), then the generic mapping."""
     if resp.is_success:
         return
+    from adapters.siliconflow import flat_error  # SiliconFlow's flat {code, message} / bare-string bodies
+
+    if (flat := flat_error(resp, provider)) is not None:
+        raise flat
     err = body_json(resp)
     err = err.get("error") if isinstance(err, dict) else None
     if isinstance(err, dict):
