@@ -438,6 +438,7 @@ _QUOTA = re.compile(r"credit|balance|insufficient|余额|积分|点数", re.IGNO
 _AUTH = re.compile(r"api ?key|apikey|token|unauthori[sz]ed|密钥", re.IGNORECASE)
 _BUSY = re.compile(r"busy|try again|overload|繁忙|稍后", re.IGNORECASE)
 _FLAGGED = re.compile(r"moderation|sensitive|violat|违规|敏感", re.IGNORECASE)
+_MODEL = re.compile(r"\bmodel\b|模型", re.IGNORECASE)
 
 
 def _refusal(code: Any, message: str, answer: dict[str, Any]) -> ProviderError:
@@ -454,6 +455,9 @@ def _refusal(code: Any, message: str, answer: dict[str, Any]) -> ProviderError:
     if _FLAGGED.search(message):
         return ProviderError(ProviderErrorKind.moderated, text, detail={**detail, "stage": "input", "reasons": [message]},
                              resend_safe=True)
+    if _MODEL.search(message):  # a model id GrsAi does not serve (on this route): the catalog's mistake
+        return ProviderError(ProviderErrorKind.invalid, f"{text} (check the deployment's model, api and draw_path)",
+                             detail=detail, fault=Fault.operator, resend_safe=True)
     return ProviderError(ProviderErrorKind.invalid, text, detail=detail, resend_safe=True)
 
 
