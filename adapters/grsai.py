@@ -59,6 +59,7 @@ NOT_FOUND = -22
 FIRST_POLLS_SECONDS, POLL_SECONDS, SORA_POLL_SECONDS = 5.0, 10.0, 15.0
 FIRST_POLLS_WINDOW = 10.0  # seconds after submit polled at the faster cadence
 GRACE_POLLS, GRACE_SECONDS = 3, 15.0  # -22 right after submit: "not registered yet"
+GRACE_POLL_SECONDS = 2.0  # polled this often while waiting for it to register
 DEFAULT_RATE_LIMIT_WAIT = 5.0
 TERMINAL = frozenset({"succeeded", "failed", "violation"})
 
@@ -264,7 +265,7 @@ class GrsAiAdapter(Adapter):
         waited = time.time() - float(handle.get("submitted_at") or 0)
         if not handle.get("seen") and (misses <= polls or waited < seconds):
             handle = {**handle, "misses": misses}
-            return Pending(handle=handle, poll_after=self._cadence(handle), progress=0.0,
+            return Pending(handle=handle, poll_after=min(self._cadence(handle), GRACE_POLL_SECONDS), progress=0.0,
                            message="GrsAi has not registered the task yet")
         return Failed(
             code=ErrorCode.provider_error,
