@@ -432,7 +432,7 @@ def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 def _record(state: State, body: dict[str, Any]) -> None:
     def short(v: Any) -> Any:
-        if isinstance(v, str) and len(v) > 60:
+        if isinstance(v, str) and len(v) > 60 and not v.startswith(("http://", "https://")):
             return v[:40] + "..."
         return [short(x) for x in v] if isinstance(v, list) else v
 
