@@ -19,7 +19,7 @@ import httpx
 from core import fetcher, params
 from core.routing.catalog import Deployment
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
-from core.types import PollResult, ProviderRequest, SubmitResult
+from core.types import PollNow, PollResult, ProviderRequest, SubmitResult
 
 
 INPUT_FETCH_SECONDS = 60.0  # one input file, every redirect and byte included
@@ -67,9 +67,10 @@ class Adapter:
 
     async def verify_callback(
         self, headers: dict[str, str], body: bytes, handle: dict[str, Any], secret: str | None
-    ) -> PollResult | None:
+    ) -> PollResult | PollNow | None:
         """Check a provider webhook's signature and turn its body into a poll result
-        (None: an intermediate event that changes nothing). Raise ProviderError(auth) when
+        (None: an intermediate event that changes nothing; PollNow: an unsigned body that
+        only makes the job's next poll due now). Raise ProviderError(auth) when
         the signature does not verify. `secret` is the per-job secret this job was given
         (for providers that sign with ours). Providers without webhooks keep the default."""
         raise ProviderError(ProviderErrorKind.auth, f"{self.name} sends no callbacks")

@@ -4,7 +4,8 @@ The token names the job and proves we issued it (core.callbacks). The job's adap
 verifies the provider's signature (Standard Webhooks for Replicate, Ed25519 for fal,
 HMAC for BFL). A final result is handed to the worker, which stores the outputs and
 finishes the job exactly once; polling stays on as the fallback. Unverified or replayed
-callbacks get 401 and leave the job untouched.
+callbacks get 401 and leave the job untouched. An unsigned callback (GrsAi) is never a
+result: its adapter answers PollNow, and the job's next poll is made due now.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from api.strict import StrictRoute
 from core.callbacks import callback_secret, dump_result, job_id_from_token
 from core.errors import ProviderError, ProviderErrorKind, Unauthorized
 from core.jobs.ledger import JobStatus
-from core.types import Pending
+from core.types import Pending, PollNow
 
 router = APIRouter(route_class=StrictRoute, tags=["callbacks"])
 
@@ -56,6 +57,9 @@ async def receive_callback(provider: str, token: str, request: Request, rt: Runt
         raise Unauthorized("callback already received (replay)")
     if result is None:
         return JSONResponse({"status": "ok"})
+    if isinstance(result, PollNow):  # unsigned (GrsAi): never a result, only a reason to poll now
+        await rt.polls.due_now(job.id, job.modality)
+        return JSONResponse({"status": "accepted"}, status_code=202)
     if isinstance(result, Pending):
         await rt.ledger.transition(
             job.id,

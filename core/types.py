@@ -71,6 +71,14 @@ class Failed:
     detail: Any = None
 
 
+@dataclass(frozen=True, slots=True)
+class PollNow:
+    """What an unsigned provider callback may say (verify_callback): the task moved, but the
+    body is not trusted as a result. The job's next poll is made due now; only its answer counts."""
+
+    reason: str = ""
+
+
 PollResult = Pending | Done | Failed
 SubmitResult = Pending | Done
 

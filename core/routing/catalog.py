@@ -79,6 +79,7 @@ ADAPTERS: dict[str, str] = {
     "replicate": "adapters.replicate:ReplicateAdapter",
     "fal": "adapters.fal:FalAdapter",
     "siliconflow": "adapters.siliconflow:SiliconFlowAdapter",
+    "grsai": "adapters.grsai:GrsAiAdapter",
 }
 
 
