@@ -277,7 +277,10 @@ class OpenRouterAdapter(OpenAICompatibleAdapter):
                                 "modalities": self.routing.modalities or ["image", "text"], **p}
         if config:
             body["image_config"] = config
-        answer = await self.chat(body, stream=False)
+        # not `chat`: an image is a create like any other, so a 5xx after it may have run is
+        # not resent (chat's own calls are, as they leave no task behind)
+        answer = await self._chat(body, stream=False)
+        assert isinstance(answer, dict)
         outputs = chat_images(answer, self.name)
         usage = {**(answer.get("usage") or {}), "model": answer.get("model")}
         return Done(outputs=outputs, handle={"kind": "image", "id": answer.get("id"), "answered_model": answer.get("model")},
