@@ -201,15 +201,19 @@ async def test_catalog_routing_reaches_the_wire(fake: Fake, http: httpx.AsyncCli
     assert out["usage"]["cost_credits"] == out["usage"]["cost"] > 0
 
 
-async def test_models_fallback_answers_with_the_second_model(fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("keyword,kind", [("[primary-down]", ProviderErrorKind.retryable),
+                                          ("[primary-429]", ProviderErrorKind.rate_limited),
+                                          ("[primary-flagged]", ProviderErrorKind.moderated)])
+async def test_models_fallback_answers_with_the_second_model(fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+                                                             keyword: str, kind: ProviderErrorKind) -> None:
     adapter = make(fake, http, monkeypatch, models=["anthropic/claude-3.5-haiku"])
-    out = await adapter.chat({"messages": [{"role": "user", "content": "hello [primary-down]"}]}, stream=False)
+    out = await adapter.chat({"messages": [{"role": "user", "content": f"hello {keyword}"}]}, stream=False)
     assert out["model"] == "anthropic/claude-3.5-haiku"
     assert out["choices"][0]["message"]["content"].startswith("[anthropic/claude-3.5-haiku]")
-    # without fallbacks the same prompt is the primary's 503
+    # without fallbacks the same prompt is the primary's own error
     with pytest.raises(ProviderError) as exc:
-        await make(fake, http, monkeypatch).chat({"messages": [{"role": "user", "content": "hello [primary-down]"}]}, stream=False)
-    assert exc.value.kind is ProviderErrorKind.retryable and exc.value.resend_safe
+        await make(fake, http, monkeypatch).chat({"messages": [{"role": "user", "content": f"hello {keyword}"}]}, stream=False)
+    assert exc.value.kind is kind
 
 
 async def test_routing_that_leaves_no_provider_is_the_operators(fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:

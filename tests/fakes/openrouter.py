@@ -25,8 +25,8 @@ Prompt keywords (tests/contract.py): [moderated] (403 with metadata.reasons), [m
 (chat image: finish_reason content_filter and no image; video: failed, flagged), [fail]
 (chat: an error inside a 200; video: failed), [429] (OpenRouter's 429: no Retry-After,
 X-RateLimit-Reset epoch ms in headers and error.metadata.headers), [500], [poll500],
-[slow], [expired]; also [primary-down] (the first model of the request answers 503, so
-`models` decides), [402] (out of credits), [far-poll] (a polling_url on another host).
+[slow], [expired]; also [primary-down] / [primary-429] / [primary-flagged] (the first
+model of the request fails with a 503 / a 429 / a moderation 403, so `models` decides), [402] (out of credits), [far-poll] (a polling_url on another host).
 """
 
 from __future__ import annotations
@@ -124,6 +124,18 @@ def create_app(*, api_key: str = API_KEY, down_providers: tuple[str, ...] = ("az
                          {"reasons": ["sexual"], "flagged_input": text[:100], "provider_name": "OpenAI", "model_slug": "openai/gpt-4o-mini"})
         return None
 
+    def primary_failure(model: str, text: str) -> Response | None:
+        """The first model's failure the prompt asks for: OpenRouter then tries `models`."""
+        if "[primary-down]" in text:
+            return error(503, f"{model} is temporarily unavailable: every provider is down")
+        if "[primary-429]" in text:
+            return error(429, f"{model} is temporarily rate-limited upstream. Please retry shortly.",
+                         {"provider_name": endpoints(model)[0], "raw": "rate limited"})
+        if "[primary-flagged]" in text:
+            return error(403, f"{model} requires moderation. Your input was flagged for \"violence\".",
+                         {"reasons": ["violence"], "flagged_input": text[:100], "model_slug": model})
+        return None
+
     def endpoints(model: str) -> tuple[str, ...]:
         if model in TEXT_MODELS:
             return TEXT_MODELS[model][0]
@@ -184,8 +196,8 @@ def create_app(*, api_key: str = API_KEY, down_providers: tuple[str, ...] = ("az
             if model not in TEXT_MODELS and model not in IMAGE_MODELS:
                 last_error = error(400, f"{model} is not a valid model ID")
                 continue
-            if i == 0 and "[primary-down]" in text:
-                last_error = error(503, f"{model} is temporarily unavailable: every provider is down")
+            if i == 0 and (failed := primary_failure(model, text)) is not None:
+                last_error = failed
                 continue
             if model in IMAGE_MODELS:
                 have = IMAGE_MODELS[model][0]
