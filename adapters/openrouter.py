@@ -36,15 +36,15 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters.http import body_json, error_from_response, moderated, retry_after, send, unsupported
 from adapters.openai import IMAGE_TYPES, open_stream, sse_chunks
 from adapters.openai_compatible import OpenAICompatibleAdapter
+from adapters.openrouter_routing import routing_of
 from core import fetcher
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
@@ -53,97 +53,12 @@ DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 VIDEO_POLL_SECONDS = 30.0  # OpenRouter's guide polls about every 30 s; renders take 30 s to minutes
 POLL_MAX_BYTES = 1 * 2**20  # a video status object is a few hundred bytes
 POLL_TIMEOUT = 30.0
-MAX_FALLBACK_MODELS = 10
 # OpenRouter's words when the deployment's `provider` routing leaves no endpoint to serve it
 _NO_ROUTE = re.compile(r"no (?:allowed )?providers? (?:are |is )?available|no endpoints found|"
                        r"requested provider|provider .* (?:is )?not available", re.IGNORECASE)
 _FLAGGED = re.compile(r"moderation|flagged|content policy|safety", re.IGNORECASE)
 # What OpenRouter bills and where it routed: never shown to a tenant (api/chat.py strips them)
 BILLING_FIELDS = ("cost", "cost_credits", "cost_details", "is_byok")
-
-
-# -- the catalog's routing options --------------------------------------------------
-
-
-class MaxPrice(BaseModel):
-    """USD per million tokens (prompt, completion), per image, per request."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: float | None = Field(default=None, ge=0)
-    completion: float | None = Field(default=None, ge=0)
-    image: float | None = Field(default=None, ge=0)
-    request: float | None = Field(default=None, ge=0)
-
-
-Slugs = list[str]
-
-
-class ProviderRouting(BaseModel):
-    """OpenRouter's `provider` object (openrouter.ai/docs/features/provider-routing)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    order: Slugs | None = None
-    allow_fallbacks: bool | None = None
-    require_parameters: bool | None = None
-    data_collection: Literal["allow", "deny"] | None = None
-    zdr: bool | None = None
-    enforce_distillable_text: bool | None = None
-    only: Slugs | None = None
-    ignore: Slugs | None = None
-    quantizations: list[Literal["int4", "int8", "fp4", "fp6", "fp8", "fp16", "bf16", "fp32", "unknown"]] | None = None
-    sort: Literal["price", "throughput", "latency"] | None = None
-    max_price: MaxPrice | None = None
-
-    @field_validator("order", "only", "ignore")
-    @classmethod
-    def _slugs(cls, value: Slugs | None) -> Slugs | None:
-        if value is not None:
-            if not value or any(not s.strip() for s in value):
-                raise ValueError("give a non-empty list of provider slugs (e.g. [openai, azure])")
-            if len(set(value)) != len(value):
-                raise ValueError("names a provider slug twice")
-        return value
-
-
-class Routing(BaseModel):
-    """The routing options of one OpenRouter deployment (catalog `options`)."""
-
-    model_config = ConfigDict(extra="ignore")  # the other options are the adapter's own
-
-    models: list[str] | None = Field(default=None, min_length=1, max_length=MAX_FALLBACK_MODELS)
-    provider: ProviderRouting | None = None
-    modalities: list[Literal["image", "text"]] | None = None
-
-    @field_validator("models")
-    @classmethod
-    def _models(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if any(not m.strip() for m in value):
-                raise ValueError("every entry must be an OpenRouter model id (e.g. anthropic/claude-3.5-haiku)")
-            if len(set(value)) != len(value):
-                raise ValueError("names a model twice")
-        return value
-
-    @field_validator("modalities")
-    @classmethod
-    def _image(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and "image" not in value:
-            raise ValueError("must include image (e.g. [image, text], or [image] for image-only models)")
-        return value
-
-
-def routing_of(options: Mapping[str, Any]) -> Routing:
-    """The routing options, validated; ValueError names the option and what to fix."""
-    try:
-        return Routing.model_validate(dict(options))
-    except ValidationError as exc:
-        problems = []
-        for e in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in e["loc"])
-            problems.append(f"options.{where}: {e['msg'].removeprefix('Value error, ')}")
-        raise ValueError("; ".join(problems)) from None
 
 
 # -- the adapter --------------------------------------------------------------------

@@ -63,8 +63,11 @@ def _catalog(path: Path, url: str) -> Path:
 @pytest.fixture(scope="module")
 async def stack(fake: str, tmp_path_factory: pytest.TempPathFactory, redis_base: str, seaweed: Any) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("openrouter")
+    # A long reconcile grace: on a loaded machine the first job can wait on the queue past
+    # the default 2 s, and the reconciler then starts a second run of a job whose run is
+    # live (a race of workers/reconcile.py, not of this adapter) that fails it.
     st = await make_stack(root, redis_url=f"{redis_base}/0", storage="s3", s3=seaweed, catalog=_catalog(root / "catalog.yaml", fake),
-                          env={KEY_ENV: openrouter.API_KEY})
+                          env={KEY_ENV: openrouter.API_KEY}, reconcile_grace_seconds="30")
     async with running(st):
         yield st
 
