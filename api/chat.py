@@ -38,11 +38,16 @@ from core.limits.keys import admit, take_or_refuse
 from core.routing.dispatch import Placed, Refused, Unplaced, dispatch, release
 from core.routing.router import Candidate
 from core.runtime import Runtime
+from core.billing.pricing import reported_cost
 from core.billing.usage import chat_cost, count_tokens, prompt_text, record_usage, tokens_of
 
 router = openai_router(tags=["openai"])
 
 CHAT_BASE = frozenset({"model", "messages", "stream"})  # every chat deployment takes these
+# What a provider bills and where it routed (OpenRouter's usage.cost, its `provider`): kept
+# for usage and settling, never shown to a tenant
+PRIVATE_USAGE = frozenset({"cost", "cost_credits", "cost_details", "is_byok"})
+PRIVATE_ANSWER = frozenset({"provider"})
 _background: set[asyncio.Task[None]] = set()  # detached end-of-call work, kept from the GC
 
 
@@ -93,6 +98,7 @@ class _Call:
         self.attempts: list[dict[str, Any]] = []
         self.deployment: Deployment | None = None
         self.usage: dict[str, Any] | None = None
+        self.answered_model: str | None = None  # the answer's `model`: an aggregator's fallback may answer
         self.text: list[str] = []  # streamed content, to count tokens when no usage came
         self.status = "failed"
         self.error_code: str | None = None
@@ -134,19 +140,23 @@ class _Call:
             if counted is None:
                 counted = (count_tokens(prompt_text(self.body.get("messages"))), count_tokens("".join(self.text)))
             prompt, completion = counted if dep is not None else (0, 0)
+            cost = chat_cost(dep.price, prompt, completion, self.usage) if dep is not None else None
+            basis = None
+            if dep is not None:
+                basis = "unpriced" if dep.price is None else (
+                    "provider_cost" if reported_cost(dep.price, self.usage or {}) is not None else "tokens")
             record = UsageRecord(
                 id=self.id, tenant=self.principal.tenant, key_id=self.principal.key_id, kind="chat",
                 model=self.model.id, deployment=dep.name if dep else None, status=self.status, stream=self.stream,
                 prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                cost=chat_cost(dep.price, prompt, completion) if dep is not None else None,
-                attempts=self.attempts, error_code=self.error_code, duration_ms=int((time.monotonic() - self.t0) * 1000),
+                cost=cost, attempts=_answered(self.attempts, dep, self.answered_model), error_code=self.error_code,
+                duration_ms=int((time.monotonic() - self.t0) * 1000),
             )
             metrics.chat_finished(self.model.id, record.deployment or "", self.status, prompt, completion, record.cost,
                                   time.monotonic() - self.t0)
             p = self.principal
             close = Close(p.tenant, p.key_id, self.id, self.held, (record.cost or 0) if dep is not None else None,
-                          ("tokens" if dep.price is not None else "unpriced") if dep is not None else None,
-                          self.model.id, record.deployment)
+                          basis, self.model.id, record.deployment)
             if self.rt.usage is not None:
                 self.rt.usage.add(record, close)  # batched off the request path
             else:
@@ -205,8 +215,11 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
         if not stream:
             assert isinstance(result, dict)
             call.status, call.usage = "succeeded", result.get("usage")
-            answer = {**result, "model": model.id}
+            call.answered_model = result.get("model") if isinstance(result.get("model"), str) else None
+            answer = {**_public(result), "model": model.id}
             return JSONResponse(answer, headers=headers, background=BackgroundTask(call.finish))
+        if first is not None and isinstance(first.get("model"), str):
+            call.answered_model = first["model"]
         return StreamingResponse(
             _sse(call, first, result, client_usage),
             media_type="text/event-stream",
@@ -222,6 +235,27 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
                           headers={"retry-after": str(max(1, round(out.retry_in(1.0, 3600.0))))})
     message = out.plan.message() if isinstance(out, Unplaced) else "no usable deployment"
     raise OpenAIError(503, message, type="server_error", code="provider_unavailable")
+
+
+def _public(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer or chunk without the provider's billing and routing fields."""
+    out = {k: v for k, v in answer.items() if k not in PRIVATE_ANSWER}
+    if isinstance(out.get("usage"), dict):
+        out["usage"] = {k: v for k, v in out["usage"].items() if k not in PRIVATE_USAGE}
+    return out
+
+
+def _answered(attempts: list[dict[str, Any]], dep: Deployment | None, model: str | None) -> list[dict[str, Any]]:
+    """The attempts, the one that answered carrying `answered_model` (the provider's model
+    id that answered: the deployment's, or one of its in-provider fallbacks)."""
+    if dep is None or not model:
+        return attempts
+    out = [dict(a) for a in attempts]
+    for entry in reversed(out):
+        if entry.get("deployment") == dep.name and not entry.get("error"):
+            entry["answered_model"] = model
+            break
+    return out
 
 
 def _ms(t0: float) -> int:
@@ -243,7 +277,7 @@ async def _sse(call: _Call, first: dict[str, Any] | None, rest: AsyncIterator[di
                     call.text.append(content)
             is_usage_chunk = not chunk.get("choices") and "usage" in chunk
             if not (is_usage_chunk and not client_usage):
-                out = {**chunk, "model": call.model.id}
+                out = {**_public(chunk), "model": call.model.id}
                 if not client_usage:
                     out.pop("usage", None)
                 yield b"data: " + json.dumps(out, separators=(",", ":")).encode() + b"\n\n"

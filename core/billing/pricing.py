@@ -5,11 +5,11 @@ at the end, so a price never drifts by float error.
 
     submit ──► estimate_cost(price, modality, request)      the upper bound held before the work
     done   ──► actual_cost(price, ..., usage, outputs=...)   what was delivered, from the best basis:
-                 provider_cost  usage.cost_credits × per_credit        (BFL)
+                 provider_cost  usage.cost_credits × per_credit        (BFL, OpenRouter)
                  compute_time   usage.predict_time × per_compute_second (Replicate; fal's inference_time)
                  tokens         reported tokens × per_1k token prices    (chat, GPT Image)
                  units          images stored, seconds made, characters spoken
-    chat   ──► chat_cost(price, prompt_tokens, completion_tokens)
+    chat   ──► chat_cost(price, prompt_tokens, completion_tokens, usage)   (provider_cost, else tokens)
 """
 
 from __future__ import annotations
@@ -199,9 +199,9 @@ def actual_cost(
     duration where storage probed it."""
     usage = usage if isinstance(usage, Mapping) else {}
     base = Fraction(price.per_request)
-    credits = _number(usage.get("cost_credits"))  # BFL: 1 credit = $0.01
-    if price.per_credit and credits is not None:
-        return _cost(base + credits * price.per_credit, "provider_cost")
+    reported = reported_cost(price, usage)
+    if reported is not None:
+        return _cost(base + reported, "provider_cost")
     compute = _first(usage.get("predict_time"), usage.get("inference_time"))  # Replicate; fal
     if price.per_compute_second and compute is not None:
         return _cost(base + compute * price.per_compute_second, "compute_time")
@@ -222,11 +222,24 @@ def actual_cost(
     return _cost(base, "units")
 
 
-def chat_cost(price: Price | None, prompt_tokens: int, completion_tokens: int) -> int | None:
-    """Micro-USD for one chat call at `price` (None: the deployment has no price)."""
+def chat_cost(price: Price | None, prompt_tokens: int, completion_tokens: int,
+              usage: Mapping[str, Any] | None = None) -> int | None:
+    """Micro-USD for one chat call at `price` (None: the deployment has no price): the
+    provider's reported cost when the price has per_credit and `usage` reports one (OpenRouter
+    bills the model that answered, whichever of its fallbacks it was), else the tokens."""
     if price is None:
         return None
+    reported = reported_cost(price, usage) if isinstance(usage, Mapping) else None
+    if reported is not None:
+        return math.ceil(price.per_request + reported)
     return math.ceil(price.per_request + _token_cost(price, prompt_tokens, completion_tokens))
+
+
+def reported_cost(price: Price, usage: Mapping[str, Any]) -> Fraction | None:
+    """usage.cost_credits × per_credit (BFL: 1 credit = $0.01; OpenRouter: 1 credit = $1),
+    None when the price has no per_credit or the provider reported no cost."""
+    credits = _number(usage.get("cost_credits"))
+    return credits * price.per_credit if price.per_credit and credits is not None else None
 
 
 # --- shared arithmetic ---------------------------------------------------------------------------------

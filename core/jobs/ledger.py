@@ -371,7 +371,7 @@ async def _account(s: AsyncSession, job: Job, to: JobStatus, cost: Cost | None, 
         UsageRecord(
             id=job.id, tenant=job.tenant, key_id=job.key_id or "", kind=job.modality, model=job.model,
             deployment=job.deployment, status=to.value, prompt_tokens=prompt, completion_tokens=completion,
-            total_tokens=prompt + completion, cost=job.cost_settled, attempts=job.attempts or [],
+            total_tokens=prompt + completion, cost=job.cost_settled, attempts=_answered(job, tokens),
             error_code=job.error_code, duration_ms=int((now - job.created_at).total_seconds() * 1000), created_at=now,
         )
     )
@@ -381,6 +381,19 @@ async def _account(s: AsyncSession, job: Job, to: JobStatus, cost: Cost | None, 
         dep = job.deployment
         await billing.close(s, [billing.Close(job.tenant, job.key_id, job.id, job.cost_held, job.cost_settled if settled else None,
                                               basis if settled else None, job.model, dep)])
+
+
+def _answered(job: Job, usage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's attempts for its usage row, the one that answered carrying `answered_model`
+    when the provider named it (usage.model: an aggregator's in-provider fallback may answer)."""
+    attempts = [dict(a) for a in job.attempts or []]
+    model = usage.get("model")
+    if isinstance(model, str) and model and attempts and job.deployment:
+        for entry in reversed(attempts):
+            if entry.get("deployment") == job.deployment and not entry.get("error"):
+                entry["answered_model"] = model
+                break
+    return attempts
 
 
 def _int(v: Any) -> int:

@@ -34,6 +34,7 @@ and validated at load; errors name the file, the path inside it and what to fix.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 from pathlib import Path
@@ -80,6 +81,7 @@ ADAPTERS: dict[str, str] = {
     "fal": "adapters.fal:FalAdapter",
     "siliconflow": "adapters.siliconflow:SiliconFlowAdapter",
     "grsai": "adapters.grsai:GrsAiAdapter",
+    "openrouter": "adapters.openrouter:OpenRouterAdapter",
 }
 
 
@@ -104,6 +106,17 @@ class Deployment(BaseModel):
         if name not in ADAPTERS:
             raise ValueError(f"unknown adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}")
         return name
+
+    @model_validator(mode="after")
+    def _adapter_options(self) -> Deployment:
+        """An adapter with options of its own checks them here (its `check_options`), so a
+        catalog with a bad one is refused at load, with its path. The adapter's module is
+        imported by name from ADAPTERS (as adapters/registry.py does), only when named."""
+        module, _, attr = ADAPTERS[self.adapter].partition(":")
+        check = getattr(getattr(importlib.import_module(module), attr), "check_options", None)
+        if check is not None:
+            check(self.options)  # ValueError: "options.<path>: what to fix"
+        return self
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
