@@ -78,6 +78,8 @@ ADAPTERS: dict[str, str] = {
     "google_veo": "adapters.google_veo:GoogleVeoAdapter",
     "replicate": "adapters.replicate:ReplicateAdapter",
     "fal": "adapters.fal:FalAdapter",
+    "together": "adapters.together:TogetherAdapter",
+    "fireworks": "adapters.fireworks:FireworksAdapter",
 }
 
 
