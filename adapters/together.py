@@ -136,7 +136,7 @@ class TogetherAdapter(Adapter):
     def _video_result(self, video: dict[str, Any], handle: dict[str, Any]) -> PollResult:
         status = str(video.get("status") or "")
         if status == "completed":
-            outputs = video.get("outputs") if isinstance(video.get("outputs"), dict) else {}
+            outputs = _object(video.get("outputs"))
             url = outputs.get("video_url")
             if not isinstance(url, str) or not url:
                 return Failed(ErrorCode.provider_error, f"{PROVIDER}: video completed without outputs.video_url", detail=video)
@@ -291,10 +291,13 @@ def _image_output(item: Any, fmt: str) -> OutputRef:
     raise ProviderError(ProviderErrorKind.failed, f"{PROVIDER} answered an image with neither b64_json nor url", detail=item)
 
 
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _video_failure(video: dict[str, Any]) -> Failed:
-    error = video.get("error") if isinstance(video.get("error"), dict) else {}
-    info = video.get("info") if isinstance(video.get("info"), dict) else {}
-    errors = [e for e in info.get("errors") or [] if isinstance(e, dict)]
+    error = _object(video.get("error"))
+    errors = [e for e in _object(video.get("info")).get("errors") or [] if isinstance(e, dict)]
     first = error or (errors[0] if errors else {})
     code = str(first.get("code") or "")
     message = str(first.get("message") or "the video failed")

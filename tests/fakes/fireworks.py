@@ -40,6 +40,7 @@ import hashlib
 import hmac
 import io
 import json
+import math
 import re
 import threading
 import time
@@ -383,7 +384,11 @@ def _xml(status: int, code: str, message: str) -> Response:
 def ratio_size(ratio: str) -> tuple[int, int]:
     """~1 MP at the ratio, sides on the 32 px grid (what FLUX renders for a ratio)."""
     a, b = (int(x) for x in ratio.split(":"))
-    return tuple(max(32, round((1024 * 1024 * x / y) ** 0.5 / 32) * 32) for x, y in ((a, b), (b, a)))  # type: ignore[return-value]
+
+    def side(x: int, y: int) -> int:
+        return max(32, round(math.sqrt(1024 * 1024 * x / y) / 32) * 32)
+
+    return side(a, b), side(b, a)
 
 
 def render_image(prompt: str, seed: int, w: int, h: int, fmt: str, blank: bool = False) -> bytes:
