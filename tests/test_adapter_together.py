@@ -201,8 +201,10 @@ class TestTogether(AdapterContract):
         before = await _stats(fake)
         await adapter.cancel(first.handle)  # nothing is sent: Together has no cancel here
         assert await _stats(fake) == before
-        cancelled = adapter._video_result({"id": first.handle["id"], "status": "cancelled"}, first.handle)  # type: ignore[attr-defined]
-        assert isinstance(cancelled, Failed) and cancelled.code == ErrorCode.canceled
+        assert isinstance(await adapter.poll(first.handle), Pending)  # still rendering
+        await _control(fake, f"/_control/cancel/{first.handle['id']}", {})  # stopped on Together's side
+        cancelled = await adapter.poll(first.handle)
+        assert isinstance(cancelled, Failed) and cancelled.code == ErrorCode.canceled, cancelled
 
     async def test_chat_deployment_base_url_works_for_media(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
         """A base URL without /v1 (the API root) reaches the same routes."""

@@ -174,3 +174,30 @@ async def test_chat_completions_through_openai_compatible(env: tuple[Stack, dict
     done = r.json()
     assert done["choices"][0]["message"]["content"] == "You said: hello there" and done["model"] == model
     assert done["usage"]["prompt_tokens"] > 0 and done["usage"]["completion_tokens"] > 0
+
+
+async def test_cancel_of_a_together_video_is_local(env: tuple[Stack, dict[str, Any]], fakes: dict[str, str]) -> None:
+    """Together has no cancel for videos: the job is canceled here at once, no second
+    task is created, and nothing more is stored or charged beyond the started task."""
+    stack, _ = env
+    async with httpx.AsyncClient() as fake:
+        await fake.post(f"{fakes['together']}/_control/config", json={"slow_polls": 100_000})
+        try:
+            async with stack.client() as c:
+                job = (await c.post("/v1/jobs", json={"model": "hailuo-02-together", "input": {"prompt": "long [slow]"}})).json()
+                for _ in range(400):  # until the provider has the task (the handle is saved)
+                    j = (await c.get(f"/v1/jobs/{job['id']}")).json()
+                    if j["status"] == "running" and j["progress"]["message"] in ("queued", "in_progress"):
+                        break
+                    await asyncio.sleep(0.05)
+                assert j["status"] == "running", j
+                creates = (await fake.get(f"{fakes['together']}/_control/stats")).json()["creates"]
+                r = await c.post(f"/v1/jobs/{job['id']}/cancel")
+                assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+                done = await stack.wait_job(c, job["id"])
+            assert done["status"] == "canceled" and done["outputs"] == []
+            videos = (await fake.get(f"{fakes['together']}/_control/requests")).json()
+            assert (await fake.get(f"{fakes['together']}/_control/stats")).json()["creates"] == creates
+            assert videos[-1]["body"]["prompt"] == "long [slow]"
+        finally:
+            await fake.post(f"{fakes['together']}/_control/config", json={"slow_polls": 20})

@@ -19,7 +19,8 @@ Routes (`Authorization: Bearer <api_key>`: 401 without, 401 `invalid_api_key` wh
                                   queued -> in_progress -> completed {outputs.video_url, cost}
                                   | failed {error, info.errors}; 404 for an unknown id
     POST /v1/chat/completions     OpenAI's format (served by tests.fakes.openai's chat)
-    GET  /_control/stats, POST /_control/reset, POST /_control/config, GET /_control/requests
+    GET  /_control/stats, POST /_control/reset, POST /_control/config, GET /_control/requests,
+    POST /_control/cancel/{id} (the video is stopped on Together's side: `cancelled`)
 
 Result files (image URLs, videos) live on another host (`create_files_app`, run on its own
 port): plain links that answer 403 once `file_ttl` has passed and 400 to a request that
@@ -275,6 +276,15 @@ def create_app(state: TogetherState | None = None, files_url: str | None = None,
         with state.lock:
             return JSONResponse(list(state.requests))
 
+    async def cancel_from_console(request: Request) -> Response:
+        """A video stopped on Together's side (its console): the API then says `cancelled`."""
+        with state.lock:
+            v = state.videos.get(request.path_params["vid"])
+            if v is None:
+                return JSONResponse({"detail": "no such video"}, status_code=404)
+            v["status"], v["done_at"] = "cancelled", time.time()
+        return JSONResponse({"ok": True})
+
     return Starlette(routes=[
         Route("/v1/images/generations", images, methods=["POST"]),
         Route("/v2/videos", video_create, methods=["POST"]),
@@ -286,6 +296,7 @@ def create_app(state: TogetherState | None = None, files_url: str | None = None,
         *(Route(f"{prefix}/_control/reset", reset, methods=["POST"]) for prefix in ("", "/v1")),
         *(Route(f"{prefix}/_control/config", config, methods=["POST"]) for prefix in ("", "/v1")),
         *(Route(f"{prefix}/_control/requests", recent, methods=["GET"]) for prefix in ("", "/v1")),
+        Route("/_control/cancel/{vid}", cancel_from_console, methods=["POST"]),
     ])
 
 
