@@ -196,6 +196,8 @@ async def test_cancel_of_a_together_video_is_local(env: tuple[Stack, dict[str, A
                 assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
                 done = await stack.wait_job(c, job["id"])
             assert done["status"] == "canceled" and done["outputs"] == []
+            # the render goes on (and bills) at Together: the hold is settled, not released
+            assert done["cost"]["status"] == "settled" and done["cost"]["settled"] == VIDEO_HOLD, done["cost"]
             videos = (await fake.get(f"{fakes['together']}/_control/requests")).json()
             assert (await fake.get(f"{fakes['together']}/_control/stats")).json()["creates"] == creates
             assert videos[-1]["body"]["prompt"] == "long [slow]"
