@@ -15,7 +15,8 @@
     errors  401/403 auth · 402 out of credits · 422 FastAPI {"detail": [...]} ·
             429 concurrent-task limit (24; 6 for flux-kontext-max) · 500/503
 
-There is no cancel endpoint and no idempotency key. FLUX makes one image per task, so
+The get_result mapping is one function, `task_result`, also used for Fireworks' FLUX
+Kontext (the same task API behind a POST). There is no cancel endpoint and no idempotency key. FLUX makes one image per task, so
 n > 1 is refused rather than fanned out (that would bill n tasks behind one job).
 Sources: docs.bfl.ai API reference (OpenAPI), black-forest-labs/skills bfl-api references.
 """
@@ -188,48 +189,59 @@ class BFLAdapter(Adapter):
         return {**self.headers(), "x-key": self.api_key}
 
     def _result(self, answer: dict[str, Any], handle: dict[str, Any]) -> PollResult:
-        status = str(answer.get("status") or "")
-        if status == "Ready":
-            return self._done(answer, handle)
-        if status in ("Request Moderated", "Content Moderated"):
-            stage = "input" if status == "Request Moderated" else "output"
-            reasons = _moderation_reasons(answer.get("details"))
-            suffix = f": {', '.join(reasons)}" if reasons else ""
-            return Failed(
-                code=ErrorCode.moderated,
-                message=f"bfl flagged the {stage} ({status}){suffix}",
-                detail={"stage": stage, "reasons": reasons, "provider_status": status},
-            )
-        if status == "Error":
-            return Failed(
-                code=ErrorCode.provider_error,
-                message=f"bfl task failed: {_error_text(answer)}",
-                detail={"provider_status": status, "body": answer},
-            )
-        if status == "Task not found":
-            return Failed(
-                code=ErrorCode.provider_error,
-                message=f"bfl has no task {handle.get('id')!r}: unknown id, or the result expired (BFL keeps results ~10 min)",
-                detail={"provider_status": status},
-            )
-        progress = answer.get("progress")
-        return Pending(
-            handle=handle,
-            poll_after=self.poll_interval(POLL_SECONDS),
-            progress=min(1.0, max(0.0, float(progress))) if isinstance(progress, int | float) else None,
-            message=status or None,  # Pending, or a status newer than this adapter
-        )
+        return task_result(answer, handle, provider=PROVIDER, poll_after=self.poll_interval(POLL_SECONDS))
 
-    def _done(self, answer: dict[str, Any], handle: dict[str, Any]) -> PollResult:
-        result = answer.get("result")
-        sample = result.get("sample") if isinstance(result, dict) else None
-        if not isinstance(sample, str) or not sample:
-            return Failed(code=ErrorCode.provider_error, message="bfl answered Ready without result.sample", detail=answer)
-        fmt = handle.get("output_format", "jpeg")
-        # the signed URL expires in ~10 min: returned at once, storage downloads it now;
-        # no x-key on it (it is a delivery-host URL, the key must not leave BFL's API)
-        ref = OutputRef(url=sample, content_type=f"image/{fmt}")
-        return Done(outputs=[ref], handle=handle, usage=dict(handle.get("usage") or {}))
+
+# -- the get_result answer ---------------------------------------------------------------
+def task_result(answer: dict[str, Any], handle: dict[str, Any], *, provider: str, poll_after: float) -> PollResult:
+    """One get_result answer (`{id, status, result, progress, details}`) as a poll result.
+    BFL's own API and hosts that serve BFL's models behind the same task API (Fireworks'
+    FLUX Kontext) share it; `provider` names who answered in messages. `handle` is kept
+    as it is and needs `id`, and `output_format` and `usage` when known."""
+    status = str(answer.get("status") or "")
+    if status == "Ready":
+        return _done(answer, handle, provider)
+    if status in ("Request Moderated", "Content Moderated"):
+        stage = "input" if status == "Request Moderated" else "output"
+        reasons = _moderation_reasons(answer.get("details"))
+        suffix = f": {', '.join(reasons)}" if reasons else ""
+        return Failed(
+            code=ErrorCode.moderated,
+            message=f"{provider} flagged the {stage} ({status}){suffix}",
+            detail={"stage": stage, "reasons": reasons, "provider_status": status},
+        )
+    if status in ("Error", "Failed"):  # "Failed": Fireworks' clients also check for it
+        return Failed(
+            code=ErrorCode.provider_error,
+            message=f"{provider} task failed: {_error_text(answer)}",
+            detail={"provider_status": status, "body": answer},
+        )
+    if status == "Task not found":
+        return Failed(
+            code=ErrorCode.provider_error,
+            message=f"{provider} has no task {handle.get('id')!r}: unknown id, or the result expired "
+                    "(results are kept ~10 min)",
+            detail={"provider_status": status},
+        )
+    progress = answer.get("progress")
+    return Pending(
+        handle=handle,
+        poll_after=poll_after,
+        progress=min(1.0, max(0.0, float(progress))) if isinstance(progress, int | float) else None,
+        message=status or None,  # Pending, or a status newer than this adapter
+    )
+
+
+def _done(answer: dict[str, Any], handle: dict[str, Any], provider: str) -> PollResult:
+    result = answer.get("result")
+    sample = result.get("sample") if isinstance(result, dict) else None
+    if not isinstance(sample, str) or not sample:
+        return Failed(code=ErrorCode.provider_error, message=f"{provider} answered Ready without result.sample", detail=answer)
+    fmt = handle.get("output_format", "jpeg")
+    # the signed URL expires in ~10 min: returned at once, storage downloads it now; no
+    # key on it (it is a delivery-host URL, the key must not leave the provider's API)
+    ref = OutputRef(url=sample, content_type=f"image/{fmt}")
+    return Done(outputs=[ref], handle=handle, usage=dict(handle.get("usage") or {}))
 
 
 def _key_may_go(url: str, base: str) -> bool:

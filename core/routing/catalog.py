@@ -82,6 +82,8 @@ ADAPTERS: dict[str, str] = {
     "siliconflow": "adapters.siliconflow:SiliconFlowAdapter",
     "grsai": "adapters.grsai:GrsAiAdapter",
     "openrouter": "adapters.openrouter:OpenRouterAdapter",
+    "together": "adapters.together:TogetherAdapter",
+    "fireworks": "adapters.fireworks:FireworksAdapter",
 }
 
 
