@@ -77,12 +77,16 @@ async def alive(rt: Runtime, key: str) -> AsyncIterator[None]:
     and the reconciler may act at once instead of after a task timeout."""
     ttl = rt.settings.submit_marker_seconds
 
+    async def mark() -> None:
+        with contextlib.suppress(Exception):
+            await rt.redis.set(key, "1", px=int(ttl * 1000))
+
     async def beat() -> None:
         while True:
-            with contextlib.suppress(Exception):
-                await rt.redis.set(key, "1", px=int(ttl * 1000))
             await asyncio.sleep(ttl / 3)
+            await mark()
 
+    await mark()  # before the block runs: a second run looking in the meantime must see it
     task = asyncio.create_task(beat())
     try:
         yield

@@ -94,8 +94,9 @@ async def _flags(rt: Runtime, ids: list[str], keys: list[str]) -> list[list[bool
 
 async def _queued(rt: Runtime, rows: list[Any], now: datetime, stale: datetime, tag: str, counts: dict[str, int]) -> None:
     ids = [r.id for r in rows]
-    flags = await _flags(rt, ids, [rt.waits.job_key("{}"), waiting_key(rt, "{}"), "arq:job:run:{}", "arq:in-progress:run:{}"])
-    for r, (in_wait_queue, timer, run_queued, run_in_progress) in zip(rows, flags, strict=True):
+    flags = await _flags(rt, ids, [rt.waits.job_key("{}"), waiting_key(rt, "{}"), "arq:job:run:{}", "arq:in-progress:run:{}",
+                                   submitting_key(rt, "{}")])
+    for r, (in_wait_queue, timer, run_queued, run_in_progress, live_run) in zip(rows, flags, strict=True):
         if r.deadline_at is not None and now >= r.deadline_at:
             job = await rt.ledger.get(r.id)
             if job is not None and job.status == JobStatus.queued:
@@ -109,6 +110,8 @@ async def _queued(rt: Runtime, rows: list[Any], now: datetime, stale: datetime, 
             continue  # a release (or its timer) wakes it
         if run_queued and not run_in_progress:
             continue  # its run is on the queue, behind others
+        if live_run:
+            continue  # a run is routing or submitting it right now (its marker is beating)
         # no run at all, or one held by a dead worker (its in-progress key outlives it)
         if await enqueue_run(rt.redis, rt.settings, r.id, r.modality, suffix=tag if run_in_progress else "", priority=r.priority):
             counts["requeued"] += 1

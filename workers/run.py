@@ -137,19 +137,23 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None
         return True
 
     async def submit(cand: Candidate, adapter: Any, attempts: list[dict[str, Any]]) -> Pending | Done:
-        async with submitting(rt, job.id):
-            return await adapter.submit(request_for(rt, state["job"], cand.deployment))  # type: ignore[no-any-return]
+        return await adapter.submit(request_for(rt, state["job"], cand.deployment))  # type: ignore[no-any-return]
 
-    try:
-        out = await dispatch(rt, model, job.input, job.id, submit, start=start, attempts=list(job.attempts or []),
-                             prefer=prefer)
-    except Exception as exc:  # an adapter bug must not strand the job
-        log.exception("submit of job %s crashed", job.id)
-        await fail(rt, state["job"], ErrorCode.internal, f"adapter crashed: {type(exc).__name__}")
-        return
-    if isinstance(out, Placed):
-        await submitted(rt, state["job"], rt.adapters.get(out.deployment), out.value, out.attempts)
-    elif isinstance(out, Refused):
+    # The submitting marker covers the whole step, from before the job is marked running
+    # until its provider handle is saved: another run of the job (a reconciler's, a
+    # duplicate wake-up) that finds it running with no handle knows this one is alive.
+    async with submitting(rt, job.id):
+        try:
+            out = await dispatch(rt, model, job.input, job.id, submit, start=start, attempts=list(job.attempts or []),
+                                 prefer=prefer)
+        except Exception as exc:  # an adapter bug must not strand the job
+            log.exception("submit of job %s crashed", job.id)
+            await fail(rt, state["job"], ErrorCode.internal, f"adapter crashed: {type(exc).__name__}")
+            return
+        if isinstance(out, Placed):
+            await submitted(rt, state["job"], rt.adapters.get(out.deployment), out.value, out.attempts)
+            return
+    if isinstance(out, Refused):
         dep = rt.catalog.deployment(out.attempts[-1]["deployment"])
         adapter = rt.adapters.get(dep) if dep is not None else None
         await _submit_failed(rt, state["job"], adapter, out.error, attempts=out.attempts)
@@ -206,7 +210,8 @@ async def _resume(ctx: Ctx, job: Job) -> None:
     """A run found the job already running: a worker died after (or during) its submit."""
     rt = ctx["rt"]
     if job.provider_handle is not None:
-        await schedule_poll(rt, job, delay=0)
+        if not job.provider_handle.get("done_at_submit"):  # else its store step (or the reconciler) has it
+            await schedule_poll(rt, job, delay=0)
         return
     if await rt.redis.exists(submitting_key(rt, job.id)):
         return  # another process is inside its submit right now
@@ -225,17 +230,17 @@ async def _resume(ctx: Ctx, job: Job) -> None:
     again = await rt.ledger.transition(job.id, JobStatus.running, expect_version=job.version, attempt=job.attempt + 1)
     if again is None:
         return
-    try:
-        async with submitting(rt, job.id):
+    async with submitting(rt, job.id):  # until the handle is saved, as in _route_and_submit
+        try:
             result = await adapter.submit(request_for(rt, again, dep))
-    except ProviderError as exc:
-        await _submit_failed(rt, again, adapter, exc)
-        return
-    except Exception as exc:  # an adapter bug must not strand the job
-        log.exception("submit of job %s to %s crashed", job.id, dep.name)
-        await fail(rt, again, ErrorCode.internal, f"adapter {dep.adapter} crashed: {type(exc).__name__}")
-        return
-    await submitted(rt, again, adapter, result, list(again.attempts or []))
+        except ProviderError as exc:
+            await _submit_failed(rt, again, adapter, exc)
+            return
+        except Exception as exc:  # an adapter bug must not strand the job
+            log.exception("submit of job %s to %s crashed", job.id, dep.name)
+            await fail(rt, again, ErrorCode.internal, f"adapter {dep.adapter} crashed: {type(exc).__name__}")
+            return
+        await submitted(rt, again, adapter, result, list(again.attempts or []))
 
 
 async def submitted(rt: Runtime, job: Job, adapter: Any, result: Pending | Done, attempts: list[dict[str, Any]]) -> None:
@@ -255,7 +260,7 @@ async def submitted(rt: Runtime, job: Job, adapter: Any, result: Pending | Done,
         await schedule_poll(rt, saved, delay=result.poll_after)
         return
     saved = await rt.ledger.transition(
-        job.id, JobStatus.running, expect_version=job.version, provider_handle=result.handle or {"done_at_submit": True},
+        job.id, JobStatus.running, expect_version=job.version, provider_handle={**(result.handle or {}), "done_at_submit": True},
         attempts=attempts, progress_message="storing outputs", queue_position=None, poll_seq=job.poll_seq + 1,
         next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
     )
