@@ -171,3 +171,18 @@ async def get_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+async def get_webhook_manager(principal: PrincipalDep) -> Principal:
+    """Webhook management (endpoints, the signing secret, deliveries) needs the `webhooks`
+    scope: a key with no scopes has it; a key scoped to models has it only when granted."""
+    if not principal.webhooks:
+        raise Forbidden(
+            "this key may not manage webhooks: its scopes do not grant it. An admin can add it with "
+            'PATCH /v1/admin/keys/KEY_ID {"scopes": {..., "webhooks": true}}',
+            code="webhooks_not_allowed",
+        )
+    return principal
+
+
+WebhookManagerDep = Annotated[Principal, Depends(get_webhook_manager)]

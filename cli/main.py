@@ -125,7 +125,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from core.models import utcnow
 
     settings = _settings()
-    scopes = {"models": args.model, "modalities": args.modality} if args.model or args.modality else None
+    scoped = args.model or args.modality or args.webhooks
+    scopes = {"models": args.model, "modalities": args.modality, "webhooks": args.webhooks} if scoped else None
     try:
         catalog = load_catalog(settings.catalog) if args.model else None  # scoped model ids must exist
     except CatalogError as exc:
@@ -140,7 +141,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         )
         if args.json:
             return json.dumps({"key": plain, "id": row.id, "tenant": row.tenant, "name": row.name, "admin": row.is_admin,
-                               "scopes": scopes, "rpm": row.rpm, "max_concurrency": row.max_concurrency,
+                               "scopes": row.scopes, "rpm": row.rpm, "max_concurrency": row.max_concurrency,
                                "expires_at": row.expires_at.isoformat() if row.expires_at else None}, indent=2)
         kind = "admin key" if row.is_admin else "key"
         until = f", expires {row.expires_at.isoformat(timespec='seconds')}" if row.expires_at else ""
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scope the key to these catalog model ids (repeatable; with --modality: either matches)")
     kc.add_argument("--modality", action="extend", nargs="+", default=[], choices=["image", "video", "audio", "text"],
                     help="scope the key to every model of these modalities (repeatable)")
+    kc.add_argument("--webhooks", action="store_true",
+                    help="with --model/--modality: may also manage the tenant's webhooks (alone: a key that manages "
+                         "webhooks and uses no model); a key without scopes always may")
     kc.add_argument("--expires-in", type=int, metavar="SECONDS", help="the key stops working this many seconds from now")
     kc.set_defaults(fn=cmd_keys_create)
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 
 from api import jobs as jobs_api
-from api.deps import PrincipalDep, RuntimeDep
+from api.deps import PrincipalDep, RuntimeDep, WebhookManagerDep
 from api.events import PING, follow_job
 from api.pagination import page
 from api.replicate.errors import ReplicateRoute
@@ -250,6 +250,6 @@ async def get_version(owner: str, name: str, version: str, rt: RuntimeDep, princ
 
 
 @router.get("/webhooks/default/secret")
-async def webhook_secret(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, str]:
+async def webhook_secret(rt: RuntimeDep, principal: WebhookManagerDep) -> dict[str, str]:
     """The key Replicate-style webhooks are signed with (the tenant's, as for every webhook)."""
     return {"key": (await tenant_secret(rt.sessions, principal.tenant)).secret}
