@@ -30,6 +30,7 @@ from api.webhooks import router as webhooks_router
 from core import logs, metrics
 from core.events import EventHub
 from core.keys import changed_channel
+from core.limits.auth import AuthFailures
 from adapters.registry import AdapterCache
 from core.runtime import open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings
@@ -51,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rt.usage = UsageWriter(rt.sessions)
             rt.usage.start()
             stack.push_async_callback(rt.usage.close)  # closed before the engine: rows are flushed
-            app.state.key_cache = KeyCache(s.key_cache_seconds)
+            app.state.key_cache = KeyCache(s.key_cache_seconds, negative_ttl=s.auth_negative_cache_seconds)
+            app.state.auth_failures = AuthFailures(rt.redis, s.redis_prefix, limit=s.auth_failure_limit,
+                                                   window_seconds=s.auth_failure_window_seconds)
             watcher = KeyWatcher(s.redis_url, changed_channel(s.redis_prefix), app.state.key_cache)  # revocations
             await watcher.start()
             stack.push_async_callback(watcher.close)

@@ -25,6 +25,8 @@ Websocket close codes:
           code on purpose: like the REST API's 404, it does not tell that the job exists
     4408  slow consumer: more than ws_queue_size messages waited for this client, or one
           send blocked ws_send_timeout_seconds; reconnect with last_event_id to resume
+    4429  too many failed authentications from this address (auth_failure_limit); the
+          reason says when to retry
     1011  internal error
 """
 
@@ -41,10 +43,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
-from api.deps import PrincipalDep, RuntimeDep, resolve_principal
+from api.deps import PrincipalDep, RuntimeDep, client_address, resolve_principal
 from api.views import job_public
 from api.strict import StrictRoute, loads
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, RateLimited
 from core.events import OVERFLOW, Event, EventBus, EventHub, Pos, Subscription, parse_last_event_id
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.keys import Principal
@@ -58,6 +60,7 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_SLOW = 4408
+CLOSE_RATE_LIMITED = 4429
 MAX_JOBS_PER_SOCKET = 1000
 PING = {"type": "ping"}
 
@@ -149,7 +152,8 @@ async def follow_job(rt: Runtime, hub: EventHub, tenant: str | None, job_id: str
 
 
 async def _principal_from_token(ws: WebSocket, rt: Runtime, token: str) -> Principal | None:
-    return await resolve_principal(ws.app.state.key_cache, rt, token)
+    return await resolve_principal(ws.app.state.key_cache, rt, token, address=client_address(ws),
+                                   failures=getattr(ws.app.state, "auth_failures", None))
 
 
 async def _close(ws: WebSocket, code: int, reason: str, timeout: float = 5.0) -> None:
@@ -171,7 +175,11 @@ async def ws_principal(ws: WebSocket, rt: Runtime) -> Principal | None:
                 token = first["token"]
         except (TimeoutError, _Close, WebSocketDisconnect):
             pass
-    principal = await _principal_from_token(ws, rt, token) if token else None
+    try:
+        principal = await _principal_from_token(ws, rt, token) if token else None
+    except RateLimited as exc:
+        await _close(ws, CLOSE_RATE_LIMITED, exc.message)
+        return None
     if principal is None:
         await _close(ws, CLOSE_UNAUTHORIZED, "unauthorized: send Authorization: Bearer KEY, ?token=KEY or an auth message")
     return principal

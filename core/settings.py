@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     max_wait_seconds: int = 60
     key_cache_seconds: float = 5.0  # backstop only: key changes are announced on Redis and drop caches at once
+    # failed authentication (api/deps.py, core/limits/auth.py)
+    auth_negative_cache_seconds: float = 2.0  # an unknown key's hash is remembered this long per process (0: never)
+    auth_failure_limit: int = 100  # failed authentications per client address per window, across replicas; then 429 (0: no limit)
+    auth_failure_window_seconds: float = 60.0
     cors_origins: Annotated[list[str], NoDecode] = []  # JSON or comma-separated  # browser origins allowed to call the API directly, e.g. ["https://app.example.com"]; "*" for any
 
     # logs (core/logs.py): json by default for `genroute api` and `worker`, text for `dev`
