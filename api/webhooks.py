@@ -28,7 +28,7 @@ from api.strict import StrictRoute
 from core.errors import Conflict, NotFound
 from core.ids import new_id
 from core.keys import Principal
-from core.models import WebhookDelivery, WebhookEndpoint, WebhookSecret, utcnow
+from core.models import WebhookDelivery, WebhookEndpoint, utcnow
 from core.runtime import Runtime
 from core.schemas import (
     WebhookAttemptPublic,
@@ -39,7 +39,7 @@ from core.schemas import (
     WebhookEndpointPublic,
     WebhookSecretPublic,
 )
-from core.webhooks import enqueue_delivery, rotate_secret, tenant_secret
+from core.webhooks import TenantSecret, enqueue_delivery, rotate_secret, secret_box, tenant_secret
 
 router = APIRouter(route_class=StrictRoute, prefix="/v1/webhooks", tags=["webhooks"])
 MAX_ENDPOINTS = 20
@@ -49,7 +49,7 @@ def _endpoint(e: WebhookEndpoint) -> WebhookEndpointPublic:
     return WebhookEndpointPublic(id=e.id, url=e.url, events=e.events, description=e.description, created_at=e.created_at)
 
 
-def _secret(row: WebhookSecret) -> WebhookSecretPublic:
+def _secret(row: TenantSecret) -> WebhookSecretPublic:
     now = utcnow()
     current = row.previous_expires_at is not None and row.previous_expires_at > now
     return WebhookSecretPublic(
@@ -117,12 +117,13 @@ async def delete_endpoint(endpoint_id: str, rt: RuntimeDep, principal: WebhookMa
 
 @router.get("/secret", response_model=WebhookSecretPublic)
 async def get_secret(rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookSecretPublic:
-    return _secret(await tenant_secret(rt.sessions, principal.tenant))
+    return _secret(await tenant_secret(rt.sessions, principal.tenant, secret_box(rt.settings)))
 
 
 @router.post("/secret/rotate", response_model=WebhookSecretPublic)
 async def rotate(rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookSecretPublic:
-    return _secret(await rotate_secret(rt.sessions, principal.tenant, rt.settings.webhook_secret_rotation_seconds))
+    return _secret(await rotate_secret(rt.sessions, principal.tenant, rt.settings.webhook_secret_rotation_seconds,
+                                       secret_box(rt.settings)))
 
 
 @router.get("/deliveries", response_model=WebhookDeliveryList)

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     webhook_max_response_bytes: int = 16384  # read (and keep a snippet of) at most this much
     webhook_allowlist: Annotated[list[str], NoDecode] = []  # deprecated: joined to outbound_allowlist (which see)
     webhook_secret_rotation_seconds: int = 86400  # the previous secret keeps signing this long
+    # keys that encrypt tenants' signing secrets at rest (core/secretbox.py), newest first: the first
+    # encrypts, every one decrypts; empty: GENROUTE_SECRET_KEY encrypts (it always decrypts too)
+    webhook_encryption_keys: Annotated[list[str], NoDecode] = []
     webhook_endpoint_cache_seconds: float = 5.0  # how soon a new tenant endpoint is seen by every process
     submit_attempts: int = 4  # tries of a create the provider refused with 429/5xx or never received
     submit_backoff_seconds: float = 1.0  # first retry delay; doubles, with jitter, up to 60 s
@@ -111,7 +114,8 @@ class Settings(BaseSettings):
     router_failure_window_seconds: float = 60.0  # failures further apart than this do not add up
     router_lease_seconds: float = 300.0  # a concurrency slot frees itself this long after its last renewal
 
-    @field_validator("webhook_backoff_seconds", "webhook_allowlist", "outbound_allowlist", "cors_origins", mode="before")
+    @field_validator("webhook_backoff_seconds", "webhook_allowlist", "outbound_allowlist", "cors_origins",
+                     "webhook_encryption_keys", mode="before")
     @classmethod
     def _list(cls, v: Any) -> Any:
         """Lists come from the environment as JSON (`["127.0.0.1/32"]`); a string given in

@@ -42,7 +42,7 @@ from core.keys import Principal
 from core.models import Job
 from core.runtime import Runtime
 from core.schemas import INPUT_SCHEMAS, JobCreate
-from core.webhooks import tenant_secret
+from core.webhooks import secret_box, tenant_secret
 
 router = APIRouter(prefix="/replicate/v1", route_class=ReplicateRoute, tags=["replicate"])
 
@@ -252,4 +252,4 @@ async def get_version(owner: str, name: str, version: str, rt: RuntimeDep, princ
 @router.get("/webhooks/default/secret")
 async def webhook_secret(rt: RuntimeDep, principal: WebhookManagerDep) -> dict[str, str]:
     """The key Replicate-style webhooks are signed with (the tenant's, as for every webhook)."""
-    return {"key": (await tenant_secret(rt.sessions, principal.tenant)).secret}
+    return {"key": (await tenant_secret(rt.sessions, principal.tenant, secret_box(rt.settings))).secret}
