@@ -24,6 +24,7 @@ from api.meta import router as meta_router
 from api.observe import Observe
 from api.openai_media import router as openai_media_router
 from api.replicate import router as replicate_router
+from api.streams import StreamGuard
 from api.strict import RefuseNul
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
@@ -55,7 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.key_cache = KeyCache(s.key_cache_seconds, negative_ttl=s.auth_negative_cache_seconds)
             app.state.auth_failures = AuthFailures(rt.redis, s.redis_prefix, limit=s.auth_failure_limit,
                                                    window_seconds=s.auth_failure_window_seconds)
-            watcher = KeyWatcher(s.redis_url, changed_channel(s.redis_prefix), app.state.key_cache)  # revocations
+            app.state.streams = streams = StreamGuard(rt)  # open websockets/SSE end when their key does
+            streams.start()
+            stack.push_async_callback(streams.close)
+            watcher = KeyWatcher(s.redis_url, changed_channel(s.redis_prefix), app.state.key_cache,  # revocations
+                                 on_change=streams.changed)
             await watcher.start()
             stack.push_async_callback(watcher.close)
             hub = EventHub(rt.redis, f"{s.redis_prefix}:hub")  # one pub/sub connection for all subscribers

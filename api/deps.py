@@ -22,6 +22,7 @@ import hmac
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -104,9 +105,11 @@ class KeyWatcher:
     connection (named, so operators can see it in CLIENT LIST) and re-subscribes after any
     error; each (re)subscription clears the cache too, as messages may have been missed."""
 
-    def __init__(self, redis_url: str, channel: str, cache: KeyCache, client_name: str | None = None) -> None:
+    def __init__(self, redis_url: str, channel: str, cache: KeyCache, client_name: str | None = None,
+                 on_change: Callable[[str], None] | None = None) -> None:
         self.channel = channel
         self.cache = cache
+        self.on_change = on_change  # told what changed ("*" after a (re)subscription): open streams recheck
         self._redis: Redis = Redis.from_url(redis_url, client_name=client_name or channel,
                                             socket_connect_timeout=5, health_check_interval=30)
         self._task: asyncio.Task[None] | None = None
@@ -138,6 +141,9 @@ class KeyWatcher:
                     # "subscribe" also arrives when redis-py reconnects on its own: clear then too
                     if msg["type"] in ("message", "subscribe"):
                         self.cache.clear()
+                        if self.on_change is not None:
+                            data = msg.get("data") if msg["type"] == "message" else b"*"
+                            self.on_change(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
                     if msg["type"] == "subscribe":
                         self._subscribed.set()
                         delay = 0.1

@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     ws_send_timeout_seconds: float = 10.0  # a send blocked this long also counts as a slow client
     ws_ping_seconds: float = 20.0
     ws_recheck_seconds: float = 5.0  # an idle subscriber re-reads the job's stream this often
+    ws_max_per_key: int = 100  # websockets one key may hold open at once, across replicas; the next closes 4409 (0: no cap)
     webhook_timeout_seconds: float = 10.0
     # retry delays after each failed attempt; the default reaches ~23.7 h, then `exhausted`
     webhook_backoff_seconds: Annotated[list[float], NoDecode] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
