@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
 
 from api.deps import AdminDep, KeyCache, RuntimeDep
 from api.pagination import page
@@ -96,20 +96,23 @@ class TenantList(BaseModel):
 
 
 class KeyScopes(_Strict):
-    """The key may use a model named in `models`, or any model of a modality in `modalities`."""
+    """The key may use a model named in `models`, or any model of a modality in `modalities`;
+    it manages the tenant's webhooks (/v1/webhooks/...) only with `webhooks: true`."""
 
     models: list[ModelId] = Field(default_factory=list, max_length=500)
     modalities: list[Literal["image", "video", "audio", "text"]] = Field(default_factory=list, max_length=4)
+    webhooks: StrictBool = Field(default=False, description="may manage webhook endpoints, the signing secret and deliveries")
 
     @model_validator(mode="after")
     def _something(self) -> KeyScopes:
-        if not self.models and not self.modalities:
-            raise ValueError("scopes must name at least one model or modality; use null (no scopes) for any model")
+        if not self.models and not self.modalities and not self.webhooks:
+            raise ValueError("scopes must name at least one model or modality, or grant webhooks; "
+                             "use null (no scopes) for full access")
         return self
 
 
 class _KeyPolicy(_Strict):
-    scopes: KeyScopes | None = Field(default=None, description="null: any model")
+    scopes: KeyScopes | None = Field(default=None, description="null: full access (any model, and webhook management)")
     rpm: Limit | None = Field(default=None, description="requests per sliding minute; null: no limit")
     max_concurrency: Limit | None = Field(default=None, description="jobs and calls in flight; null: no limit")
     expires_at: datetime | None = Field(default=None, description="when the key stops working; null: never")
@@ -175,7 +178,7 @@ class KeyPublic(BaseModel):
     name: str
     prefix: str = Field(description="the key's first characters, to tell keys apart")
     admin: bool
-    scopes: dict[str, list[str]] | None
+    scopes: dict[str, Any] | None
     rpm: int | None
     max_concurrency: int | None
     queue_when_busy: bool

@@ -24,12 +24,14 @@ from api.meta import router as meta_router
 from api.observe import Observe
 from api.openai_media import router as openai_media_router
 from api.replicate import router as replicate_router
+from api.streams import StreamGuard
 from api.strict import RefuseNul
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
 from core import logs, metrics
 from core.events import EventHub
 from core.keys import changed_channel
+from core.limits.auth import AuthFailures
 from adapters.registry import AdapterCache
 from core.runtime import open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings
@@ -51,8 +53,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rt.usage = UsageWriter(rt.sessions)
             rt.usage.start()
             stack.push_async_callback(rt.usage.close)  # closed before the engine: rows are flushed
-            app.state.key_cache = KeyCache(s.key_cache_seconds)
-            watcher = KeyWatcher(s.redis_url, changed_channel(s.redis_prefix), app.state.key_cache)  # revocations
+            app.state.key_cache = KeyCache(s.key_cache_seconds, negative_ttl=s.auth_negative_cache_seconds)
+            app.state.auth_failures = AuthFailures(rt.redis, s.redis_prefix, limit=s.auth_failure_limit,
+                                                   window_seconds=s.auth_failure_window_seconds)
+            app.state.streams = streams = StreamGuard(rt)  # open websockets/SSE end when their key does
+            streams.start()
+            stack.push_async_callback(streams.close)
+            watcher = KeyWatcher(s.redis_url, changed_channel(s.redis_prefix), app.state.key_cache,  # revocations
+                                 on_change=streams.changed)
             await watcher.start()
             stack.push_async_callback(watcher.close)
             hub = EventHub(rt.redis, f"{s.redis_prefix}:hub")  # one pub/sub connection for all subscribers

@@ -7,6 +7,11 @@ moments. The cache's TTL (`key_cache_seconds`) is only the backstop for lost mes
 
     admin API ── commit ── PUBLISH {prefix}:keys:changed ──► KeyWatcher (each API process)
                                                              └─► KeyCache.clear()
+
+A key that is not found is remembered too, briefly (`auth_negative_cache_seconds`), so a
+client repeating a bogus key costs no query; and failures are counted per client address in
+Redis (core/limits/auth.py), so an address past `auth_failure_limit` gets 429 before any
+lookup, on every replica.
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
 
-from core import logs
-from core.errors import Forbidden, Unauthorized
+from core import logs, metrics
+from core.errors import Forbidden, RateLimited, Unauthorized
 from core.keys import Principal, hash_key, lookup
+from core.limits.auth import AuthFailures
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.keys")
@@ -39,14 +48,34 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 class KeyCache:
     """Valid keys are cached for a short time, so the hot path does not query SQL per request.
-    Unknown keys are not cached. `clear()` (on every announced change) bumps `generation`: a
-    lookup that started before a clear must not store what it read (it may be stale)."""
+    Unknown (or revoked, expired) key hashes are remembered for `negative_ttl`, so a repeated
+    bogus key costs no query either. `clear()` (on every announced change) drops both and
+    bumps `generation`: a lookup that started before a clear must not store what it read
+    (it may be stale)."""
 
-    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl: float, max_entries: int = 10_000, negative_ttl: float = 0.0) -> None:
         self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self.generation = 0
         self._entries: dict[str, tuple[Principal, float]] = {}
+        self._unknown: dict[str, float] = {}  # digest -> until (monotonic)
+
+    def is_unknown(self, digest: str) -> bool:
+        until = self._unknown.get(digest)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            self._unknown.pop(digest, None)
+            return False
+        return True
+
+    def put_unknown(self, digest: str, generation: int | None = None) -> None:
+        if self.negative_ttl <= 0 or (generation is not None and generation != self.generation):
+            return
+        if len(self._unknown) >= self.max_entries:  # a flood of random keys: start over
+            self._unknown.clear()
+        self._unknown[digest] = time.monotonic() + self.negative_ttl
 
     def get(self, digest: str) -> Principal | None:
         hit = self._entries.get(digest)
@@ -68,6 +97,7 @@ class KeyCache:
     def clear(self) -> None:
         self.generation += 1
         self._entries.clear()
+        self._unknown.clear()
 
 
 class KeyWatcher:
@@ -75,9 +105,11 @@ class KeyWatcher:
     connection (named, so operators can see it in CLIENT LIST) and re-subscribes after any
     error; each (re)subscription clears the cache too, as messages may have been missed."""
 
-    def __init__(self, redis_url: str, channel: str, cache: KeyCache, client_name: str | None = None) -> None:
+    def __init__(self, redis_url: str, channel: str, cache: KeyCache, client_name: str | None = None,
+                 on_change: Callable[[str], None] | None = None) -> None:
         self.channel = channel
         self.cache = cache
+        self.on_change = on_change  # told what changed ("*" after a (re)subscription): open streams recheck
         self._redis: Redis = Redis.from_url(redis_url, client_name=client_name or channel,
                                             socket_connect_timeout=5, health_check_interval=30)
         self._task: asyncio.Task[None] | None = None
@@ -109,6 +141,9 @@ class KeyWatcher:
                     # "subscribe" also arrives when redis-py reconnects on its own: clear then too
                     if msg["type"] in ("message", "subscribe"):
                         self.cache.clear()
+                        if self.on_change is not None:
+                            data = msg.get("data") if msg["type"] == "message" else b"*"
+                            self.on_change(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
                     if msg["type"] == "subscribe":
                         self._subscribed.set()
                         delay = 0.1
@@ -132,18 +167,44 @@ def _admin_key_matches(token: str, admin_key: str) -> bool:
 ADMIN = Principal(key_id="admin", tenant="admin", admin=True)  # the settings' GENROUTE_ADMIN_KEY
 
 
-async def resolve_principal(cache: KeyCache, rt: Runtime, token: str) -> Principal | None:
-    """The principal behind a key (the settings' admin key, then the cache, then SQL), or None."""
-    if _admin_key_matches(token, rt.settings.admin_key):
-        return ADMIN
+async def resolve_principal(cache: KeyCache, rt: Runtime, token: str, *, address: str | None = None,
+                            failures: AuthFailures | None = None) -> Principal | None:
+    """The principal behind a key, or None: the cache first (a key verified lately), then, if
+    `address` is not over its failure limit (else RateLimited), the settings' admin key, the
+    negative cache, SQL. Every None is counted against `address`."""
     digest = hash_key(token)
     principal = cache.get(digest)
-    if principal is None:
-        generation = cache.generation
+    if principal is not None:
+        return principal
+    if failures is not None:
+        retry = await failures.retry_after(address)
+        if retry is not None:
+            metrics.auth_failure("limited")
+            raise RateLimited(
+                f"too many requests with an unknown, revoked or expired key from this address; retry in {math.ceil(retry)} s",
+                retry_after=retry, code="too_many_auth_failures",
+            )
+    generation = cache.generation
+    if _admin_key_matches(token, rt.settings.admin_key):
+        cache.put(digest, ADMIN, generation)
+        return ADMIN
+    if cache.is_unknown(digest):
+        metrics.auth_failure("cached")
+    else:
         principal = await lookup(rt.sessions, token)
         if principal is not None:
             cache.put(digest, principal, generation)
-    return principal
+            return principal
+        metrics.auth_failure("looked_up")
+        cache.put_unknown(digest, generation)
+    if failures is not None:
+        await failures.failed(address)
+    return None
+
+
+def client_address(conn: HTTPConnection) -> str | None:
+    """The client's address as uvicorn reports it (X-Forwarded-For only from trusted proxies)."""
+    return conn.client.host if conn.client else None
 
 
 async def get_principal(request: Request, rt: RuntimeDep) -> Principal:
@@ -154,7 +215,8 @@ async def get_principal(request: Request, rt: RuntimeDep) -> Principal:
         raise Unauthorized(
             "missing API key: send `Authorization: Bearer <key>` (make one with `genroute keys create --name NAME`)"
         )
-    principal = await resolve_principal(request.app.state.key_cache, rt, token)
+    principal = await resolve_principal(request.app.state.key_cache, rt, token, address=client_address(request),
+                                        failures=getattr(request.app.state, "auth_failures", None))
     if principal is None:
         raise Unauthorized("unknown, revoked or expired API key")
     logs.bind_here(tenant=principal.tenant)  # every line of this request names its tenant
@@ -171,3 +233,18 @@ async def get_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+async def get_webhook_manager(principal: PrincipalDep) -> Principal:
+    """Webhook management (endpoints, the signing secret, deliveries) needs the `webhooks`
+    scope: a key with no scopes has it; a key scoped to models has it only when granted."""
+    if not principal.webhooks:
+        raise Forbidden(
+            "this key may not manage webhooks: its scopes do not grant it. An admin can add it with "
+            'PATCH /v1/admin/keys/KEY_ID {"scopes": {..., "webhooks": true}}',
+            code="webhooks_not_allowed",
+        )
+    return principal
+
+
+WebhookManagerDep = Annotated[Principal, Depends(get_webhook_manager)]

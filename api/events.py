@@ -20,11 +20,16 @@ Websocket close codes:
 
     1000  the job ended (per-job stream), or the client closed
     4400  bad request: malformed message, bad last_event_id, too many subscriptions
-    4401  unauthorized: no key, or an unknown or revoked key
+    4401  unauthorized: no key, or an unknown or revoked key; also sent to an open
+          websocket when its key is revoked or expires (api/streams.py)
     4404  no such job for this tenant. Another tenant's job is refused with the same
           code on purpose: like the REST API's 404, it does not tell that the job exists
     4408  slow consumer: more than ws_queue_size messages waited for this client, or one
           send blocked ws_send_timeout_seconds; reconnect with last_event_id to resume
+    4409  the key already holds ws_max_per_key websockets (on all replicas together);
+          close one first
+    4429  too many failed authentications from this address (auth_failure_limit); the
+          reason says when to retry
     1011  internal error
 """
 
@@ -41,10 +46,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
-from api.deps import PrincipalDep, RuntimeDep, resolve_principal
+from api.deps import PrincipalDep, RuntimeDep, client_address, resolve_principal
+from api.streams import Revoked, StreamGuard, Watch, until_ended
 from api.views import job_public
 from api.strict import StrictRoute, loads
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, RateLimited
 from core.events import OVERFLOW, Event, EventBus, EventHub, Pos, Subscription, parse_last_event_id
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.keys import Principal
@@ -58,6 +64,8 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_SLOW = 4408
+CLOSE_TOO_MANY = 4409
+CLOSE_RATE_LIMITED = 4429
 MAX_JOBS_PER_SOCKET = 1000
 PING = {"type": "ping"}
 
@@ -149,7 +157,8 @@ async def follow_job(rt: Runtime, hub: EventHub, tenant: str | None, job_id: str
 
 
 async def _principal_from_token(ws: WebSocket, rt: Runtime, token: str) -> Principal | None:
-    return await resolve_principal(ws.app.state.key_cache, rt, token)
+    return await resolve_principal(ws.app.state.key_cache, rt, token, address=client_address(ws),
+                                   failures=getattr(ws.app.state, "auth_failures", None))
 
 
 async def _close(ws: WebSocket, code: int, reason: str, timeout: float = 5.0) -> None:
@@ -171,7 +180,11 @@ async def ws_principal(ws: WebSocket, rt: Runtime) -> Principal | None:
                 token = first["token"]
         except (TimeoutError, _Close, WebSocketDisconnect):
             pass
-    principal = await _principal_from_token(ws, rt, token) if token else None
+    try:
+        principal = await _principal_from_token(ws, rt, token) if token else None
+    except RateLimited as exc:
+        await _close(ws, CLOSE_RATE_LIMITED, exc.message)
+        return None
     if principal is None:
         await _close(ws, CLOSE_UNAUTHORIZED, "unauthorized: send Authorization: Bearer KEY, ?token=KEY or an auth message")
     return principal
@@ -197,6 +210,24 @@ def _dump(item: Any) -> str:
 
 
 # per-job websocket and SSE ----------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _held_socket(ws: WebSocket, principal: Principal) -> AsyncIterator[Watch | None]:
+    """A place among the key's websockets (None, after closing with 4409, when it has
+    ws_max_per_key open), watched for the key's revocation (api/streams.py)."""
+    guard: StreamGuard = ws.app.state.streams
+    conn = await guard.take_socket(principal.key_id)
+    if conn is None:
+        await _close(ws, CLOSE_TOO_MANY, f"too many websockets for this key: at most {guard.max_per_key} open at once "
+                                         "(ws_max_per_key); close one first")
+        yield None
+        return
+    try:
+        with guard.watch(principal) as watch:
+            yield watch
+    finally:
+        await guard.free_socket(conn)
+
+
 @router.websocket("/v1/jobs/{job_id}/events")
 async def job_events_ws(ws: WebSocket, job_id: str) -> None:
     await ws.accept()
@@ -211,18 +242,24 @@ async def job_events_ws(ws: WebSocket, job_id: str) -> None:
         await _close(ws, CLOSE_BAD_REQUEST, str(exc))
         return
     timeout = rt.settings.ws_send_timeout_seconds
-    try:
-        async with contextlib.aclosing(follow_job(rt, ws.app.state.event_hub, _seen_by(principal), job_id, last_seq)) as items:
-            async for item in items:
-                await asyncio.wait_for(ws.send_text(_dump(item)), timeout)
-    except NotFound as exc:
-        await _close(ws, CLOSE_NOT_FOUND, exc.message)
-    except (SlowConsumer, TimeoutError):
-        await _close(ws, CLOSE_SLOW, "slow consumer: reconnect with last_event_id")
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        return  # the client went away
-    else:
-        await _close(ws, 1000, "job ended")
+    async with _held_socket(ws, principal) as watch:
+        if watch is None:
+            return
+        try:
+            items = until_ended(follow_job(rt, ws.app.state.event_hub, _seen_by(principal), job_id, last_seq), watch)
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    await asyncio.wait_for(ws.send_text(_dump(item)), timeout)
+        except NotFound as exc:
+            await _close(ws, CLOSE_NOT_FOUND, exc.message)
+        except Revoked as exc:
+            await _close(ws, CLOSE_UNAUTHORIZED, f"unauthorized: {exc.reason}")
+        except (SlowConsumer, TimeoutError):
+            await _close(ws, CLOSE_SLOW, "slow consumer: reconnect with last_event_id")
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the client went away
+        else:
+            await _close(ws, 1000, "job ended")
 
 
 @router.get(
@@ -246,22 +283,27 @@ async def job_events_sse(
         raise InvalidRequest(str(exc)) from exc
     await _visible_job(rt, _seen_by(principal), job_id)  # refuse with a JSON 404 before streaming
     hub: EventHub = request.app.state.event_hub
+    guard: StreamGuard = request.app.state.streams
 
     async def body() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"
         try:
-            async with contextlib.aclosing(follow_job(rt, hub, _seen_by(principal), job_id, last_seq)) as items:
-                async for item in items:
-                    if isinstance(item, Event):
-                        yield f"id: {item.id}\nevent: {item.type}\ndata: {item.to_json()}\n\n"
-                    elif item is PING:
-                        yield ": ping\n\n"
-                    else:
-                        yield f"event: {item['type']}\ndata: {_dump(item)}\n\n"
+            with guard.watch(principal) as watch:  # a revoked key ends the stream (api/streams.py)
+                items = until_ended(follow_job(rt, hub, _seen_by(principal), job_id, last_seq), watch)
+                async with contextlib.aclosing(items):
+                    async for item in items:
+                        if isinstance(item, Event):
+                            yield f"id: {item.id}\nevent: {item.type}\ndata: {item.to_json()}\n\n"
+                        elif item is PING:
+                            yield ": ping\n\n"
+                        else:
+                            yield f"event: {item['type']}\ndata: {_dump(item)}\n\n"
         except SlowConsumer:
             yield 'event: error\ndata: {"code":"slow_consumer","message":"reconnect with Last-Event-ID"}\n\n'
         except NotFound:
             yield 'event: error\ndata: {"code":"not_found","message":"job not found"}\n\n'
+        except Revoked as exc:
+            yield f"event: error\ndata: {json.dumps({'code': 'unauthorized', 'message': exc.reason})}\n\n"
 
     return StreamingResponse(
         body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -279,8 +321,9 @@ class _Marker:
 
 
 class _Mux:
-    def __init__(self, ws: WebSocket, rt: Runtime, hub: EventHub, principal: Principal) -> None:
+    def __init__(self, ws: WebSocket, rt: Runtime, hub: EventHub, principal: Principal, watch: Watch) -> None:
         self.ws = ws
+        self.watch = watch
         self.rt = rt
         self.hub = hub
         self.tenant = principal.tenant  # whose channel `all` follows (an admin may pick another)
@@ -292,7 +335,8 @@ class _Mux:
         self.last: dict[str, Pos] = {}  # job -> position of the last event sent
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._send()), asyncio.create_task(self._ping())]
+        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._send()), asyncio.create_task(self._ping()),
+                 asyncio.create_task(self._ended())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -310,6 +354,10 @@ class _Mux:
                 await self.hub.remove(self.bus.job_channel(job_id), self.sub)
             if self.all:
                 await self.hub.remove(self.bus.tenant_channel(self.tenant), self.sub)
+
+    async def _ended(self) -> None:
+        await self.watch.ended.wait()  # the key was revoked or expired (api/streams.py)
+        raise _Close(CLOSE_UNAUTHORIZED, f"unauthorized: {self.watch.reason}")
 
     async def _ping(self) -> None:
         while True:
@@ -431,4 +479,6 @@ async def multiplexed_ws(ws: WebSocket) -> None:
     principal = await ws_principal(ws, rt)
     if principal is None:
         return
-    await _Mux(ws, rt, ws.app.state.event_hub, principal).run()
+    async with _held_socket(ws, principal) as watch:
+        if watch is not None:
+            await _Mux(ws, rt, ws.app.state.event_hub, principal, watch).run()

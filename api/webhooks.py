@@ -8,6 +8,10 @@
     GET    /v1/webhooks/deliveries                   deliveries with their attempts, newest first
     GET    /v1/webhooks/deliveries/{id}
     POST   /v1/webhooks/deliveries/{id}/redeliver    send again now (one more attempt)
+
+Every route here needs a key with the `webhooks` scope (api/deps.py WebhookManagerDep): a
+key with no scopes has it, a key scoped to models or modalities only when granted; any
+other key gets 403 `webhooks_not_allowed`.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from fastapi import APIRouter, Query, Response
 from sqlmodel import col, select
 
 from api.pagination import page
-from api.deps import PrincipalDep, RuntimeDep
+from api.deps import RuntimeDep, WebhookManagerDep
 from api.jobs import check_webhook_url
 from api.strict import StrictRoute
 from core.errors import Conflict, NotFound
 from core.ids import new_id
 from core.keys import Principal
-from core.models import WebhookDelivery, WebhookEndpoint, WebhookSecret, utcnow
+from core.models import WebhookDelivery, WebhookEndpoint, utcnow
 from core.runtime import Runtime
 from core.schemas import (
     WebhookAttemptPublic,
@@ -35,7 +39,7 @@ from core.schemas import (
     WebhookEndpointPublic,
     WebhookSecretPublic,
 )
-from core.webhooks import enqueue_delivery, rotate_secret, tenant_secret
+from core.webhooks import TenantSecret, enqueue_delivery, rotate_secret, secret_box, tenant_secret
 
 router = APIRouter(route_class=StrictRoute, prefix="/v1/webhooks", tags=["webhooks"])
 MAX_ENDPOINTS = 20
@@ -45,7 +49,7 @@ def _endpoint(e: WebhookEndpoint) -> WebhookEndpointPublic:
     return WebhookEndpointPublic(id=e.id, url=e.url, events=e.events, description=e.description, created_at=e.created_at)
 
 
-def _secret(row: WebhookSecret) -> WebhookSecretPublic:
+def _secret(row: TenantSecret) -> WebhookSecretPublic:
     now = utcnow()
     current = row.previous_expires_at is not None and row.previous_expires_at > now
     return WebhookSecretPublic(
@@ -77,7 +81,7 @@ def _delivery(d: WebhookDelivery) -> WebhookDeliveryPublic:
 
 
 @router.post("/endpoints", status_code=201, response_model=WebhookEndpointPublic)
-async def create_endpoint(body: WebhookEndpointCreate, rt: RuntimeDep, principal: PrincipalDep) -> WebhookEndpointPublic:
+async def create_endpoint(body: WebhookEndpointCreate, rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookEndpointPublic:
     await check_webhook_url(rt, body.url, loc="url")
     async with rt.sessions() as s:
         count = len((await s.exec(select(WebhookEndpoint.id).where(WebhookEndpoint.tenant == principal.tenant))).all())
@@ -93,14 +97,14 @@ async def create_endpoint(body: WebhookEndpointCreate, rt: RuntimeDep, principal
 
 
 @router.get("/endpoints", response_model=WebhookEndpointList)
-async def list_endpoints(rt: RuntimeDep, principal: PrincipalDep) -> WebhookEndpointList:
+async def list_endpoints(rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookEndpointList:
     async with rt.sessions() as s:
         rows = (await s.exec(select(WebhookEndpoint).where(WebhookEndpoint.tenant == principal.tenant).order_by(col(WebhookEndpoint.id)))).all()
     return WebhookEndpointList(data=[_endpoint(r) for r in rows])
 
 
 @router.delete("/endpoints/{endpoint_id}", status_code=204)
-async def delete_endpoint(endpoint_id: str, rt: RuntimeDep, principal: PrincipalDep) -> Response:
+async def delete_endpoint(endpoint_id: str, rt: RuntimeDep, principal: WebhookManagerDep) -> Response:
     async with rt.sessions() as s:
         row = await s.get(WebhookEndpoint, endpoint_id) if len(endpoint_id) <= 40 else None
         if row is None or row.tenant != principal.tenant:
@@ -112,19 +116,20 @@ async def delete_endpoint(endpoint_id: str, rt: RuntimeDep, principal: Principal
 
 
 @router.get("/secret", response_model=WebhookSecretPublic)
-async def get_secret(rt: RuntimeDep, principal: PrincipalDep) -> WebhookSecretPublic:
-    return _secret(await tenant_secret(rt.sessions, principal.tenant))
+async def get_secret(rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookSecretPublic:
+    return _secret(await tenant_secret(rt.sessions, principal.tenant, secret_box(rt.settings)))
 
 
 @router.post("/secret/rotate", response_model=WebhookSecretPublic)
-async def rotate(rt: RuntimeDep, principal: PrincipalDep) -> WebhookSecretPublic:
-    return _secret(await rotate_secret(rt.sessions, principal.tenant, rt.settings.webhook_secret_rotation_seconds))
+async def rotate(rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookSecretPublic:
+    return _secret(await rotate_secret(rt.sessions, principal.tenant, rt.settings.webhook_secret_rotation_seconds,
+                                       secret_box(rt.settings)))
 
 
 @router.get("/deliveries", response_model=WebhookDeliveryList)
 async def list_deliveries(
     rt: RuntimeDep,
-    principal: PrincipalDep,
+    principal: WebhookManagerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=40, description="next_cursor of the previous page")] = None,
     job_id: Annotated[str | None, Query(max_length=40)] = None,
@@ -150,12 +155,12 @@ async def _load(rt: Runtime, principal: Principal, delivery_id: str) -> WebhookD
 
 
 @router.get("/deliveries/{delivery_id}", response_model=WebhookDeliveryPublic)
-async def get_delivery(delivery_id: str, rt: RuntimeDep, principal: PrincipalDep) -> WebhookDeliveryPublic:
+async def get_delivery(delivery_id: str, rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookDeliveryPublic:
     return _delivery(await _load(rt, principal, delivery_id))
 
 
 @router.post("/deliveries/{delivery_id}/redeliver", status_code=202, response_model=WebhookDeliveryPublic)
-async def redeliver(delivery_id: str, rt: RuntimeDep, principal: PrincipalDep) -> WebhookDeliveryPublic:
+async def redeliver(delivery_id: str, rt: RuntimeDep, principal: WebhookManagerDep) -> WebhookDeliveryPublic:
     """Send the delivery again now, whatever its status: one more attempt (no new backoff)."""
     row = await _load(rt, principal, delivery_id)
     async with rt.sessions() as s:

@@ -5,6 +5,7 @@
     genroute worker              ARQ workers for the media and video queues (production)
     genroute migrate             create / upgrade the database schema
     genroute keys create --name  print a new API key (shown once); --tenant, --admin, scopes, limits, expiry
+    genroute webhooks reencrypt  rewrite the tenants' webhook signing secrets under the current key
     genroute tenants create ID   make a tenant [--budget MICRO_USD]
     genroute tenants budget ID   set a tenant's budget (MICRO_USD, or none for no cap)
     genroute billing audit       recompute each tenant's spent and held from the ledger rows
@@ -125,7 +126,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     from core.models import utcnow
 
     settings = _settings()
-    scopes = {"models": args.model, "modalities": args.modality} if args.model or args.modality else None
+    scoped = args.model or args.modality or args.webhooks
+    scopes = {"models": args.model, "modalities": args.modality, "webhooks": args.webhooks} if scoped else None
     try:
         catalog = load_catalog(settings.catalog) if args.model else None  # scoped model ids must exist
     except CatalogError as exc:
@@ -140,11 +142,28 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         )
         if args.json:
             return json.dumps({"key": plain, "id": row.id, "tenant": row.tenant, "name": row.name, "admin": row.is_admin,
-                               "scopes": scopes, "rpm": row.rpm, "max_concurrency": row.max_concurrency,
+                               "scopes": row.scopes, "rpm": row.rpm, "max_concurrency": row.max_concurrency,
                                "expires_at": row.expires_at.isoformat() if row.expires_at else None}, indent=2)
         kind = "admin key" if row.is_admin else "key"
         until = f", expires {row.expires_at.isoformat(timespec='seconds')}" if row.expires_at else ""
         return f"{plain}\n# {kind} {row.id}, tenant {row.tenant!r}{until}: store it now, it is not shown again"
+
+    return _with_db(settings, go)
+
+
+def cmd_webhooks_reencrypt(args: argparse.Namespace) -> int:
+    from cli.preflight import check_secrets
+    from core.webhooks import reencrypt_all, secret_box
+
+    settings = _settings()
+    check_secrets(settings)
+
+    async def go(sessions: Any) -> str:
+        counts = await reencrypt_all(sessions, secret_box(settings))
+        if args.json:
+            return json.dumps(counts, indent=2)
+        return (f"{counts['rows']} tenant secret(s): {counts['rewritten']} rewritten under the current key "
+                f"({counts['plaintext']} were in plaintext); the others already were")
 
     return _with_db(settings, go)
 
@@ -461,8 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scope the key to these catalog model ids (repeatable; with --modality: either matches)")
     kc.add_argument("--modality", action="extend", nargs="+", default=[], choices=["image", "video", "audio", "text"],
                     help="scope the key to every model of these modalities (repeatable)")
+    kc.add_argument("--webhooks", action="store_true",
+                    help="with --model/--modality: may also manage the tenant's webhooks (alone: a key that manages "
+                         "webhooks and uses no model); a key without scopes always may")
     kc.add_argument("--expires-in", type=int, metavar="SECONDS", help="the key stops working this many seconds from now")
     kc.set_defaults(fn=cmd_keys_create)
+
+    wh = sub.add_parser("webhooks", help="manage webhook signing secrets at rest")
+    whsub = wh.add_subparsers(dest="webhooks_command", required=True)
+    wr = whsub.add_parser("reencrypt", parents=[js],
+                          help="rewrite every tenant's signing secret under the first GENROUTE_WEBHOOK_ENCRYPTION_KEYS key "
+                               "(after adding a new key; also encrypts rows still in plaintext)")
+    wr.set_defaults(fn=cmd_webhooks_reencrypt)
 
     t = sub.add_parser("tenants", help="manage tenants and their budgets (micro-USD: 1 USD = 1000000)")
     tsub = t.add_subparsers(dest="tenants_command", required=True)

@@ -4,7 +4,7 @@ says what to do (exit code 2).
 
     load_settings()              every setting pydantic rejects -> ConfigProblem
     check_serving(settings)      what `api` / `worker` need: a signing secret with local
-                                 storage, URLs that parse, a catalog that loads, Redis
+                                 storage, a key for webhook secrets at rest, URLs that parse, a catalog that loads, Redis
                                  answering, the schema in place
     ensure_schema(settings)      commands that read or write the database: SQLite is
                                  migrated on the spot, PostgreSQL is only checked
@@ -97,6 +97,19 @@ def check_storage(settings: Settings) -> None:
         raise ConfigProblem("GENROUTE_S3_BUCKET is required with GENROUTE_STORAGE=s3: set it to the bucket's name")
 
 
+def check_secrets(settings: Settings) -> None:
+    """Webhook signing secrets are stored encrypted (core/secretbox.py): a key is needed."""
+    short = [i for i, k in enumerate(settings.webhook_encryption_keys) if len(k) < 16]
+    if short:
+        raise ConfigProblem(f"GENROUTE_WEBHOOK_ENCRYPTION_KEYS: key {short[0] + 1} is shorter than 16 characters; "
+                            f"use random strings, e.g. {secrets.token_urlsafe(32)}")
+    if not settings.secret_key and not settings.webhook_encryption_keys:
+        raise ConfigProblem(
+            "GENROUTE_SECRET_KEY is required (it encrypts webhook signing secrets at rest; or set "
+            f"GENROUTE_WEBHOOK_ENCRYPTION_KEYS): set it to a random string, e.g. GENROUTE_SECRET_KEY={secrets.token_urlsafe(32)}"
+        )
+
+
 def check_catalog(settings: Settings) -> None:
     from core.routing.catalog import CatalogError, load_catalog
 
@@ -161,6 +174,7 @@ def check_serving(settings: Settings, *, redis: bool = True) -> None:
     """Everything `genroute api` and `genroute worker` need before they start."""
     check_urls(settings)
     check_storage(settings)
+    check_secrets(settings)
     check_catalog(settings)
     if redis:
         check_redis(settings)

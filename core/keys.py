@@ -3,8 +3,8 @@
 Keys carry 256 bits of randomness, so a plain sha256 is a safe store (no password
 stretching is needed) and lets the hot path look a key up by its hash in one query.
 
-A key belongs to a tenant and may be an admin key, be scoped to models or modalities,
-carry limits (rpm, max_concurrency, queue_when_busy) and expire. Every change made here
+A key belongs to a tenant and may be an admin key, be scoped to models or modalities
+(and, separately, to webhook management: `WEBHOOKS_SCOPE`), carry limits (rpm, max_concurrency, queue_when_busy) and expire. Every change made here
 is announced on `changed_channel(prefix)` (`announce_change`), so each API process drops
 its key cache (api/deps.py) within moments instead of waiting out the cache's TTL.
 """
@@ -53,6 +53,7 @@ class Principal:
     default_priority: str | None = None  # a job's priority when it names none (core/priorities.py)
     max_priority: str | None = None  # the highest a job of this key gets (a higher ask is lowered)
     cache_by_default: bool = False  # its jobs use the result cache unless they say cache: false
+    webhooks: bool = True  # may manage the tenant's webhook endpoints, signing secret and deliveries
 
     def allows(self, model_id: str, modality: str) -> bool:
         """Whether the key's scopes let it use this model (named, or by its modality)."""
@@ -66,19 +67,27 @@ MAX_LIMIT = 1_000_000_000  # fits the INTEGER columns
 MAX_GRACE_SECONDS = 30 * 86400
 
 
-def check_scopes(scopes: dict[str, Any] | None, catalog: Any = None) -> dict[str, list[str]] | None:
-    """`{"models": [...], "modalities": [...]}` (either may be left out) or None for any model.
-    Model ids are checked against `catalog` (a core.routing.catalog.Catalog) when one is given."""
+WEBHOOKS_SCOPE = "webhooks"  # scopes["webhooks"] = true: may manage webhooks (api/webhooks.py)
+
+
+def check_scopes(scopes: dict[str, Any] | None, catalog: Any = None) -> dict[str, Any] | None:
+    """`{"models": [...], "modalities": [...], "webhooks": true}` (any may be left out) or None
+    for full access. A key with scopes may use only the models they name, and manages the
+    tenant's webhooks only with `"webhooks": true` (a key with no scopes does both). Model
+    ids are checked against `catalog` (a core.routing.catalog.Catalog) when one is given."""
     if scopes is None:
         return None
-    if not isinstance(scopes, dict) or set(scopes) - {"models", "modalities"}:
-        raise InvalidInput('scopes must be {"models": [...], "modalities": [...]} or null for any model',
+    if not isinstance(scopes, dict) or set(scopes) - {"models", "modalities", WEBHOOKS_SCOPE}:
+        raise InvalidInput('scopes must be {"models": [...], "modalities": [...], "webhooks": true} or null for full access',
                            code="invalid_scopes")
     models = sorted(set(scopes.get("models") or ()))
     modalities = sorted(set(scopes.get("modalities") or ()))
-    if not models and not modalities:
-        raise InvalidInput("scopes must name at least one model or modality; use null (no scopes) for any model",
-                           code="invalid_scopes")
+    webhooks = scopes.get(WEBHOOKS_SCOPE, False)
+    if not isinstance(webhooks, bool):
+        raise InvalidInput("scopes.webhooks must be true or false", code="invalid_scopes")
+    if not models and not modalities and not webhooks:
+        raise InvalidInput("scopes must name at least one model or modality, or grant webhooks; "
+                           "use null (no scopes) for full access", code="invalid_scopes")
     bad = [m for m in modalities if m not in MODALITIES]
     if bad:
         raise InvalidInput(f"scopes.modalities: unknown modality {bad[0]!r}; use any of {', '.join(MODALITIES)}",
@@ -88,11 +97,13 @@ def check_scopes(scopes: dict[str, Any] | None, catalog: Any = None) -> dict[str
         if unknown:
             raise InvalidInput(f"scopes.models: {', '.join(map(repr, unknown))} not in the catalog; GET /v1/models lists the ids",
                                code="unknown_model", details={"models": unknown})
-    out: dict[str, list[str]] = {}
+    out: dict[str, Any] = {}
     if models:
         out["models"] = models
     if modalities:
         out["modalities"] = modalities
+    if webhooks:
+        out[WEBHOOKS_SCOPE] = True
     return out
 
 
@@ -129,14 +140,17 @@ def key_status(row: ApiKey) -> str:
 
 
 def principal_of(row: ApiKey, *, budgeted: bool) -> Principal:
+    scoped = bool(row.scopes)  # no scopes: any model, and webhook management
     scopes = row.scopes or {}
     models, modalities = scopes.get("models"), scopes.get("modalities")
     return Principal(
         key_id=row.id,
         tenant=row.tenant,
         admin=row.is_admin,
-        models=frozenset(models) if models else None,
-        modalities=frozenset(modalities) if modalities else None,
+        # scoped: empty sets, not None, so a webhooks-only key may use no model
+        models=frozenset(models or ()) if scoped else None,
+        modalities=frozenset(modalities or ()) if scoped else None,
+        webhooks=not scoped or scopes.get(WEBHOOKS_SCOPE) is True,
         rpm=row.rpm,
         max_concurrency=row.max_concurrency,
         queue_when_busy=row.queue_when_busy,

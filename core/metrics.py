@@ -6,6 +6,7 @@ that record them are the only code that touches prometheus_client.
     outputs            storage/ingest.py (storing())     genroute_job_storing_seconds
     provider calls     adapters/registry.py              genroute_provider_*
     limits, budgets    core/limits/deployments.py, quotas.py, billing.py   genroute_limiter_denied_total, genroute_refusals_total
+    authentication     api/deps.py                       genroute_auth_failures_total
     webhooks           workers/webhooks.py               genroute_webhook_*
     chat               api/chat.py                       genroute_chat_*
     poll lateness      workers/poll.py                   genroute_poll_lateness_seconds
@@ -66,6 +67,7 @@ PROVIDER_SECONDS = Histogram("genroute_provider_call_duration_seconds", "Latency
 LIMITER_DENIED = Counter("genroute_limiter_denied", "Deployment slots or rate-window places refused",
                          ["deployment", "reason"])
 REFUSALS = Counter("genroute_refusals", "Requests refused for a key's limits or a tenant's budget", ["reason"])
+AUTH_FAILURES = Counter("genroute_auth_failures", "Requests with an unknown, revoked or expired key", ["outcome"])
 
 WEBHOOK_DELIVERIES = Counter("genroute_webhook_deliveries", "Webhook delivery attempts", ["outcome"])
 WEBHOOK_SECONDS = Histogram("genroute_webhook_delivery_duration_seconds", "Latency of a webhook delivery attempt",
@@ -144,6 +146,12 @@ def limiter_denied(deployment: str, reason: str) -> None:
 def refused(reason: str) -> None:
     """reason: budget_exceeded, key_rpm or key_concurrency."""
     REFUSALS.labels(reason).inc()
+
+
+def auth_failure(outcome: str) -> None:
+    """outcome: looked_up (a query found no active key), cached (the negative cache answered,
+    no query), limited (429: the address is past auth_failure_limit)."""
+    AUTH_FAILURES.labels(outcome).inc()
 
 
 def webhook_delivery(outcome: str, seconds: float) -> None:

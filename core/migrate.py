@@ -19,6 +19,7 @@ def alembic_config(settings: Settings) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", normalize_url(settings.resolved_database_url()))
+    cfg.attributes["genroute_settings"] = settings  # data migrations read keys from it (0008)
     return cfg
 
 

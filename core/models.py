@@ -214,8 +214,9 @@ class WebhookSecret(SQLModel, table=True):
     __tablename__ = "webhook_secrets"
 
     tenant: str = Field(primary_key=True, max_length=100)
-    secret: str = Field(max_length=100)
-    previous_secret: str | None = Field(default=None, max_length=100)
+    # encrypted at rest (core/secretbox.py): "enc:v1:{kid}:{base64url}", ~120 characters
+    secret: str = Field(max_length=255)
+    previous_secret: str | None = Field(default=None, max_length=255)
     previous_expires_at: datetime | None = _ts(nullable=True)
     created_at: datetime = _ts(nullable=False, default=utcnow)
     rotated_at: datetime | None = _ts(nullable=True)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     max_wait_seconds: int = 60
     key_cache_seconds: float = 5.0  # backstop only: key changes are announced on Redis and drop caches at once
+    # failed authentication (api/deps.py, core/limits/auth.py)
+    auth_negative_cache_seconds: float = 2.0  # an unknown key's hash is remembered this long per process (0: never)
+    auth_failure_limit: int = 100  # failed authentications per client address per window, across replicas; then 429 (0: no limit)
+    auth_failure_window_seconds: float = 60.0
     cors_origins: Annotated[list[str], NoDecode] = []  # JSON or comma-separated  # browser origins allowed to call the API directly, e.g. ["https://app.example.com"]; "*" for any
 
     # logs (core/logs.py): json by default for `genroute api` and `worker`, text for `dev`
@@ -79,12 +83,16 @@ class Settings(BaseSettings):
     ws_send_timeout_seconds: float = 10.0  # a send blocked this long also counts as a slow client
     ws_ping_seconds: float = 20.0
     ws_recheck_seconds: float = 5.0  # an idle subscriber re-reads the job's stream this often
+    ws_max_per_key: int = 100  # websockets one key may hold open at once, across replicas; the next closes 4409 (0: no cap)
     webhook_timeout_seconds: float = 10.0
     # retry delays after each failed attempt; the default reaches ~23.7 h, then `exhausted`
     webhook_backoff_seconds: Annotated[list[float], NoDecode] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800]
     webhook_max_response_bytes: int = 16384  # read (and keep a snippet of) at most this much
     webhook_allowlist: Annotated[list[str], NoDecode] = []  # deprecated: joined to outbound_allowlist (which see)
     webhook_secret_rotation_seconds: int = 86400  # the previous secret keeps signing this long
+    # keys that encrypt tenants' signing secrets at rest (core/secretbox.py), newest first: the first
+    # encrypts, every one decrypts; empty: GENROUTE_SECRET_KEY encrypts (it always decrypts too)
+    webhook_encryption_keys: Annotated[list[str], NoDecode] = []
     webhook_endpoint_cache_seconds: float = 5.0  # how soon a new tenant endpoint is seen by every process
     submit_attempts: int = 4  # tries of a create the provider refused with 429/5xx or never received
     submit_backoff_seconds: float = 1.0  # first retry delay; doubles, with jitter, up to 60 s
@@ -107,7 +115,8 @@ class Settings(BaseSettings):
     router_failure_window_seconds: float = 60.0  # failures further apart than this do not add up
     router_lease_seconds: float = 300.0  # a concurrency slot frees itself this long after its last renewal
 
-    @field_validator("webhook_backoff_seconds", "webhook_allowlist", "outbound_allowlist", "cors_origins", mode="before")
+    @field_validator("webhook_backoff_seconds", "webhook_allowlist", "outbound_allowlist", "cors_origins",
+                     "webhook_encryption_keys", mode="before")
     @classmethod
     def _list(cls, v: Any) -> Any:
         """Lists come from the environment as JSON (`["127.0.0.1/32"]`); a string given in

@@ -17,6 +17,9 @@ CASES = [
     ({"GENROUTE_WEBHOOK_ALLOWLIST": "[bad"}, ["worker"], "GENROUTE_WEBHOOK_ALLOWLIST"),
     ({"GENROUTE_LOG_FORMAT": "xml"}, ["api"], "GENROUTE_LOG_FORMAT"),
     ({}, ["api"], "GENROUTE_SECRET_KEY"),
+    # webhook signing secrets are encrypted at rest: S3 storage needs no signing key, but they do
+    ({"GENROUTE_STORAGE": "s3", "GENROUTE_S3_BUCKET": "b"}, ["worker"], "GENROUTE_SECRET_KEY"),
+    ({"GENROUTE_SECRET_KEY": "s", "GENROUTE_WEBHOOK_ENCRYPTION_KEYS": '["short"]'}, ["api"], "GENROUTE_WEBHOOK_ENCRYPTION_KEYS"),
     ({"GENROUTE_SECRET_KEY": "s", "GENROUTE_DATABASE_URL": "nonsense"}, ["api"], "GENROUTE_DATABASE_URL"),
     ({"GENROUTE_SECRET_KEY": "s", "GENROUTE_CATALOG": "/no/such.yaml"}, ["worker"], "GENROUTE_CATALOG"),
     ({"GENROUTE_SECRET_KEY": "s", "GENROUTE_REDIS_URL": "redis://127.0.0.1:1/0"}, ["worker"], "GENROUTE_REDIS_URL"),

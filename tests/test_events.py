@@ -28,7 +28,9 @@ TERMINAL = {"job.succeeded", "job.failed", "job.canceled"}
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> AsyncIterator[Stack]:
-    st = await make_stack(tmp_path_factory.mktemp("events"), redis_url=f"{redis_base}/0", ws_recheck_seconds="1")
+    # one key holds hundreds of websockets here: no per-key cap (tests/test_stream_revocation.py checks it)
+    st = await make_stack(tmp_path_factory.mktemp("events"), redis_url=f"{redis_base}/0", ws_recheck_seconds="1",
+                          ws_max_per_key="0")
     async with running(st):
         yield st
 

@@ -363,3 +363,83 @@ async def test_another_tenants_id_is_not_found(world: World, case: Case) -> None
     # the id was real: alice reaches it on the same route
     status, body = await _answer(st, st.keys["alice"], case, ids)
     assert status not in (404, 4404), (case.id, "alice's own id", status, body)
+
+
+# the webhooks scope: webhook management needs it --------------------------------------------------
+# Every route under these prefixes manages a tenant's webhooks (endpoints, the signing secret,
+# deliveries). Derived from the route table like CASES, so a new webhook route is covered.
+WEBHOOK_PREFIXES = ("/v1/webhooks/", "/replicate/v1/webhooks/")
+WEBHOOK_ROUTES = [(m, p) for m, p in route_table(create_app(Settings())) if p.startswith(WEBHOOK_PREFIXES)]
+
+
+def _code(body: str) -> str | None:
+    """The stable error code, in our shape ({"error": {"code"}}) or Replicate's ({"code"})."""
+    data = json.loads(body)
+    return data["error"]["code"] if isinstance(data.get("error"), dict) else data.get("code")
+
+
+@pytest.fixture(scope="module")
+async def scoped_keys(world: World) -> dict[str, str]:
+    """Two more keys of alice's tenant, both scoped to local-image: one without the webhooks
+    scope, one granted it."""
+    out = {}
+    async with admin_client(world.stack) as a:
+        for name, scopes in (("models-only", {"models": ["local-image"]}),
+                             ("with-webhooks", {"models": ["local-image"], "webhooks": True})):
+            r = await a.post("/v1/admin/keys", json={"tenant": "alice", "name": name, "scopes": scopes})
+            assert r.status_code == 201, r.text
+            assert r.json()["scopes"] == {"models": ["local-image"], **({"webhooks": True} if scopes.get("webhooks") else {})}
+            out[name] = r.json()["key"]
+    return out
+
+
+def test_the_webhook_routes_are_found() -> None:
+    found = {f"{m} {p}" for m, p in WEBHOOK_ROUTES}
+    for expected in ("POST /v1/webhooks/endpoints", "GET /v1/webhooks/endpoints", "DELETE /v1/webhooks/endpoints/{endpoint_id}",
+                     "GET /v1/webhooks/secret", "POST /v1/webhooks/secret/rotate", "GET /v1/webhooks/deliveries",
+                     "GET /v1/webhooks/deliveries/{delivery_id}", "POST /v1/webhooks/deliveries/{delivery_id}/redeliver",
+                     "GET /replicate/v1/webhooks/default/secret"):
+        assert expected in found, (expected, sorted(found))
+
+
+@pytest.mark.parametrize(("method", "path"), WEBHOOK_ROUTES, ids=lambda x: x)
+async def test_a_key_without_the_webhooks_scope_gets_403_on_webhook_management(
+    world: World, scoped_keys: dict[str, str], method: str, path: str
+) -> None:
+    st = world.stack
+    case = Case(method, path, tuple(PARAM.findall(path)))
+    missing = [p for p in case.params if p not in IDS]
+    assert not missing, f"{path} takes {missing}: add them to IDS"
+    ids = {p: await IDS[p](world) for p in case.params}  # alice's real ids: only the scope is missing
+    status, body = await _http(st, scoped_keys["models-only"], case, ids)
+    assert status == 403 and _code(body) == "webhooks_not_allowed", (status, body)
+    assert "webhooks" in json.dumps(json.loads(body)), body  # the message says what to grant
+    # the same tenant's key granted the scope reaches the route, as does a key with no scopes
+    for key in (scoped_keys["with-webhooks"], st.keys["alice"]):
+        ids = {p: await IDS[p](world) for p in case.params}  # DELETE consumed the endpoint: a fresh one
+        status, body = await _http(st, key, case, ids)
+        assert status not in (401, 403, 404), (status, body)
+
+
+async def test_the_webhooks_scope_is_validated_and_a_webhooks_only_key_uses_no_model(world: World) -> None:
+    st = world.stack
+    async with admin_client(st) as a:
+        r = await a.post("/v1/admin/keys", json={"tenant": "alice", "name": "bad", "scopes": {"webhooks": "yes"}})
+        assert r.status_code == 422, r.text
+        r = await a.post("/v1/admin/keys", json={"tenant": "alice", "name": "none", "scopes": {"webhooks": False}})
+        assert r.status_code == 422 and "webhooks" in r.text, r.text
+        r = await a.post("/v1/admin/keys", json={"tenant": "alice", "name": "hooks", "scopes": {"webhooks": True}})
+        assert r.status_code == 201 and r.json()["scopes"] == {"webhooks": True}, r.text
+        hooks_only, key_id = r.json()["key"], r.json()["id"]
+    async with httpx.AsyncClient(base_url=st.api_url, headers={"Authorization": f"Bearer {hooks_only}"}, timeout=60) as c:
+        assert (await c.get("/v1/webhooks/endpoints")).status_code == 200
+        r = await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": "x", "size": "256x256"}})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed", r.text
+        assert (await c.get("/v1/models")).json()["data"] == []
+    # granting and withdrawing the scope takes effect at once (the key cache is dropped)
+    async with admin_client(st) as a:
+        r = await a.patch(f"/v1/admin/keys/{key_id}", json={"scopes": {"modalities": ["image"]}})
+        assert r.status_code == 200 and r.json()["scopes"] == {"modalities": ["image"]}, r.text
+    async with httpx.AsyncClient(base_url=st.api_url, headers={"Authorization": f"Bearer {hooks_only}"}, timeout=60) as c:
+        r = await c.get("/v1/webhooks/endpoints")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "webhooks_not_allowed", r.text

@@ -26,7 +26,7 @@ from sqlmodel import col, select
 from core import fetcher, logs, metrics, predictions
 from core.models import Job, WebhookDelivery, utcnow
 from core.runtime import Runtime
-from core.webhooks import active_secrets, enqueue_delivery, retry_delay, signed_headers, tenant_secret
+from core.webhooks import active_secrets, enqueue_delivery, retry_delay, secret_box, signed_headers, tenant_secret
 
 log = logging.getLogger("genroute.webhooks")
 
@@ -133,7 +133,7 @@ async def _send(rt: Runtime, d: WebhookDelivery, body: bytes, headers: dict[str,
 
 async def _attempt(rt: Runtime, d: WebhookDelivery) -> bool:
     """One attempt of a claimed delivery. True when the chain may move on (delivered or exhausted)."""
-    secret = await tenant_secret(rt.sessions, d.tenant)
+    secret = await tenant_secret(rt.sessions, d.tenant, secret_box(rt.settings))
     body = json.dumps(await _payload(rt, d), separators=(",", ":"), default=str).encode()
     started = time.monotonic()
     status_code, error = await _send(rt, d, body, signed_headers(active_secrets(secret), d.id, body))

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 
 from api import jobs as jobs_api
-from api.deps import PrincipalDep, RuntimeDep
+from api.deps import PrincipalDep, RuntimeDep, WebhookManagerDep
+from api.streams import Revoked, until_ended
 from api.events import PING, follow_job
 from api.pagination import page
 from api.replicate.errors import ReplicateRoute
@@ -42,7 +43,7 @@ from core.keys import Principal
 from core.models import Job
 from core.runtime import Runtime
 from core.schemas import INPUT_SCHEMAS, JobCreate
-from core.webhooks import tenant_secret
+from core.webhooks import secret_box, tenant_secret
 
 router = APIRouter(prefix="/replicate/v1", route_class=ReplicateRoute, tags=["replicate"])
 
@@ -187,16 +188,22 @@ async def stream_prediction(pid: str, request: Request, rt: RuntimeDep, principa
     `error` (failed) and `done` (`{"reason": "canceled"}` when canceled)."""
     await _load(rt, principal, pid)
     hub = request.app.state.event_hub
+    guard = request.app.state.streams
 
     async def body() -> AsyncIterator[str]:
-        # follow_job is an async generator (typed as its iterator): aclosing ends it with the response
-        async with contextlib.aclosing(follow_job(rt, hub, principal.tenant, pid, 0)) as items:  # type: ignore[type-var]
-            async for item in items:
-                if item is PING:
-                    yield ": ping\n\n"
-                elif isinstance(item, Event):
-                    async for line in _sse(rt, item):
-                        yield line
+        # follow_job is an async generator (typed as its iterator): until_ended owns it, aclosing ends both
+        try:
+            with guard.watch(principal) as watch:  # a revoked key ends the stream (api/streams.py)
+                items = until_ended(follow_job(rt, hub, principal.tenant, pid, 0), watch)  # type: ignore[arg-type]
+                async with contextlib.aclosing(items):  # type: ignore[type-var]
+                    async for item in items:
+                        if item is PING:
+                            yield ": ping\n\n"
+                        elif isinstance(item, Event):
+                            async for line in _sse(rt, item):
+                                yield line
+        except Revoked as exc:
+            yield f"event: error\ndata: unauthorized: {exc.reason}\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -250,6 +257,6 @@ async def get_version(owner: str, name: str, version: str, rt: RuntimeDep, princ
 
 
 @router.get("/webhooks/default/secret")
-async def webhook_secret(rt: RuntimeDep, principal: PrincipalDep) -> dict[str, str]:
+async def webhook_secret(rt: RuntimeDep, principal: WebhookManagerDep) -> dict[str, str]:
     """The key Replicate-style webhooks are signed with (the tenant's, as for every webhook)."""
-    return {"key": (await tenant_secret(rt.sessions, principal.tenant)).secret}
+    return {"key": (await tenant_secret(rt.sessions, principal.tenant, secret_box(rt.settings))).secret}

@@ -131,7 +131,7 @@ async function keys(body, query) {
       } catch (err) { toast(err.message, 'error'); }
     }
   };
-  const scopeText = (s) => (s ? [...(s.models || []), ...(s.modalities || []).map((m) => `any ${m}`)].join(', ') : 'any model');
+  const scopeText = (s) => (s ? [...(s.models || []), ...(s.modalities || []).map((m) => `any ${m}`), ...(s.webhooks ? ['webhooks'] : [])].join(', ') : 'any model');
   async function load() {
     try {
       const [r, t] = await Promise.all([api.get('/v1/admin/keys', { tenant: tenantFilter, limit: 100 }), api.get('/v1/admin/tenants', { limit: 100 })]);
