@@ -78,6 +78,7 @@ ADAPTERS: dict[str, str] = {
     "google_veo": "adapters.google_veo:GoogleVeoAdapter",
     "replicate": "adapters.replicate:ReplicateAdapter",
     "fal": "adapters.fal:FalAdapter",
+    "kling": "adapters.kling:KlingAdapter",
 }
 
 
