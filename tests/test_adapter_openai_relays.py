@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from adapters.registry import build_adapter
 from core.errors import ErrorCode, ProviderError
-from core.types import Done, Failed, Pending
+from core.routing.catalog import load_catalog
+from core.types import Done, Failed, Pending, ProviderRequest
 from storage import store_output
 from tests.contract import AdapterContract, Case, Fake, drive
+from tests.fakes import kling as kling_fake
 from tests.fakes.openai_relay import API_KEY, create_app
 from tests.fakes.server import serve
 
@@ -227,3 +231,60 @@ async def test_an_unknown_video_size_option_is_the_operators_mistake(comet: Fake
     with pytest.raises(ProviderError) as exc:
         await make(comet, case, http, monkeypatch).submit(AdapterContract.request(case))
     assert exc.value.code == ErrorCode.provider_unavailable and "video_size" in exc.value.message
+
+
+# -- the shipped catalogs' video deployments work against the fakes ------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def kling_relay() -> Iterator[Fake]:
+    with serve(kling_fake.create_app(api_key=API_KEY)) as url:
+        yield Fake(url, API_KEY)
+
+
+SHIPPED = [  # catalog, model id, which fake, input
+    ("cometapi", "sora-2-cometapi", "comet", {"prompt": "a cat surfing", "duration_seconds": 8, "aspect_ratio": "9:16"}),
+    ("cometapi", "veo3-fast-cometapi", "comet", {"prompt": "waves at dusk", "aspect_ratio": "9:16"}),
+    ("cometapi", "kling-v2-1-master-cometapi", "kling", {"prompt": "a paper boat", "duration_seconds": 10, "resolution": "1080p"}),
+    ("dmxapi", "sora-2-dmxapi", "dmx", {"prompt": "a paper boat", "duration_seconds": 4}),
+    ("dmxapi", "kling-v2-5-turbo-dmxapi", "kling", {"prompt": "a fox", "aspect_ratio": "1:1"}),
+    ("poloapi", "veo3.1-fast-poloapi", "polo", {"prompt": "a lighthouse", "provider_params": {"size": "1280x720"}}),
+]
+
+
+@pytest.mark.parametrize("catalog,model_id,which,inp", SHIPPED, ids=[s[1] for s in SHIPPED])
+async def test_shipped_catalog_video_deployments_run_against_the_fakes(
+    catalog: str, model_id: str, which: str, inp: dict[str, Any], request: pytest.FixtureRequest,
+    http: httpx.AsyncClient, bucket_store: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The catalog's own adapter and options, only the host swapped for the fake's: the
+    input passes the model's capabilities, the job finishes and its video is stored."""
+    fake: Fake = request.getfixturevalue({"comet": "comet", "dmx": "dmx", "polo": "polo", "kling": "kling_relay"}[which])
+    cat = load_catalog(ROOT / "catalogs" / f"{catalog}.yaml")
+    model = cat.get(model_id)
+    assert model is not None
+    normalized = cat.validate_input(model, inp)
+    dep = model.deployments[0]
+    base = fake.url  # kling's fake: the host root, as the catalog's; the relay fakes: .../v1, as theirs
+    monkeypatch.setenv(str(dep.api_key_env), API_KEY)
+    test_dep = dep.model_copy(update={"base_url": base, "options": {**dep.options, "poll_interval": 0.02}})
+    adapter = build_adapter(test_dep, http)
+    req = ProviderRequest(job_id=f"job_{uuid.uuid4().hex}", tenant="t", modality="video", provider_model=dep.model, input=normalized)
+    result, _ = await drive(adapter, req)
+    assert isinstance(result, Done), result
+    stored = [await store_output(bucket_store, http, ref, key_base=f"t/{uuid.uuid4().hex}", index=i,
+                                 max_bytes=2**24, max_image_pixels=10**8) for i, ref in enumerate(result.outputs)]
+    assert stored[0].content_type == "video/mp4"
+
+
+@pytest.fixture
+async def bucket_store(seaweed: Any) -> Any:
+    from storage import S3BlobStore
+
+    store = S3BlobStore(f"s-{uuid.uuid4().hex[:12]}", endpoint_url=seaweed.endpoint_url, access_key_id=seaweed.access_key,
+                        secret_access_key=seaweed.secret_key, create_bucket=True)
+    await store.start()
+    yield store
+    await store.close()
