@@ -53,6 +53,9 @@ VIDEO_POLL_SECONDS = 10.0  # OpenAI's guide polls every 10-20 s; renders take mi
 MAX_INPUT_IMAGE_BYTES = 50 * 2**20  # the edits endpoint's own per-image limit
 SPEECH_CHUNK_BYTES = 256 * 1024
 WEBHOOK_TOLERANCE_SECONDS = 300
+DEFAULT_RATE_LIMIT_WAIT = 5.0  # a 429 that names no wait (option rate_limit_wait overrides)
+MAX_CONTENT_JSON_BYTES = 2**20  # a relay's JSON /content answer (a link, not the video)
+VIDEO_SIZE_MODES = ("pixels", "ratio", "none")  # deployment option video_size (see video_fields)
 
 
 # -- capabilities -------------------------------------------------------------------
@@ -118,7 +121,10 @@ def is_gpt_image(model: str) -> bool:
 class OpenAIAdapter(Adapter):
     """OpenAI's own API. Deployment options: `auth_header` / `auth_scheme` (defaults
     `Authorization` / `Bearer`), `organization`, `project`, `headers`, `poll_interval`,
-    `webhook_secret_env` (env var with the project's `whsec_` webhook secret)."""
+    `webhook_secret_env` (env var with the project's `whsec_` webhook secret). For
+    OpenAI-style `/videos` relays (CometAPI, DMXAPI, poloapi; docs/adapters/openai.md):
+    `video_size` (pixels | ratio | none), `video_multipart`, `video_statuses` (extra status
+    names), `video_content: json` (/content answers a link), `video_thumbnail: false`."""
 
     name = "openai"
     default_base_url: str | None = DEFAULT_BASE_URL
@@ -154,7 +160,14 @@ class OpenAIAdapter(Adapter):
 
     async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
         resp = await send(self.http, "POST", self.url(path), provider=self.name, create=True, headers=self.auth_headers(), **kwargs)
-        check(resp, self.name)
+        try:
+            check(resp, self.name)
+        except ProviderError as exc:
+            if exc.kind is ProviderErrorKind.rate_limited and exc.retry_after is None:
+                # OpenAI always says when; relays (new-api based: CometAPI, DMXAPI) send no Retry-After
+                wait = self.deployment.options.get("rate_limit_wait")
+                exc.retry_after = float(wait) if isinstance(wait, int | float) and wait > 0 else DEFAULT_RATE_LIMIT_WAIT
+            raise
         return resp
 
     # -- protocol ---------------------------------------------------------------------
@@ -177,7 +190,12 @@ class OpenAIAdapter(Adapter):
         if resp.status_code == 404:
             return Failed(ErrorCode.provider_error, f"{self.name}: video {handle['video_id']} is gone (deleted or expired)")
         check(resp, self.name)
-        return self._video_result(handle, resp.json())
+        video = resp.json()
+        if (self._video_status(video) == "completed" and not _link(video.get("video_url"))
+                and self.deployment.options.get("video_content") == "json"):
+            # a relay whose /content answers JSON with the link (poloapi), not the bytes
+            video = {**video, "video_url": await self._content_link(handle)}
+        return self._video_result(handle, video)
 
     async def cancel(self, handle: dict[str, Any]) -> None:
         """OpenAI cannot stop a render: `DELETE /videos/{id}` deletes a finished video's
@@ -238,11 +256,20 @@ class OpenAIAdapter(Adapter):
 
     # -- videos -----------------------------------------------------------------------
     async def _video(self, model: str, inp: dict[str, Any]) -> Pending:
-        fields = video_fields(model, inp)
-        if inp.get("image"):
-            data, ct = await self._read_image(inp["image"])
-            files = [("input_reference", (f"reference.{ext_of(ct)}", data, ct))]
-            resp = await self._post("/videos", data=form_values(fields), files=files)
+        opts = self.deployment.options
+        size_mode = str(opts.get("video_size") or "pixels")
+        if size_mode not in VIDEO_SIZE_MODES:
+            raise ProviderError(ProviderErrorKind.invalid, f"deployment {self.deployment.name!r}: option video_size must be one "
+                                f"of {list(VIDEO_SIZE_MODES)}, not {size_mode!r}", fault=Fault.operator, resend_safe=True)
+        fields = video_fields(model, inp, size_mode)
+        if inp.get("image") or opts.get("video_multipart"):
+            files: list[tuple[str, tuple[str | None, Any, str] | tuple[None, str]]] = []
+            if inp.get("image"):
+                data, ct = await self._read_image(inp["image"])
+                files.append(("input_reference", (f"reference.{ext_of(ct)}", data, ct)))
+            # plain form parts too, so the body is multipart even without a file
+            files += [(k, (None, v)) for k, v in form_values(fields).items()]
+            resp = await self._post("/videos", files=files)
         else:
             resp = await self._post("/videos", json=fields)
         video = resp.json()
@@ -255,8 +282,46 @@ class OpenAIAdapter(Adapter):
         message = result.message if isinstance(result, Failed) else f"{self.name}: unexpected video status {video.get('status')!r}"
         raise ProviderError(kind, message, detail=result.detail if isinstance(result, Failed) else video)
 
-    def _video_result(self, handle: dict[str, Any], video: dict[str, Any]) -> PollResult:
+    def _video_status(self, video: dict[str, Any]) -> Any:
+        """The video's status in OpenAI's names; a relay's own (poloapi's `processing`) are
+        mapped by the deployment option `video_statuses: {processing: in_progress}`."""
+        names = self.deployment.options.get("video_statuses") or {}
         status = video.get("status")
+        return names.get(status, status) if isinstance(names, dict) and isinstance(status, str) else status
+
+    async def _content_link(self, handle: dict[str, Any]) -> str | None:
+        """The link a relay's JSON `/content` answers (`video_url` or `url`); None when it
+        answers the bytes after all (then they are downloaded from /content as usual).
+        Streamed, so bytes are never read here."""
+        request = self.http.build_request("GET", self.url(f"/videos/{handle['video_id']}/content"), headers=self.auth_headers())
+        resp = await send_stream(self.http, request, provider=self.name, create=False)
+        try:
+            if not resp.is_success:
+                await resp.aread()
+                check(resp, self.name)
+            if "json" not in resp.headers.get("content-type", ""):
+                return None
+            raw = b""
+            async for chunk in resp.aiter_bytes():
+                raw += chunk
+                if len(raw) > MAX_CONTENT_JSON_BYTES:
+                    raise ProviderError(ProviderErrorKind.failed, f"{self.name}: the JSON /content answer is too large")
+        except httpx.TransportError as exc:
+            raise ProviderError(ProviderErrorKind.retryable, f"{self.name}: /content broke ({type(exc).__name__})") from exc
+        finally:
+            await resp.aclose()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        link = next((body[k] for k in ("video_url", "url") if isinstance(body, dict) and _link(body.get(k))), None)
+        if link is None:
+            raise ProviderError(ProviderErrorKind.failed, f"{self.name}: /content answered JSON without a video_url",
+                                detail={"body": body if body is not None else raw[:500].decode(errors="replace")})
+        return str(link)
+
+    def _video_result(self, handle: dict[str, Any], video: dict[str, Any]) -> PollResult:
+        status = self._video_status(video)
         progress = video.get("progress")
         fraction = max(0.0, min(1.0, float(progress) / 100)) if isinstance(progress, int | float) else None
         if status in ("queued", "in_progress"):
@@ -268,13 +333,16 @@ class OpenAIAdapter(Adapter):
         expires = video.get("expires_at")
         if isinstance(expires, int | float) and expires <= time.time():
             return Failed(ErrorCode.provider_error, f"{self.name}: video {video['id']} expired before it was fetched")
+        # the reply's `model` may name the relay's backend (CometAPI: veo3-fast -> veo_3_1-fast): kept in usage
+        usage = {k: video[k] for k in ("model", "seconds", "size") if video.get(k) is not None}
+        if _link(video.get("video_url")):
+            # a relay's CDN link (CometAPI, poloapi): no key goes with it; storage fetches it now
+            return Done(outputs=[OutputRef(url=str(video["video_url"]), content_type="video/mp4")], handle=handle, usage=usage)
         content = self.url(f"/videos/{handle['video_id']}/content")
         auth = self.auth_headers()
-        outputs = [
-            OutputRef(url=content, headers=auth, content_type="video/mp4"),
-            OutputRef(url=content + "?variant=thumbnail", headers=auth, content_type="image/webp", role="thumbnail"),
-        ]
-        usage = {k: video[k] for k in ("model", "seconds", "size") if video.get(k) is not None}
+        outputs = [OutputRef(url=content, headers=auth, content_type="video/mp4")]
+        if self.deployment.options.get("video_thumbnail", True) is not False:
+            outputs.append(OutputRef(url=content + "?variant=thumbnail", headers=auth, content_type="image/webp", role="thumbnail"))
         return Done(outputs=outputs, handle=handle, usage=usage)
 
     # -- speech -----------------------------------------------------------------------
@@ -415,9 +483,12 @@ def nearest_size(ratio: str, sizes: tuple[str, ...]) -> str:
     return min(sizes, key=score)
 
 
-def video_fields(model: str, inp: dict[str, Any]) -> dict[str, Any]:
+def video_fields(model: str, inp: dict[str, Any], size_mode: str = "pixels") -> dict[str, Any]:
     """Our video input -> Sora's create fields (`seconds` as a string, `size` from
-    aspect_ratio + resolution)."""
+    aspect_ratio + resolution). `size_mode` (deployment option `video_size`): `pixels`,
+    Sora's WxH; `ratio`, the aspect ratio as a relay's orientation hint (16:9 -> `16x9`,
+    CometAPI's Veo); `none`, no size unless provider_params.size. Outside `pixels` a
+    provider_params.size is sent untouched, never checked against Sora's sizes."""
     table = VIDEO_MODELS.get(model)
     params = dict(inp.get("provider_params") or {})
     for key, why in (("negative_prompt", "no negative prompt"), ("seed", "no seed"), ("fps", "a fixed frame rate")):
@@ -429,7 +500,9 @@ def video_fields(model: str, inp: dict[str, Any]) -> dict[str, Any]:
         raise unsupported("duration_seconds", duration, [float(s) for s in VIDEO_SECONDS], model)
     key = (str(inp.get("resolution", "720p")), str(inp.get("aspect_ratio", "16:9")))
     explicit = params.pop("size", None)  # provider_params.size wins over the mapping
-    if table is None:
+    if size_mode != "pixels":
+        size = explicit if explicit is not None else (key[1].replace(":", "x") if size_mode == "ratio" else None)
+    elif table is None:
         size = explicit or _SORA_PRO.get(key)
     elif explicit is not None:
         if explicit not in table.values():
@@ -442,7 +515,9 @@ def video_fields(model: str, inp: dict[str, Any]) -> dict[str, Any]:
             if key[1] not in ratios:
                 raise unsupported("aspect_ratio", key[1], ratios, model)
             raise unsupported("resolution", key[0], sorted({res for res, _ in table}), model)
-    fields: dict[str, Any] = {"model": model, "prompt": inp["prompt"], "seconds": seconds}
+    fields: dict[str, Any] = {"model": model, "prompt": inp["prompt"]}
+    if table is not None or inp.get("duration_seconds") is not None:  # another model's default is its own
+        fields["seconds"] = seconds
     if size is not None:
         fields["size"] = size
     return fields | params
@@ -492,6 +567,10 @@ def image_output(item: dict[str, Any], fmt: str) -> OutputRef:
         # dall-e URLs expire after about an hour: storage fetches this at once
         return OutputRef(url=str(item["url"]), content_type=ct)
     raise ProviderError(ProviderErrorKind.failed, "OpenAI answered an image with neither b64_json nor url", detail=item)
+
+
+def _link(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("https://", "http://"))
 
 
 def video_failure(error: dict[str, Any]) -> Failed:

@@ -84,6 +84,7 @@ ADAPTERS: dict[str, str] = {
     "openrouter": "adapters.openrouter:OpenRouterAdapter",
     "together": "adapters.together:TogetherAdapter",
     "fireworks": "adapters.fireworks:FireworksAdapter",
+    "kling": "adapters.kling:KlingAdapter",
 }
 
 
