@@ -35,6 +35,7 @@ from core.models import Asset, Job, utcnow
 from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_cancel, enqueue_run, queue_position
 from core.limits.keys import REDIS_DOWN, admit, take_or_refuse
+from core.limits.waits import Position
 from core.runtime import Runtime
 from core.schemas import JobCreate, JobList, JobPublic
 
@@ -94,11 +95,16 @@ async def _public(rt: Runtime, job: Job, *, with_position: bool = False) -> JobP
 
 async def _position(rt: Runtime, job: Job) -> tuple[int | None, float | None]:
     """A waiting job's place: in the wait queues of the deployments (or key) it waits for,
-    else in the ARQ queue it has not been picked from yet."""
+    or will wait for once its run reaches them (they order by priority and submit time, not
+    by arrival), else in the ARQ queue it has not been picked from yet."""
     model = rt.catalog.get(job.model)
-    gates = {f"d:{d.name}": d.limits.max_concurrency or 1 for d in (model.deployments if model else [])}
+    deployments = model.deployments if model else []
+    gates = {f"d:{d.name}": d.limits.max_concurrency or 1 for d in deployments}
+    limited = {f"d:{d.name}": d.limits.max_concurrency for d in deployments if d.limits.max_concurrency}
     try:
         pos = await rt.waits.position(job.id, gates)
+        if pos is None and limited:  # not in a wait queue (yet, or handed a slot): where it stands there
+            pos = await rt.waits.ahead_of(job.priority, job.created_at, limited) or Position(0, None)
         if pos is not None:
             return pos.ahead, pos.eta_seconds
         return await queue_position(rt.redis, rt.settings, job.id, job.modality), None
@@ -481,8 +487,8 @@ async def list_jobs(
     ttl = rt.settings.url_ttl_seconds
     data = []
     for j in rows:
-        position = await queue_position(rt.redis, rt.settings, j.id, j.modality) if j.status == JobStatus.queued else None
-        data.append(await job_public(rt.store, j, assets.get(j.id, []), ttl, position))
+        position, eta = await _position(rt, j) if j.status == JobStatus.queued else (None, None)
+        data.append(await job_public(rt.store, j, assets.get(j.id, []), ttl, position, eta))
     return JobList(data=data, next_cursor=next_cursor)
 
 

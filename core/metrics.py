@@ -10,6 +10,7 @@ that record them are the only code that touches prometheus_client.
     webhooks           workers/webhooks.py               genroute_webhook_*
     chat               api/chat.py                       genroute_chat_*
     poll lateness      workers/poll.py                   genroute_poll_lateness_seconds
+    job runs           workers/run.py                    genroute_job_runs_total
     Redis state        StateProbe, read at scrape time   genroute_jobs_in_flight, _waiting, genroute_queue_depth
 
 Label values are bounded: route templates (never a raw path), catalog model and
@@ -64,6 +65,8 @@ PROVIDER_CALLS = Counter("genroute_provider_calls", "Calls to a provider adapter
 PROVIDER_SECONDS = Histogram("genroute_provider_call_duration_seconds", "Latency of a provider adapter call",
                              ["deployment", "call"], buckets=FAST)
 
+JOB_RUNS = Counter("genroute_job_runs", "Worker runs of a job (run_job), by what they did: started it at a "
+                   "deployment, left it waiting (a wait queue, a timer), or ended it", ["outcome"])
 LIMITER_DENIED = Counter("genroute_limiter_denied", "Deployment slots or rate-window places refused",
                          ["deployment", "reason"])
 REFUSALS = Counter("genroute_refusals", "Requests refused for a key's limits or a tenant's budget", ["reason"])
@@ -137,6 +140,11 @@ def observe_poll_lateness(seconds: float) -> None:
 def provider_call(deployment: str, call: str, outcome: str, seconds: float) -> None:
     PROVIDER_CALLS.labels(deployment, call, outcome).inc()
     PROVIDER_SECONDS.labels(deployment, call).observe(seconds)
+
+
+def job_run(outcome: str) -> None:
+    """outcome: started | waiting | ended (failed or stopped)."""
+    JOB_RUNS.labels(outcome).inc()
 
 
 def limiter_denied(deployment: str, reason: str) -> None:

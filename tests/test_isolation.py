@@ -114,6 +114,7 @@ ADMIN_ROUTES = {
     "/v1/admin/keys/{key_id}",
     "/v1/admin/keys/{key_id}/revoke",
     "/v1/admin/keys/{key_id}/rotate",
+    "/v1/admin/jobs/{job_id}",
 }
 
 

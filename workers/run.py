@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlmodel import select
 
-from core import disclosure
+from core import disclosure, metrics
 from core.errors import ErrorCode, ProviderError
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.jobs.queue import enqueue_run, enqueue_woken
@@ -92,6 +92,7 @@ async def _key_slot(ctx: Ctx, job: Job) -> bool:
     for name, other in woken:
         await enqueue_woken(rt.redis, rt.settings, rt.waits, other, name)
     await _say_waiting(rt, job, f"waiting: its API key has {limit} jobs in flight, its concurrency limit", {gate.name: limit})
+    metrics.job_run("waiting")
     return False
 
 
@@ -151,8 +152,10 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None
             await fail(rt, state["job"], ErrorCode.internal, f"adapter crashed: {type(exc).__name__}")
             return
         if isinstance(out, Placed):
+            metrics.job_run("started")
             await submitted(rt, state["job"], rt.adapters.get(out.deployment), out.value, out.attempts)
             return
+    metrics.job_run("waiting" if isinstance(out, Unplaced) and out.plan.status != "unavailable" else "ended")
     if isinstance(out, Refused):
         dep = rt.catalog.deployment(out.attempts[-1]["deployment"])
         adapter = rt.adapters.get(dep) if dep is not None else None

@@ -208,6 +208,29 @@ class WaitQueues:
                 best = Position(int(rank), eta)
         return best
 
+    async def ahead_of(self, priority: str | None, submitted: datetime, gates: dict[str, int]) -> Position | None:
+        """Where a job not yet in a wait queue (its run has not reached one) will stand
+        when it does: the jobs already waiting that go before it, at the least crowded of
+        its gates. None when nothing waits there."""
+        order = priorities.rank(priority) * 1e13 + int(submitted.timestamp() * 1000)
+        names = list(gates)
+        if not names:
+            return None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.zcount(self.queue_key(n), "-inf", f"({order}")
+                pipe.get(f"{self.prefix}:dur:{n}")
+            res = await pipe.execute()
+        best: Position | None = None
+        for i, n in enumerate(names):
+            ahead, dur = int(res[2 * i]), res[2 * i + 1]
+            if ahead == 0:
+                continue
+            eta = (ahead // max(1, gates[n]) + 1) * float(_s(dur)) if dur is not None else None
+            if best is None or ahead < best.ahead:
+                best = Position(ahead, eta)
+        return best
+
     async def record_duration(self, gate: str, seconds: float) -> None:
         await self._duration(keys=[f"{self.prefix}:dur:{gate}"], args=[max(0.0, seconds)])
 
