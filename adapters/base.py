@@ -35,6 +35,9 @@ class Adapter:
     # True when submitting the same job twice cannot create a second provider task (the
     # provider dedupes on our job id). Only then may an interrupted submit be resent.
     idempotent_submit: ClassVar[bool] = False
+    # Seconds per call shape when the deployment's `timeouts` leave one unset (see
+    # core.routing.catalog.Timeouts). Adapters of slow synchronous creates raise `create`.
+    default_timeouts: ClassVar[dict[str, float]] = {"create": 60.0, "poll": 30.0, "download": 900.0}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -54,6 +57,15 @@ class Adapter:
         self.deployment = deployment
         self.http = http
         self.api_key = deployment.api_key()
+
+    @classmethod
+    def timeout_for(cls, deployment: Deployment, shape: str) -> float:
+        """The deployment's timeout for `shape` (create, poll, download), else the adapter's."""
+        value = getattr(deployment.timeouts, shape)
+        return float(value) if value is not None else cls.default_timeouts[shape]
+
+    def timeout(self, shape: str) -> float:
+        return self.timeout_for(self.deployment, shape)
 
     async def submit(self, request: ProviderRequest) -> SubmitResult:
         raise NotImplementedError

@@ -29,7 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -57,6 +57,8 @@ class FireworksAdapter(Adapter):
     (`flux-1-schnell-fp8`, `flux-kontext-pro`, or the full `accounts/fireworks/models/…`);
     option `workflow: sync | async` decides for a model this table does not know (else a
     name with "kontext" is async), `accept: json` asks the sync route for JSON."""
+    # FLUX schnell/dev answer the image itself: the create is the whole generation
+    default_timeouts: ClassVar[dict[str, float]] = {**Adapter.default_timeouts, "create": 180.0}
 
     name = "fireworks"
     provider_params = {

@@ -26,6 +26,7 @@ exists (it looked the task up by a client reference) may say otherwise.
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import json
 import re
@@ -38,6 +39,12 @@ import httpx
 
 from core import fetcher, logs
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
+
+# The read timeout of the provider call in progress (adapters/registry.py sets it around
+# each submit, poll and cancel from the deployment's `timeouts`); a request that names its
+# own timeout keeps it.
+CALL_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("genroute_call_timeout", default=None)
+CONNECT_SECONDS = 10.0
 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 _CREATE = "genroute.create"  # response extension: the request was a create (error_from_response reads it)
@@ -97,6 +104,9 @@ async def send(
     rid = logs.request_id()
     if rid is not None:
         kwargs["headers"] = {**(kwargs.get("headers") or {}), "X-Request-Id": rid}
+    limit = CALL_TIMEOUT.get()
+    if limit is not None and "timeout" not in kwargs:
+        kwargs["timeout"] = httpx.Timeout(limit, connect=min(CONNECT_SECONDS, limit))
     with transport_errors(provider, create=create, fault=fault):
         resp = await http.request(method, url, **kwargs)
     resp.extensions[_CREATE] = create

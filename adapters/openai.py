@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, ClassVar, Literal, overload
 
 import httpx
 
@@ -125,6 +125,8 @@ class OpenAIAdapter(Adapter):
     OpenAI-style `/videos` relays (CometAPI, DMXAPI, poloapi; docs/adapters/openai.md):
     `video_size` (pixels | ratio | none), `video_multipart`, `video_statuses` (extra status
     names), `video_content: json` (/content answers a link), `video_thumbnail: false`."""
+    # GPT Image at high quality takes over a minute to answer its (synchronous) create
+    default_timeouts: ClassVar[dict[str, float]] = {**Adapter.default_timeouts, "create": 300.0}
 
     name = "openai"
     default_base_url: str | None = DEFAULT_BASE_URL

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from adapters.base import Adapter
+from adapters.http import CALL_TIMEOUT
 from core.routing.catalog import ADAPTERS, Deployment
 from core import logs, metrics
 from core.errors import ProviderError
@@ -36,6 +37,12 @@ def adapter_class(name: str) -> type[Adapter]:
     return cls
 
 
+def longest_timeout(deployments: list[Deployment], shape: str) -> float:
+    """The longest `shape` timeout any of these deployments may take (0 for none): what
+    a worker task that makes such calls must outlast."""
+    return max((adapter_class(d.adapter).timeout_for(d, shape) for d in deployments), default=0.0)
+
+
 def build_adapter(deployment: Deployment, http: httpx.AsyncClient) -> Adapter:
     try:
         cls = adapter_class(deployment.adapter)
@@ -50,8 +57,8 @@ def observed(adapter: Adapter) -> Adapter:
     """Time and count the adapter's provider calls (genroute_provider_calls_total by
     deployment, call and outcome), with `deployment` bound to every log line inside them."""
     name = adapter.deployment.name
-    for call in ("submit", "poll", "cancel"):
-        setattr(adapter, call, _observed_call(getattr(adapter, call), name, call))
+    for call, shape in (("submit", "create"), ("poll", "poll"), ("cancel", "poll")):
+        setattr(adapter, call, _observed_call(getattr(adapter, call), name, call, adapter.timeout(shape)))
     return adapter
 
 
@@ -63,11 +70,14 @@ def _outcome(result: Any) -> str:
     return "done" if isinstance(result, Done) else "ok"
 
 
-def _observed_call(fn: Callable[..., Awaitable[Any]], deployment: str, call: str) -> Callable[..., Awaitable[Any]]:
+def _observed_call(
+    fn: Callable[..., Awaitable[Any]], deployment: str, call: str, timeout: float
+) -> Callable[..., Awaitable[Any]]:
     @wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         outcome = "crashed"
+        token = CALL_TIMEOUT.set(timeout)  # the read timeout of every request inside (adapters/http.py)
         try:
             with logs.bind(deployment=deployment):
                 result = await fn(*args, **kwargs)
@@ -77,6 +87,7 @@ def _observed_call(fn: Callable[..., Awaitable[Any]], deployment: str, call: str
             outcome = exc.kind.value
             raise
         finally:
+            CALL_TIMEOUT.reset(token)
             metrics.provider_call(deployment, call, outcome, time.perf_counter() - t0)
 
     return wrapper

@@ -34,7 +34,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -347,6 +347,8 @@ def _as_error(failed: Failed) -> ProviderError:
 
 # -- the adapter ---------------------------------------------------------------------
 class ReplicateAdapter(Adapter):
+    # a create with Prefer: wait holds the answer up to 60 s, then the output may follow
+    default_timeouts: ClassVar[dict[str, float]] = {**Adapter.default_timeouts, "create": 120.0}
     name = "replicate"
     # common inputs of Replicate's image/video/audio models; an operator adds a model's own
     # with the deployment option `provider_params`

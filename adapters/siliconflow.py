@@ -37,7 +37,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -111,6 +111,8 @@ VIDEO_SECONDS = 5.0  # Wan 2.2 makes ~5 s clips; there is no duration field
 class SiliconFlowAdapter(Adapter):
     """SiliconFlow images (synchronous, own body) and Wan video (submit + status POSTs).
     Stateless: the video handle holds the requestId."""
+    # images are synchronous: the create is the whole generation
+    default_timeouts: ClassVar[dict[str, float]] = {**Adapter.default_timeouts, "create": 180.0}
 
     name = "siliconflow"
     provider_params = {

@@ -33,7 +33,7 @@ import binascii
 import math
 import re
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -62,6 +62,8 @@ _OUTPUT_STAGE = re.compile(r"output|generated", re.IGNORECASE)
 
 class TogetherAdapter(Adapter):
     """Together's images and videos. Stateless: everything poll needs is in the handle."""
+    # images are synchronous: the create is the whole generation
+    default_timeouts: ClassVar[dict[str, float]] = {**Adapter.default_timeouts, "create": 180.0}
 
     name = "together"
     provider_params = {

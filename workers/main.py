@@ -15,7 +15,7 @@ from typing import Any
 from arq import cron, func
 from arq.worker import Worker
 
-from adapters.registry import AdapterCache
+from adapters.registry import AdapterCache, longest_timeout
 from core.metrics import Exposition, probe_for, serve_metrics
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name
@@ -41,9 +41,15 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     s = rt.settings
     names = [queue_name(s.redis_prefix, q) for q in queues] if queues else s.queues
     timeout = s.task_timeout_seconds
+    # A run makes create calls (a fallback perhaps a second one) and a store downloads every
+    # output: their tasks outlast the catalog's longest `timeouts` (a catalog reload that
+    # raises them takes effect for these task limits at the worker's next start).
+    deployments = [d for m in rt.catalog.models for d in m.deployments]
+    run_timeout = max(timeout, int(2 * longest_timeout(deployments, "create")) + 30)
+    store_timeout = max(timeout, int(2 * longest_timeout(deployments, "download")) + 60)
     functions = [
-        func(run_job, name="run_job", keep_result=0, timeout=timeout, max_tries=20),
-        func(store_outputs, name="store_outputs", keep_result=0, timeout=timeout, max_tries=20),
+        func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20),
+        func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),
         func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),
         func(deliver_webhook, name="deliver_webhook", keep_result=0, timeout=int(s.webhook_timeout_seconds) * 3 + 30, max_tries=5),
     ]

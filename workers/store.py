@@ -72,11 +72,14 @@ async def finish(rt: Runtime, job: Job, done: Done) -> None:
     if not outputs:
         await fail(rt, job, ErrorCode.provider_error, "the provider reported success but returned no output")
         return
+    dep = deployment_of(rt, job)
+    download = rt.adapters.get(dep).timeout("download") if dep is not None else None
     try:
         for index, ref in enumerate(outputs):
             stored = await store_output(
                 rt.store, rt.http, ref, key_base=key_base, index=index,
                 max_bytes=rt.settings.max_output_bytes, max_image_pixels=rt.settings.max_image_pixels,
+                **({"timeout": download} if download is not None else {}),
             )
             assets.append(
                 Asset(
@@ -88,7 +91,6 @@ async def finish(rt: Runtime, job: Job, done: Done) -> None:
     except StorageError as exc:
         await fail(rt, job, ErrorCode(exc.code), str(exc))
         return
-    dep = deployment_of(rt, job)
     delivered = [a for a, ref in zip(assets, outputs, strict=True) if ref.role == "output"]
     seconds = [a.duration_seconds for a in delivered if a.duration_seconds is not None]
     cost = (

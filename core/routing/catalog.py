@@ -24,6 +24,7 @@ and validated at load; errors name the file, the path inside it and what to fix.
             limits: {max_concurrency: 3, rpm: 60, tpm: null}   # held in Redis across every process
             capabilities: null         # this deployment's own, replacing the model's (a fallback
                                        # that cannot honour 1080p is then skipped, not downgraded)
+            timeouts: {create: 90, poll: 20, download: 1200}   # seconds; unset: the adapter's
         strategy: priority             # priority | weighted | least_busy | lowest_cost
         fallback_models: []            # model ids tried, in order, when every deployment fails
         aliases: [black-forest-labs/flux-schnell]   # other names it answers to (Replicate-style
@@ -88,6 +89,19 @@ ADAPTERS: dict[str, str] = {
 }
 
 
+class Timeouts(BaseModel):
+    """Seconds per call shape, for one deployment; unset: the adapter's default (a
+    synchronous image create may take minutes, a poll should not). `create`: the submit
+    call (for synchronous providers, the whole generation); `poll`: a status read or a
+    cancel; `download`: storing one output (a long video), from the first byte to the last."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    create: float | None = Field(default=None, gt=0, le=1800)
+    poll: float | None = Field(default=None, gt=0, le=300)
+    download: float | None = Field(default=None, gt=0, le=3600)
+
+
 class Deployment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,6 +116,7 @@ class Deployment(BaseModel):
     price: Price | None = None  # None: unknown (sorted last by lowest_cost)
     limits: Limits = Field(default_factory=lambda: Limits())
     capabilities: Capabilities | None = None  # replaces the model's for this deployment
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
 
     @field_validator("adapter")
     @classmethod
