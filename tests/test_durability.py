@@ -151,3 +151,47 @@ async def test_reconciler_requeues_3000_lost_runs_past_its_page_size(tmp_path, r
             assert again["requeued"] == 0, again
     finally:
         st.stop()
+
+
+async def test_worker_killed_mid_submit_ends_the_job_without_a_second_create(tmp_path, redis_base: str) -> None:
+    """SIGKILL while a create call is in flight (a Replicate create held by Prefer: wait):
+    Replicate cannot dedupe a resent create, so the next worker ends the job clearly within
+    35 s instead of starting (and billing) a second prediction."""
+    import httpx
+    import yaml
+
+    from core.routing.catalog import DEFAULT_CATALOG
+    from tests.fakes import replicate as replicate_fake
+    from tests.fakes.server import serve
+
+    with serve(replicate_fake.create_app(api_key="r8_durable", slow_polls=400, wait_step=0.1)) as fake:
+        data = yaml.safe_load(DEFAULT_CATALOG.read_text())
+        data["models"].append({"id": "held-replicate", "modality": "image", "deployments": [{
+            "name": "replicate-held", "adapter": "replicate", "model": "black-forest-labs/flux-dev", "base_url": fake,
+            "api_key_env": "DURABLE_REPLICATE_KEY", "options": {"sync_wait": 30, "poll_interval": 0.5}}]})
+        catalog = tmp_path / "catalog.yaml"
+        catalog.write_text(yaml.safe_dump(data))
+        st = await make_stack(tmp_path / "stack", redis_url=f"{redis_base}/0", catalog=catalog,
+                              env={"DURABLE_REPLICATE_KEY": "r8_durable"}, submit_marker_seconds="3")
+        st.start_api()
+        try:
+            st.start_worker()
+            async with st.client() as c:
+                r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow] a held create"}})
+                assert r.status_code == 201, r.text
+                job_id = r.json()["id"]
+                deadline = time.monotonic() + 20
+                while httpx.get(f"{fake}/_control/stats").json()["creates"] < 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert httpx.get(f"{fake}/_control/stats").json()["creates"] == 1
+                st.kill("worker")  # SIGKILL while the create is held open
+                killed = time.monotonic()
+                st.start_worker("worker2")
+                job = await st.wait_job(c, job_id, timeout=40)
+            took = time.monotonic() - killed
+            assert job["status"] == "failed", job
+            assert "interrupted" in job["error"]["message"], job["error"]
+            assert took <= 35, took
+            assert httpx.get(f"{fake}/_control/stats").json()["creates"] == 1  # never a second prediction
+        finally:
+            st.stop()
