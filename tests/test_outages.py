@@ -4,6 +4,9 @@ running API (the shared one is never touched)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -39,3 +42,63 @@ async def test_postgres_stopped_then_started_answers_503_then_recovers(tmp_path:
             assert r.status_code == 201, r.text
             assert (await st.wait_job(c, r.json()["id"]))["status"] == "succeeded"
             assert (await c.get(f"/v1/jobs/{before['id']}")).json()["status"] == "succeeded"  # nothing lost
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, to kill -9 and start again empty."""
+
+    def __init__(self, root: Path) -> None:
+        from tests.fakes.server import free_port
+
+        self.root, self.port = root, free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.root)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip() != b"PONG":
+            assert time.monotonic() < deadline, "the private redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary to kill and restart")
+async def test_redis_killed_and_back_empty_workers_ride_it_out_and_every_job_ends(tmp_path: Path) -> None:
+    """kill -9 of Redis under load, back empty 3.5 s later: both workers keep running, every
+    job (queued, waiting or at the provider when Redis went) succeeds, none `internal`."""
+    redis = PrivateRedis(tmp_path / "redis")
+    redis.start()
+    st = await make_stack(tmp_path / "stack", redis_url=redis.url, worker_max_jobs="4")
+    try:
+        st.start_api()
+        st.start_worker("worker1")
+        st.start_worker("worker2")
+        body = {"model": "local-image", "input": {"prompt": "ride it out", "size": "256x256",
+                                                  "provider_params": {"latency_seconds": 4, "progress_steps": 4}}}
+        async with st.client() as c:
+            ids = [(await c.post("/v1/jobs", json=body)).json()["id"] for _ in range(20)]
+            await asyncio.sleep(1.5)  # some at the provider, some still queued
+            redis.kill()
+            await asyncio.sleep(3.5)
+            redis.start()  # empty: the queues, poll schedules and leases are gone
+            jobs = {}
+            for job_id in ids:
+                jobs[job_id] = await st.wait_job(c, job_id, timeout=90)
+        assert {j["status"] for j in jobs.values()} == {"succeeded"}, {
+            i: (j["status"], j["error"]) for i, j in jobs.items() if j["status"] != "succeeded"}
+        for name in ("worker1", "worker2"):
+            assert st.procs[name].poll() is None, f"{name} exited:\n{st.log(name)[-3000:]}"
+        assert "Redis is back" in st.log("worker1") + st.log("worker2")
+    finally:
+        st.stop()
+        redis.kill()

@@ -10,12 +10,14 @@ import asyncio
 import logging
 import time
 from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq import cron, func
 from arq.worker import Worker
 
 from adapters.registry import AdapterCache, longest_timeout
+from core.limits.keys import REDIS_DOWN
 from core.metrics import Exposition, probe_for, serve_metrics
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name
@@ -35,6 +37,7 @@ log = logging.getLogger("genroute.worker")
 # poll loop: a hung worker's key is gone within this, which `genroute worker --healthcheck`
 # (the container healthcheck) notices. ARQ's default, an hour, noticed nothing.
 HEALTH_CHECK_SECONDS = 15
+REDIS_BACKOFF_MAX = 5.0  # seconds between tries while Redis does not answer
 
 
 def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
@@ -81,6 +84,30 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     return workers
 
 
+async def ride_out_redis(rt: Runtime, name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Run `run` (an ARQ worker's loop, the poller) through Redis outages of any length:
+    when it dies of a lost connection, wait for Redis to answer (backing off to
+    REDIS_BACKOFF_MAX seconds between tries), then start it again. One log line when Redis
+    goes and one when it is back. The reconciler then puts back, from the database, what a
+    Redis that came back empty lost (queued runs, poll schedules, stores)."""
+    while True:
+        try:
+            await run()
+            return
+        except REDIS_DOWN as exc:
+            log.warning("%s lost Redis (%s: %s); waiting for it", name, type(exc).__name__, str(exc)[:200])
+        delay = 0.2
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await rt.redis.ping()
+                break
+            except REDIS_DOWN:
+                delay = min(delay * 2, REDIS_BACKOFF_MAX)
+        log.warning("%s: Redis is back after %.1f s; carrying on", name, time.monotonic() - started)
+
+
 def polling(workers: list[Worker]) -> bool:
     """Whether every worker's poll loop has run lately: ARQ records its health from that
     loop, so a stale record means a hung worker (Redis stuck, the loop blocked)."""
@@ -107,10 +134,12 @@ async def serve_workers(
         log.info("worker listening on %s (max_jobs=%d)", [w.queue_name for w in workers], settings.worker_max_jobs)
         if ready is not None:
             ready.set()
-        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(w.async_run()) for w in workers]
+        tasks: list[asyncio.Task[Any]] = [
+            asyncio.create_task(ride_out_redis(rt, f"worker {w.queue_name}", w.async_run)) for w in workers
+        ]
         poll_queues = [q for q in (queues or list(QUEUES)) if q != "webhooks"]
         if poll_queues:
-            tasks.append(asyncio.create_task(Poller(rt, poll_queues).run(), name="poller"))
+            tasks.append(asyncio.create_task(ride_out_redis(rt, "poller", lambda: Poller(rt, poll_queues).run()), name="poller"))
         try:
             await asyncio.gather(*tasks)
         finally:
