@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from typing import Any
 
 import asyncpg
@@ -26,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketState
 
-from core.errors import GenrouteError
+from core.errors import GenrouteError, unavailable
 
 log = logging.getLogger("genroute.api")
 
@@ -105,36 +104,6 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404 and message == "Not Found":
         message = "no such endpoint; the API lives under /v1 (see /docs)"
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
-
-
-# SQLSTATE classes that mean "the database cannot take this now", not "this request is wrong":
-# 08 connection exception, 53 insufficient resources (too many connections), 57P0x shutdown
-# (57P03: the database system is starting up)
-_DB_BUSY = ("08", "53", "57P0")
-# a socket that does not open or broke: refused, reset, unresolvable, timed out
-_UNREACHABLE = (ConnectionError, TimeoutError, socket.gaierror, asyncpg.InterfaceError)
-
-
-def database_busy(exc: BaseException) -> bool:
-    """The database is overloaded or away (pool exhausted, too many connections, restarting,
-    not answering at all)."""
-    if isinstance(exc, (SATimeoutError, *_UNREACHABLE)):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):  # raised raw while connecting
-        return str(getattr(exc, "sqlstate", "") or "").startswith(_DB_BUSY)
-    if not isinstance(exc, DBAPIError):
-        return False
-    code = str(getattr(exc.orig, "sqlstate", "") or "")
-    return code.startswith(_DB_BUSY) or bool(exc.connection_invalidated)
-
-
-def unavailable(exc: BaseException) -> str | None:
-    """Which dependency `exc` says is away ("the database", "Redis"), or None."""
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return "Redis"
-    if database_busy(exc):
-        return "the database"
-    return None
 
 
 async def _unavailable(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:

@@ -27,11 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.errors import database_busy, unavailable
 from api.strict import StrictRoute
 from core import disclosure
 from core.routing.catalog import Model
-from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
+from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError, database_busy, unavailable
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.api.openai")

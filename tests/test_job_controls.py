@@ -274,7 +274,8 @@ async def test_priority_defaults_and_maximum_of_a_key(stack: Stack) -> None:
 
 async def test_high_priority_jobs_start_before_the_low_ones_waiting_for_the_same_slot(stack: Stack) -> None:
     """One slot, held; low jobs queue for it, then high ones: every high job starts before
-    every low job that had not started when the high one was submitted, FIFO within each."""
+    every low job that had not started when the high one was submitted, but for at most
+    one (the slot already handed on), FIFO within each."""
     def one_slot(prompt: str, latency: float, priority: str) -> dict[str, Any]:
         return {"model": "one-slot", "priority": priority,
                 "input": {"prompt": prompt, "size": "256x256", "provider_params": {"latency_seconds": latency}}}
@@ -295,7 +296,9 @@ async def test_high_priority_jobs_start_before_the_low_ones_waiting_for_the_same
     for submitted, high in highs:
         overtaken = [low for low in lows if started(low) > submitted]
         assert overtaken, "every low job had started before a high one was submitted: the slot was not held"
-        assert all(started(high) < started(low) for low in overtaken), (
-            [started(h) for _, h in highs], [started(low) for low in lows])
+        # a slot handed to the next low job just before the high one arrived is that low
+        # job's: a high job waits for at most that one free slot
+        ahead = [low for low in overtaken if started(low) < started(high)]
+        assert len(ahead) <= 1, ([started(h) for _, h in highs], [started(low) for low in lows], submitted)
     assert [started(low) for low in lows] == sorted(started(low) for low in lows)  # FIFO within a priority
     assert started(highs[0][1]) < started(highs[1][1])

@@ -102,3 +102,50 @@ async def test_redis_killed_and_back_empty_workers_ride_it_out_and_every_job_end
     finally:
         st.stop()
         redis.kill()
+
+
+@pytest.mark.parametrize("where", ["limiter.snapshot", "limiter.acquire", "waits.leave"])
+async def test_redis_blip_while_routing_puts_the_job_back_unharmed(tmp_path: Path, redis_base: str, where: str) -> None:
+    """Redis drops the connection while a run routes a job (before the slot is taken, while
+    taking it, or after the row says running, before any create was sent): the job goes back
+    to queued with its attempt undone, and the next run finishes it. Never `internal`."""
+    from contextlib import AsyncExitStack
+
+    import redis.exceptions
+
+    from adapters.registry import AdapterCache
+    from core.runtime import open_runtime
+    from storage import build_store
+    from workers.run import run_job
+
+    st = await make_stack(tmp_path, redis_url=f"{redis_base}/0")
+    st.start_api()
+    try:
+        async with st.client() as c:
+            job_id = (await c.post("/v1/jobs", json=IMAGE)).json()["id"]
+            settings = st.settings()
+            async with AsyncExitStack() as stack:
+                rt = await open_runtime(settings, stack, build_store(settings))
+                rt.adapters = AdapterCache(rt.http)
+                owner_name, _, method = where.partition(".")
+                owner = getattr(rt, owner_name)
+                real = getattr(owner, method)
+                calls = []
+
+                async def blip(*args, **kwargs):
+                    calls.append(1)
+                    raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+                setattr(owner, method, blip)
+                await run_job({"rt": rt}, job_id)
+                setattr(owner, method, real)
+                assert calls, f"{where} was never called: the test does not test anything"
+                job = (await c.get(f"/v1/jobs/{job_id}")).json()
+                assert job["status"] == "queued", job
+                assert job["error"] is None and "unreachable" in (job["progress"]["message"] or ""), job
+            st.start_worker()
+            done = await st.wait_job(c, job_id, timeout=60)
+            assert done["status"] == "succeeded", done
+            assert len([a for a in done.get("attempts") or [] if not a.get("error")]) == 1, done["attempts"]
+    finally:
+        st.stop()

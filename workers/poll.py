@@ -26,7 +26,7 @@ from typing import Any
 
 from core import disclosure, metrics
 from core.callbacks import load_result
-from core.errors import ErrorCode, ProviderError
+from core.errors import ErrorCode, ProviderError, infra_down
 from core.jobs.ledger import JobStatus
 from core.jobs.polls import PollEntry
 from core.limits.deployments import RENEW
@@ -38,7 +38,6 @@ from workers.store import hand_to_store
 
 log = logging.getLogger("genroute.poller")
 
-INFRA_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
 
 
 @dataclass
@@ -108,7 +107,9 @@ class Poller:
                 if down:
                     log.warning("poller: Redis answers again")
                     down = False
-            except INFRA_ERRORS as exc:
+            except Exception as exc:
+                if not infra_down(exc):
+                    raise
                 if not down:
                     log.warning("poller: Redis unreachable (%s); retrying", type(exc).__name__)
                     down = True
@@ -134,10 +135,11 @@ class Poller:
     async def _poll(self, e: PollEntry, now_ms: int) -> None:
         try:
             await self._poll_one(e, now_ms)
-        except INFRA_ERRORS:
-            # ours, not the provider's: the entry stays claimed and is due again soon
-            log.warning("poll of job %s: infrastructure error; it comes back after its claim", e.job_id, exc_info=True)
-        except Exception:
+        except Exception as exc:
+            if infra_down(exc):  # ours, not the provider's: the entry stays claimed and is due again soon
+                log.debug("poll of job %s: infrastructure error (%s); it comes back after its claim", e.job_id,
+                            type(exc).__name__)
+                return
             log.exception("poll of job %s crashed", e.job_id)
 
     async def _poll_one(self, e: PollEntry, now_ms: int) -> None:
@@ -161,9 +163,10 @@ class Poller:
             told = disclosure.of_provider_error(exc)
             await self._end(e, exc.code, told.message, told.detail)
             return
-        except INFRA_ERRORS:
-            raise
-        except Exception as exc:  # an adapter bug: the job cannot go on
+        except Exception as exc:
+            if infra_down(exc):
+                raise
+            # an adapter bug: the job cannot go on
             log.exception("poll of job %s at %s crashed", e.job_id, e.deployment)
             await self._end(e, ErrorCode.internal, f"adapter {dep.adapter} crashed while polling: {type(exc).__name__}")
             return
@@ -234,10 +237,12 @@ class Poller:
             self._flush_now.clear()
             try:
                 await self._flush()
-            except INFRA_ERRORS:
-                log.warning("poller: could not write poll results (they come back after their claim)", exc_info=True)
-            except Exception:
-                log.exception("poller: flush failed")
+            except Exception as exc:
+                if infra_down(exc):
+                    log.warning("poller: could not write poll results (%s); they come back after their claim",
+                                type(exc).__name__)
+                else:
+                    log.exception("poller: flush failed")
 
     async def _flush(self) -> None:
         batch, self.batch = self.batch, _Batch()

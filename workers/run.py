@@ -20,7 +20,7 @@ from typing import Any
 from sqlmodel import select
 
 from core import disclosure, metrics
-from core.errors import ErrorCode, ProviderError
+from core.errors import ErrorCode, ProviderError, infra_down, unavailable
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.jobs.queue import enqueue_run, enqueue_woken
 from core.limits.waits import Gate
@@ -123,6 +123,7 @@ async def _key_limit(ctx: Ctx, key_id: str) -> int | None:
 async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None) -> None:
     rt = ctx["rt"]
     state: dict[str, Job] = {"job": job}
+    called: list[str] = []  # set once a create is sent: from then on the provider may have a task
 
     async def start(cand: Candidate, attempts: list[dict[str, Any]]) -> bool:
         now = state["job"]
@@ -138,6 +139,7 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None
         return True
 
     async def submit(cand: Candidate, adapter: Any, attempts: list[dict[str, Any]]) -> Pending | Done:
+        called.append(cand.deployment.name)
         return await adapter.submit(request_for(rt, state["job"], cand.deployment))  # type: ignore[no-any-return]
 
     # The submitting marker covers the whole step, from before the job is marked running
@@ -147,7 +149,11 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None
         try:
             out = await dispatch(rt, model, job.input, job.id, submit, start=start, attempts=list(job.attempts or []),
                                  prefer=prefer)
-        except Exception as exc:  # an adapter bug must not strand the job
+        except Exception as exc:
+            if infra_down(exc) and not called:  # our Redis or database, before any create was sent
+                await _requeue_after_outage(rt, state["job"], exc)
+                return
+            # an adapter bug must not strand the job
             log.exception("submit of job %s crashed", job.id)
             await fail(rt, state["job"], ErrorCode.internal, f"adapter crashed: {type(exc).__name__}")
             return
@@ -170,6 +176,29 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None
             await fail(rt, job, ErrorCode.provider_unavailable, out.plan.message(), attempts=out.attempts or None)
             return
         await _wait(rt, job, out)
+
+
+async def _requeue_after_outage(rt: Runtime, job: Job, exc: Exception) -> None:
+    """Redis or the database went away while routing, before anything reached a provider:
+    the job goes back to queued, unharmed, and runs again shortly. If even that write
+    cannot be made, the reconciler finds the job when the database answers again."""
+    log.warning("job %s: %s (%s) while routing; it runs again shortly", job.id,
+                unavailable(exc) or "the network", type(exc).__name__)
+    try:
+        if job.provider_handle is None:
+            back = await rt.ledger.transition(
+                job.id, JobStatus.queued, expect_version=job.version, deployment=None, queue_position=None,
+                **({"attempt": max(0, job.attempt - 1), "attempts": list(job.attempts or [])[:-1]}  # never happened
+                   if job.status == JobStatus.running else {}),
+                progress_message=f"waiting: {unavailable(exc) or 'our network'} was unreachable; retrying")
+            if back is None:
+                return  # canceled, or another run moved it on
+        await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=f":outage{time.time_ns()}", delay=2.0,
+                          priority=job.priority)
+    except Exception as again:
+        if not infra_down(again):
+            raise
+        log.warning("job %s: still unreachable (%s); the reconciler re-enqueues it", job.id, type(again).__name__)
 
 
 async def _wait(rt: Runtime, job: Job, out: Unplaced) -> None:

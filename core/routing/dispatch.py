@@ -136,7 +136,12 @@ async def dispatch(
             tried.append(attempt_entry(dep, cand.model.id, error=(ErrorCode.provider_unavailable.value, str(exc))))
             continue
         tried.append(attempt_entry(dep, cand.model.id))
-        if start is not None and not await start(cand, tried):
+        try:
+            started = start is None or await start(cand, tried)
+        except BaseException:
+            await release(rt, dep, lease_id)
+            raise
+        if not started:
             await release(rt, dep, lease_id)
             return Stopped(tried)
         t0 = time.monotonic()
