@@ -149,3 +149,41 @@ async def test_redis_blip_while_routing_puts_the_job_back_unharmed(tmp_path: Pat
             assert len([a for a in done.get("attempts") or [] if not a.get("error")]) == 1, done["attempts"]
     finally:
         st.stop()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary to kill and restart")
+async def test_submits_while_redis_is_down_are_201_and_run_once_it_is_back(tmp_path: Path) -> None:
+    """Redis killed: POST /v1/jobs answers 201 for a committed job (the reconciler enqueues
+    it later) or 503 with nothing created, never 500; once Redis is back every accepted
+    job succeeds, and the database holds exactly the jobs that got a 201."""
+    redis = PrivateRedis(tmp_path / "redis")
+    redis.start()
+    st = await make_stack(tmp_path / "stack", redis_url=redis.url, key_cache_seconds="60")
+    try:
+        st.start_api()
+        st.start_worker()
+        async with st.client() as c:
+            first = (await c.post("/v1/jobs", json=IMAGE)).json()  # the key is known and cached
+            assert (await st.wait_job(c, first["id"]))["status"] == "succeeded"
+            redis.kill()
+            answers = [await c.post("/v1/jobs", json={**IMAGE, "input": {**IMAGE["input"], "prompt": f"cat {i}"}})
+                       for i in range(6)]
+            codes = [r.status_code for r in answers]
+            assert set(codes) <= {201, 503}, [(r.status_code, r.text[:300]) for r in answers]
+            accepted = [r.json()["id"] for r in answers if r.status_code == 201]
+            assert accepted, "no submit was accepted: the key is cached, the database is up, so a 201 is due"
+            for r in answers:
+                if r.status_code == 503:
+                    assert r.json()["error"]["code"] == "unavailable" and r.headers.get("retry-after"), r.text
+                else:
+                    assert r.json()["status"] == "queued", r.text
+            redis.start()
+            for job_id in accepted:
+                job = await st.wait_job(c, job_id, timeout=90)
+                assert job["status"] == "succeeded", job
+            listed = (await c.get("/v1/jobs", params={"limit": 50})).json()["data"]
+            assert sorted(j["id"] for j in listed) == sorted([first["id"], *accepted]), (codes, listed)
+        assert st.procs["worker"].poll() is None, st.log("worker")[-3000:]
+    finally:
+        st.stop()
+        redis.kill()
