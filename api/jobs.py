@@ -34,7 +34,8 @@ from core.keys import Principal
 from core.models import Asset, Job, utcnow
 from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_cancel, enqueue_run, queue_position
-from core.limits.keys import REDIS_DOWN, admit, take_or_refuse
+from core.errors import REDIS_DOWN
+from core.limits.keys import admit, take_or_refuse
 from core.limits.waits import Position
 from core.runtime import Runtime
 from core.schemas import JobCreate, JobList, JobPublic

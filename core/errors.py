@@ -213,9 +213,23 @@ def database_busy(exc: BaseException) -> bool:
     return code.startswith(_DB_BUSY) or bool(exc.connection_invalidated)
 
 
+# what redis-py raises when the server does not answer (refused, reset, timed out), for
+# `except` clauses; redis_lost() also knows the WatchError a broken connection becomes
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def redis_lost(exc: BaseException) -> bool:
+    """redis-py's word for a connection that failed or broke. A connection that breaks
+    while a key is WATCHed comes out as a WatchError ("A ConnectionError occurred on while
+    watching one or more keys"), not as the ConnectionError it is."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return True
+    return isinstance(exc, redis.exceptions.WatchError) and "ConnectionError" in str(exc)
+
+
 def unavailable(exc: BaseException) -> str | None:
     """Which dependency `exc` says is away ("the database", "Redis"), or None."""
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+    if redis_lost(exc):
         return "Redis"
     if database_busy(exc):
         return "the database"

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.pg_cluster import private_postgres
-from tests.stack import make_stack, running
+from tests.stack import PrivateRedis, make_stack, running
 
 IMAGE = {"model": "local-image", "input": {"prompt": "a cat", "size": "256x256"}}
 
@@ -42,34 +40,6 @@ async def test_postgres_stopped_then_started_answers_503_then_recovers(tmp_path:
             assert r.status_code == 201, r.text
             assert (await st.wait_job(c, r.json()["id"]))["status"] == "succeeded"
             assert (await c.get(f"/v1/jobs/{before['id']}")).json()["status"] == "succeeded"  # nothing lost
-
-
-class PrivateRedis:
-    """A redis-server of our own on a free port, to kill -9 and start again empty."""
-
-    def __init__(self, root: Path) -> None:
-        from tests.fakes.server import free_port
-
-        self.root, self.port = root, free_port()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.root)], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip() != b"PONG":
-            assert time.monotonic() < deadline, "the private redis-server did not start"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary to kill and restart")

@@ -174,3 +174,15 @@ async def test_an_overloaded_database_answers_503_not_500() -> None:
             assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
         assert (await c.get("/x/bug")).status_code == 500
         assert (await c.get("/v1/y/bug")).status_code == 500
+
+
+def test_a_connection_broken_while_watching_counts_as_redis_lost() -> None:
+    """redis-py turns a connection error during WATCH into a WatchError; ARQ's loop raised
+    one when Redis was killed, and a worker that did not know it exited."""
+    import redis.exceptions
+
+    from core.errors import redis_lost, unavailable
+
+    assert redis_lost(redis.exceptions.WatchError("A ConnectionError occurred on while watching one or more keys"))
+    assert not redis_lost(redis.exceptions.WatchError("Watched variable changed."))
+    assert unavailable(redis.exceptions.ConnectionError("Connection closed by server.")) == "Redis"

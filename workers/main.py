@@ -17,7 +17,7 @@ from arq import cron, func
 from arq.worker import Worker
 
 from adapters.registry import AdapterCache, longest_timeout
-from core.limits.keys import REDIS_DOWN
+from core.errors import REDIS_DOWN, redis_lost
 from core.metrics import Exposition, probe_for, serve_metrics
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name
@@ -94,7 +94,9 @@ async def ride_out_redis(rt: Runtime, name: str, run: Callable[[], Awaitable[Non
         try:
             await run()
             return
-        except REDIS_DOWN as exc:
+        except Exception as exc:
+            if not (redis_lost(exc) or isinstance(exc, OSError)):
+                raise
             log.warning("%s lost Redis (%s: %s); waiting for it", name, type(exc).__name__, str(exc)[:200])
         delay = 0.2
         started = time.monotonic()

@@ -26,17 +26,13 @@ import math
 import time
 import uuid
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from core import metrics
-from core.errors import Forbidden, RateLimited
+from core.errors import REDIS_DOWN, Forbidden, RateLimited
 from core.keys import Principal
 
 log = logging.getLogger("genroute.quotas")
-
-# what redis-py raises when the server does not answer (refused, reset, timed out)
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 _NOW = """
 local t = redis.call('TIME')
