@@ -15,6 +15,7 @@ once its first chunk is in hand (errors raised before the first chunk fall back 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from starlette.background import BackgroundTask
 from api.deps import PrincipalDep, RuntimeDep
 from api.openai_compat import OpenAIError, from_provider, invalid, model_for, openai_router
 from api.params import check_provider_params
+from api.streams import Revoked, StreamGuard, until_ended
 from core.billing.ledger import Close, hold, hold_for
 from core.routing.catalog import Deployment, Model
 from core import metrics
@@ -221,7 +223,7 @@ async def chat_completions(request: Request, rt: RuntimeDep, principal: Principa
         if first is not None and isinstance(first.get("model"), str):
             call.answered_model = first["model"]
         return StreamingResponse(
-            _sse(call, first, result, client_usage),
+            _sse(call, first, result, client_usage, request.app.state.streams),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
@@ -262,26 +264,31 @@ def _ms(t0: float) -> int:
     return int((time.monotonic() - t0) * 1000)
 
 
-async def _sse(call: _Call, first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]], client_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(call: _Call, first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]], client_usage: bool,
+               guard: StreamGuard) -> AsyncIterator[bytes]:
     """The chunks as `data: {...}` lines, then `data: [DONE]`. A failure mid-stream can no
-    longer fall back: it ends the stream with an error event, as OpenAI does."""
+    longer fall back: it ends the stream with an error event, as OpenAI does. A key revoked
+    or expired mid-stream ends it the same way (api/streams.py), and the upstream call with it."""
     call.status = "incomplete"
     try:
-        chunk = first
-        while chunk is not None:
-            if chunk.get("usage"):
-                call.usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
-                if isinstance(content, str):
-                    call.text.append(content)
-            is_usage_chunk = not chunk.get("choices") and "usage" in chunk
-            if not (is_usage_chunk and not client_usage):
-                out = {**_public(chunk), "model": call.model.id}
-                if not client_usage:
-                    out.pop("usage", None)
-                yield b"data: " + json.dumps(out, separators=(",", ":")).encode() + b"\n\n"
-            chunk = await anext(rest, None)
+        with guard.watch(call.principal) as watch:
+            items = until_ended(rest, watch)  # owns `rest` and closes it
+            async with contextlib.aclosing(items):
+                chunk = first
+                while chunk is not None:
+                    if chunk.get("usage"):
+                        call.usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        content = (choice.get("delta") or {}).get("content")
+                        if isinstance(content, str):
+                            call.text.append(content)
+                    is_usage_chunk = not chunk.get("choices") and "usage" in chunk
+                    if not (is_usage_chunk and not client_usage):
+                        out = {**_public(chunk), "model": call.model.id}
+                        if not client_usage:
+                            out.pop("usage", None)
+                        yield b"data: " + json.dumps(out, separators=(",", ":")).encode() + b"\n\n"
+                    chunk = await anext(items, None)
         call.status = "succeeded"
         yield b"data: [DONE]\n\n"
     except ProviderError as exc:
@@ -289,11 +296,14 @@ async def _sse(call: _Call, first: dict[str, Any] | None, rest: AsyncIterator[di
         err = from_provider(exc)
         payload = {"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}}
         yield b"data: " + json.dumps(payload).encode() + b"\n\n"
+    except Revoked as exc:
+        call.error_code = "unauthorized"
+        payload = {"error": {"message": exc.reason, "type": "invalid_request_error", "param": None,
+                             "code": "invalid_api_key"}}
+        yield b"data: " + json.dumps(payload).encode() + b"\n\n"
     finally:
         closer = getattr(rest, "aclose", None)
         if closer is not None:
-            try:
+            with contextlib.suppress(Exception):  # normally closed already; the upstream is done with either way
                 await closer()
-            except Exception:  # noqa: BLE001 - the upstream is done with either way
-                pass
         call.finish_detached()

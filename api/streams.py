@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +217,7 @@ class StreamGuard:
         self._state(False)
 
 
-async def until_ended(items: AsyncGenerator[Any, None], watch: Watch) -> AsyncGenerator[Any, None]:
+async def until_ended(items: AsyncIterator[Any], watch: Watch) -> AsyncGenerator[Any, None]:
     """The items of the generator `items` until `watch` ends (then Revoked). It owns `items`
     and closes it: wrap this one in contextlib.aclosing, not `items`. Each item is awaited in
     a task of its own, raced with the watch; when the watch wins, or this is cancelled (the
@@ -245,4 +245,6 @@ async def until_ended(items: AsyncGenerator[Any, None], watch: Watch) -> AsyncGe
         if nxt is not None and not nxt.done():
             nxt.cancel()  # cancelled while awaiting an item: `items` ends in that task
         else:
-            await items.aclose()
+            closer = getattr(items, "aclose", None)  # an async generator; a bare iterator has nothing to close
+            if closer is not None:
+                await closer()

@@ -230,3 +230,53 @@ def test_logs_have_no_tracebacks(stacks: tuple[Stack, str]) -> None:
     st, _ = stacks
     for name in ("api", "api2", "worker"):
         assert "Traceback" not in st.log(name), st.log(name)
+
+
+async def test_a_revoked_keys_chat_completion_stream_ends_and_the_upstream_call_with_it(
+        tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> None:
+    """A streamed chat completion (a minute long at the provider) ends with an OpenAI-shaped
+    error chunk within seconds of its key's revocation, and genroute stops reading the
+    provider's stream: the fake's words stop flowing."""
+    import yaml
+
+    from core.routing.catalog import DEFAULT_CATALOG
+    from tests.fakes import openai as openai_fake
+    from tests.fakes.server import serve
+
+    with serve(openai_fake.create_app(api_key="sk-rev")) as fake:
+        root = tmp_path_factory.mktemp("chat_revocation")
+        data = yaml.safe_load(DEFAULT_CATALOG.read_text())
+        data["models"].append({"id": "gpt-4o-mini", "modality": "text", "deployments": [
+            {"name": "openai-chat", "adapter": "openai", "model": "gpt-4o-mini", "base_url": fake + "/v1",
+             "api_key_env": "REV_OPENAI_KEY"}]})
+        (root / "catalog.yaml").write_text(yaml.safe_dump(data))
+        st = await make_stack(root, redis_url=f"{redis_base}/0", admin_key=ADMIN_KEY, key_cache_seconds="60",
+                              catalog=root / "catalog.yaml", env={"REV_OPENAI_KEY": "sk-rev"})
+        async with running(st):
+            key_id, key = await _new_key(st, "chatter")
+            chunks: list[dict[str, Any]] = []
+            body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "talk [slow-stream]"}]}
+            async with httpx.AsyncClient(base_url=st.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=90) as c, \
+                    c.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                async with asyncio.timeout(30):
+                    while len(chunks) < 5:  # the answer is flowing
+                        line = await anext(lines)
+                        if line.startswith("data: {"):
+                            chunks.append(json.loads(line[6:]))
+                async with _admin(st) as a:
+                    t0 = time.monotonic()
+                    assert (await a.post(f"/v1/admin/keys/{key_id}/revoke")).status_code == 200
+                async with asyncio.timeout(15):
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            chunks.append(json.loads(line[6:]) if line[6:].startswith("{") else {"done": line})
+                ended_after = time.monotonic() - t0
+            assert "error" in chunks[-1], chunks[-3:]
+            assert chunks[-1]["error"]["code"] == "invalid_api_key" and "revoked" in chunks[-1]["error"]["message"]
+            assert ended_after < 8, ended_after  # the announcement, not the minute-long key cache
+            words = httpx.get(fake + "/_control/stats").json()["slow_words"]
+            await asyncio.sleep(2)
+            assert httpx.get(fake + "/_control/stats").json()["slow_words"] <= words + 2, "the upstream stream is still read"
+            assert words < 150  # the provider was not read to the end

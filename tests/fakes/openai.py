@@ -19,7 +19,8 @@ Routes (under /v1, `Authorization: Bearer <api_key>`, or the header given as `au
 
 Prompt keywords (tests/contract.py): [moderated] [moderated-output] [fail] [429] [500]
 [poll500] [slow] [expired]; also [quota] (429 insufficient_quota) and [503]; chat also
-[flagged] (400 invalid_prompt: a flagged prompt) and [model404] (404 model_not_found).
+[flagged] (400 invalid_prompt: a flagged prompt), [model404] (404 model_not_found) and
+[slow-stream] (a long streamed answer, a word every 0.2 s).
 A project webhook (`webhook_url` + `webhook_secret` options) gets `video.completed` /
 `video.failed` signed per Standard Webhooks; videos then finish on their own after
 `webhook_delay` seconds instead of per poll.
@@ -166,7 +167,7 @@ class State:
     def __init__(self) -> None:
         self.videos: dict[str, dict[str, Any]] = {}
         self.files: dict[str, tuple[bytes, str, float]] = {}  # name -> bytes, type, expires
-        self.stats: dict[str, Any] = {"creates": 0, "polls": 0, "inflight": 0, "peak_inflight": 0, "last": {}}
+        self.stats: dict[str, Any] = {"creates": 0, "polls": 0, "inflight": 0, "peak_inflight": 0, "last": {}, "slow_words": 0}
 
     def created(self, endpoint: str, fields: dict[str, Any]) -> None:
         self.stats["last"][endpoint] = fields
@@ -544,6 +545,9 @@ def create_app(
         if (problem := scripted(text.replace("[moderated", "["), output_moderation_now=False)) is not None:
             return problem
         reply = f"You said: {text}"
+        pause = 0.0
+        if "[slow-stream]" in text:  # a long answer, a word every 0.2 s (about a minute in all)
+            reply, pause = reply + " and on" * 150, 0.2
         cid, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), str(f["model"])
         usage = {"prompt_tokens": len(text.split()) + 5, "completion_tokens": len(reply.split()),
                  "total_tokens": len(text.split()) + 5 + len(reply.split())}
@@ -564,6 +568,9 @@ def create_app(
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None, "finish_reason": None}])
             for i, word in enumerate(reply.split(" ")):
                 yield chunk([{"index": 0, "delta": {"content": word if i == 0 else f" {word}"}, "logprobs": None, "finish_reason": None}])
+                if pause:
+                    st.stats["slow_words"] += 1
+                    await asyncio.sleep(pause)
             yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}])
             if include_usage:
                 yield chunk([], usage=usage)
