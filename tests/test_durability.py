@@ -1,12 +1,16 @@
 """The pipeline under the faults the design promises to survive: long jobs that must not
-hold worker slots, a worker killed mid-poll, and a Redis that lost its queues."""
+hold worker slots, a worker killed mid-poll, mid-submit and mid-store, and a Redis that lost
+its queues."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -153,45 +157,85 @@ async def test_reconciler_requeues_3000_lost_runs_past_its_page_size(tmp_path, r
         st.stop()
 
 
-async def test_worker_killed_mid_submit_ends_the_job_without_a_second_create(tmp_path, redis_base: str) -> None:
-    """SIGKILL while a create call is in flight (a Replicate create held by Prefer: wait):
-    Replicate cannot dedupe a resent create, so the next worker ends the job clearly within
-    35 s instead of starting (and billing) a second prediction."""
-    import httpx
+@contextlib.asynccontextmanager
+async def _replicate_stack(tmp_path, redis_base: str, options: dict, **fake: Any) -> AsyncIterator[tuple[Stack, str]]:
+    """A stack whose one model `held-replicate` is served by the Replicate fake."""
     import yaml
 
     from core.routing.catalog import DEFAULT_CATALOG
     from tests.fakes import replicate as replicate_fake
     from tests.fakes.server import serve
 
-    with serve(replicate_fake.create_app(api_key="r8_durable", slow_polls=400, wait_step=0.1)) as fake:
+    with serve(replicate_fake.create_app(api_key="r8_durable", **fake)) as url:
         data = yaml.safe_load(DEFAULT_CATALOG.read_text())
         data["models"].append({"id": "held-replicate", "modality": "image", "deployments": [{
-            "name": "replicate-held", "adapter": "replicate", "model": "black-forest-labs/flux-dev", "base_url": fake,
-            "api_key_env": "DURABLE_REPLICATE_KEY", "options": {"sync_wait": 30, "poll_interval": 0.5}}]})
+            "name": "replicate-held", "adapter": "replicate", "model": "black-forest-labs/flux-dev", "base_url": url,
+            "api_key_env": "DURABLE_REPLICATE_KEY", "options": options}]})
         catalog = tmp_path / "catalog.yaml"
         catalog.write_text(yaml.safe_dump(data))
         st = await make_stack(tmp_path / "stack", redis_url=f"{redis_base}/0", catalog=catalog,
                               env={"DURABLE_REPLICATE_KEY": "r8_durable"}, submit_marker_seconds="3")
         st.start_api()
         try:
-            st.start_worker()
-            async with st.client() as c:
-                r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow] a held create"}})
-                assert r.status_code == 201, r.text
-                job_id = r.json()["id"]
-                deadline = time.monotonic() + 20
-                while httpx.get(f"{fake}/_control/stats").json()["creates"] < 1 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                assert httpx.get(f"{fake}/_control/stats").json()["creates"] == 1
-                st.kill("worker")  # SIGKILL while the create is held open
-                killed = time.monotonic()
-                st.start_worker("worker2")
-                job = await st.wait_job(c, job_id, timeout=40)
-            took = time.monotonic() - killed
-            assert job["status"] == "failed", job
-            assert "interrupted" in job["error"]["message"], job["error"]
-            assert took <= 35, took
-            assert httpx.get(f"{fake}/_control/stats").json()["creates"] == 1  # never a second prediction
+            yield st, url
         finally:
             st.stop()
+
+
+def _fake_stats(url: str) -> dict:
+    return httpx.get(f"{url}/_control/stats").json()
+
+
+async def test_worker_killed_mid_submit_ends_the_job_without_a_second_create(tmp_path, redis_base: str) -> None:
+    """SIGKILL while a create call is in flight (a Replicate create held by Prefer: wait):
+    Replicate cannot dedupe a resent create, so the next worker ends the job clearly within
+    35 s instead of starting (and billing) a second prediction."""
+    async with _replicate_stack(tmp_path, redis_base, {"sync_wait": 30, "poll_interval": 0.5},
+                                slow_polls=400, wait_step=0.1) as (st, fake):
+        st.start_worker()
+        async with st.client() as c:
+            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow] a held create"}})
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            deadline = time.monotonic() + 20
+            while _fake_stats(fake)["creates"] < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert _fake_stats(fake)["creates"] == 1
+            st.kill("worker")  # SIGKILL while the create is held open
+            killed = time.monotonic()
+            st.start_worker("worker2")
+            job = await st.wait_job(c, job_id, timeout=40)
+        took = time.monotonic() - killed
+        assert job["status"] == "failed", job
+        assert "interrupted" in job["error"]["message"], job["error"]
+        assert took <= 35, took
+        assert _fake_stats(fake)["creates"] == 1  # never a second prediction
+
+
+async def test_worker_killed_mid_store_resumes_and_succeeds_once(tmp_path, redis_base: str) -> None:
+    """SIGKILL while the result file is being downloaded into storage: the storing marker
+    lapses, the reconciler puts the job back on the poll schedule, the next worker finds the
+    prediction's result again and stores it: one prediction, one stored asset, within 35 s."""
+    async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}, slow_file_seconds=8.0) as (st, fake):
+        st.start_worker()
+        async with st.client() as c:
+            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow-file] stored slowly"}})
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            deadline = time.monotonic() + 30
+            while _fake_stats(fake)["file_fetches"] < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert _fake_stats(fake)["file_fetches"] == 1, "the result download never started"
+            await asyncio.sleep(1.0)  # well into the 8 s download
+            assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
+            st.kill("worker")  # SIGKILL mid-store
+            killed = time.monotonic()
+            st.start_worker("worker2")
+            job = await st.wait_job(c, job_id, timeout=45)
+        took = time.monotonic() - killed
+        assert job["status"] == "succeeded", job
+        assert took <= 35, took
+        assert len(job["outputs"]) == 1, job["outputs"]
+        stats = _fake_stats(fake)
+        assert stats["creates"] == 1  # resumed from the provider's result, never created again
+        assert stats["file_fetches"] == 2  # the cut download, then the whole one

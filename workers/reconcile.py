@@ -27,7 +27,7 @@ from core.models import Job, utcnow
 from core.runtime import Runtime
 from workers.context import Ctx, fail
 from workers.run import schedule_poll, submitting_key, waiting_key
-from workers.store import done_key, storing_key
+from workers.store import done_key, enqueue_store, storing_key
 from workers.webhooks import due_deliveries
 
 log = logging.getLogger("genroute.reconciler")
@@ -133,8 +133,7 @@ async def _running(rt: Runtime, rows: list[Any], stale: datetime, tag: str, coun
         if job is None or job.status != JobStatus.running:
             continue
         if job.provider_handle is not None and job.progress_message == "storing outputs" and await rt.redis.exists(done_key(rt, job.id)):
-            await rt.redis.enqueue_job("store_outputs", job.id, job.poll_seq, _job_id=f"store:{job.id}:{job.poll_seq}{tag}",
-                                       _queue_name=rt.settings.queue_for(job.modality))
+            await enqueue_store(rt, job, suffix=tag)
             counts["repolled"] += 1
         elif job.provider_handle is not None and job.provider_handle.get("done_at_submit"):
             await fail(rt, job, ErrorCode.storage_error, "the outputs were lost before they could be stored; submit the job again")

@@ -22,6 +22,9 @@ from storage import StorageError, store_output
 from workers.context import Ctx, alive, deployment_of, fail, release
 
 
+QUEUED, LIVE = "queued", "1"  # the storing marker: a store task is queued / running
+
+
 def done_key(rt: Runtime, job_id: str) -> str:
     return f"{rt.settings.redis_prefix}:done:{job_id}"
 
@@ -33,12 +36,16 @@ def storing_key(rt: Runtime, job_id: str) -> str:
 async def hand_to_store(rt: Runtime, job: Job, done: Done) -> None:
     """After the finish was claimed (the row says "storing outputs" at `job.poll_seq`)."""
     await rt.polls.remove(job.id, job.modality)
-    async with rt.redis.pipeline(transaction=False) as pipe:
-        pipe.set(done_key(rt, job.id), dump_result(done), ex=3600)
-        pipe.set(storing_key(rt, job.id), "queued", px=int(rt.settings.reconcile_grace_seconds * 2000))
-        await pipe.execute()
+    await rt.redis.set(done_key(rt, job.id), dump_result(done), ex=3600)
+    await enqueue_store(rt, job)
+
+
+async def enqueue_store(rt: Runtime, job: Job, suffix: str = "") -> None:
+    """Queue a store task, marked "queued" first so the reconciler leaves it alone until it
+    starts (then `alive` beats the marker) or the mark lapses unstarted."""
+    await rt.redis.set(storing_key(rt, job.id), QUEUED, px=int(rt.settings.reconcile_grace_seconds * 2000))
     await rt.redis.enqueue_job(
-        "store_outputs", job.id, job.poll_seq, _job_id=f"store:{job.id}:{job.poll_seq}",
+        "store_outputs", job.id, job.poll_seq, _job_id=f"store:{job.id}:{job.poll_seq}{suffix}",
         _queue_name=rt.settings.queue_for(job.modality),
     )
 
@@ -56,6 +63,12 @@ async def store_outputs(ctx: Ctx, job_id: str, seq: int) -> None:
         return
     result = load_result(raw)
     if not isinstance(result, Done):
+        return
+    # one store at a time: a store task re-run by the queue, or queued twice, while another
+    # is live (its marker beats) leaves it be; if that one dies, its marker lapses and the
+    # reconciler queues another
+    before = await rt.redis.set(storing_key(rt, job_id), LIVE, px=int(rt.settings.submit_marker_seconds * 1000), get=True)
+    if before in (LIVE, LIVE.encode()):
         return
     async with alive(rt, storing_key(rt, job_id)):
         await finish(rt, job, result)

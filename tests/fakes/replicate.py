@@ -26,6 +26,7 @@ time), then terminal. Predictions with a webhook also advance on their own every
     [expired]           output listed, files answer 410 already
     [data-removed]      data removed at completion: data_removed true, output/input null
     [aborted]           aborted (deadline passed before the run started)
+    [slow-file]         result files trickle out: 16 chunks over `slow_file_seconds`
 
 Output shape by model name: "dict-out" -> nested dict of URLs; video ("video", "wan",
 "kling") -> one mp4 URL string; "schnell"/"flux-dev" -> list; "kontext" -> string;
@@ -46,13 +47,14 @@ import struct
 import time
 import uuid
 from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from PIL import Image, ImageDraw
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.fakes.server import run_main
@@ -74,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "starting_polls": 1,
     "processing_polls": 3,
     "slow_polls": 30,
+    "slow_file_seconds": 8.0,  # how long a [slow-file] result takes to download
     "retry_after": 2,
     "data_ttl": None,  # seconds after completion until data_removed; None: never
     "wait_step": 0.05,  # seconds per script step while a Prefer: wait create is held
@@ -111,6 +114,7 @@ class Prediction:
         self.expired_files = "[expired]" in text
         self.data_ttl: float | None = 0.0 if "[data-removed]" in text else opts["data_ttl"]
         self.poll500 = "[poll500]" in text
+        self.slow_file = "[slow-file]" in text
         self.status = "starting"
         self.logs = ""
         self.output: Any = None
@@ -247,6 +251,7 @@ class State:
     def reset(self) -> None:
         self.predictions.clear()
         self.creates = self.polls = self.cancels = self.peak_inflight = self.secret_fetches = 0
+        self.file_fetches = 0
         self.deliveries: list[dict[str, Any]] = []
         self.last_create: dict[str, Any] | None = None
 
@@ -444,6 +449,17 @@ def create_app(**options: Any) -> Starlette:
         if p.expired_files:
             return Response("Gone", 410, media_type="text/plain")
         data, ctype = await asyncio.to_thread(render_file, spec, p.seed)
+        state.file_fetches += 1
+        if p.slow_file:
+            pause = float(state.options["slow_file_seconds"]) / 16
+            step = -(-len(data) // 16)
+
+            async def trickle() -> AsyncIterator[bytes]:
+                for at in range(0, len(data), step):
+                    yield data[at:at + step]
+                    await asyncio.sleep(pause)
+
+            return StreamingResponse(trickle(), media_type=ctype, headers={"content-length": str(len(data))})
         return Response(data, media_type=ctype)
 
     async def stats(request: Request) -> Response:
@@ -451,6 +467,7 @@ def create_app(**options: Any) -> Starlette:
             "creates": state.creates, "polls": state.polls, "cancels": state.cancels,
             "inflight": state.inflight(), "peak_inflight": state.peak_inflight,
             "secret_fetches": state.secret_fetches, "webhooks": state.deliveries,
+            "file_fetches": state.file_fetches,
             "last_create": state.last_create,
         })
 
