@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, TypedDict
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypedDict, TypeVar
 
 from core.callbacks import callback_secret, callback_url
 from core.disclosure import PRIVATE
-from core.errors import ErrorCode
+from core.errors import ErrorCode, infra_down, unavailable
 from core.jobs.ledger import JobStatus
 from core.models import Job
 from core.routing.catalog import Deployment
@@ -21,6 +22,28 @@ from core.runtime import Runtime
 from core.types import ProviderRequest
 
 log = logging.getLogger("genroute.worker")
+T = TypeVar("T")
+KEEP_TRYING_SECONDS = 300.0  # how long a write that must not be lost waits for our database
+
+
+async def keep_trying(what: str, write: Callable[[], Awaitable[T]]) -> T:
+    """A write that must not be lost to a blip of our own database or Redis (a provider's
+    handle just received: without it the task upstream is orphaned and a resend could run
+    it twice). Retried with backoff while the blip lasts; the caller's `alive` marker keeps
+    beating meanwhile, so no other run of the job acts on it."""
+    delay, give_up, told = 0.25, time.monotonic() + KEEP_TRYING_SECONDS, False
+    while True:
+        try:
+            return await write()
+        except Exception as exc:
+            if not infra_down(exc) or time.monotonic() > give_up:
+                raise
+            if not told:
+                log.warning("%s: %s is unreachable (%s); retrying until it answers", what,
+                            unavailable(exc) or "the network", type(exc).__name__)
+                told = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class Ctx(TypedDict, total=False):

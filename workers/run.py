@@ -30,7 +30,7 @@ from core.routing.dispatch import Placed, Refused, Stopped, Unplaced, deployment
 from core.routing.router import Candidate
 from core.runtime import Runtime
 from core.types import Done, Pending
-from workers.context import Ctx, alive, cancel_quietly, deployment_of, fail, log, release, request_for
+from workers.context import Ctx, alive, cancel_quietly, deployment_of, fail, keep_trying, log, release, request_for
 from workers.store import hand_to_store
 
 
@@ -278,11 +278,11 @@ async def _resume(ctx: Ctx, job: Job) -> None:
 async def submitted(rt: Runtime, job: Job, adapter: Any, result: Pending | Done, attempts: list[dict[str, Any]]) -> None:
     """The handle is saved before anything else, so a crash from here on resumes, never resubmits."""
     if isinstance(result, Pending):
-        saved = await rt.ledger.transition(
+        saved = await keep_trying(f"saving job {job.id}'s provider handle", lambda: rt.ledger.transition(
             job.id, JobStatus.running, expect_version=job.version, provider_handle=result.handle, poll_seq=1,
             progress=result.progress or 0.0, progress_message=result.message, queue_position=result.queue_position,
             next_poll_at=utcnow() + timedelta(seconds=result.poll_after), attempts=attempts,
-        )
+        ))
         if saved is None:  # canceled while we were submitting: tell the provider
             await cancel_quietly(adapter, result.handle)
             await release(rt, job)
@@ -291,11 +291,11 @@ async def submitted(rt: Runtime, job: Job, adapter: Any, result: Pending | Done,
             await rt.limiter.record_success(job.deployment)  # the slot stays held until the end
         await schedule_poll(rt, saved, delay=result.poll_after)
         return
-    saved = await rt.ledger.transition(
+    saved = await keep_trying(f"saving job {job.id}'s result", lambda: rt.ledger.transition(
         job.id, JobStatus.running, expect_version=job.version, provider_handle={**(result.handle or {}), "done_at_submit": True},
         attempts=attempts, progress_message="storing outputs", queue_position=None, poll_seq=job.poll_seq + 1,
         next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),
-    )
+    ))
     if saved is not None:
         await hand_to_store(rt, saved, result)
 
