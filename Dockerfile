@@ -7,6 +7,7 @@ COPY workers workers
 COPY adapters adapters
 COPY storage storage
 COPY cli cli
+COPY genroute genroute
 RUN pip install --no-cache-dir . && useradd --system genroute
 USER genroute
 EXPOSE 8000

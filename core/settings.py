@@ -125,6 +125,12 @@ class Settings(BaseSettings):
             return json.loads(v) if v.strip().startswith("[") else [x.strip() for x in v.split(",") if x.strip()]
         return v
 
+    @field_validator("catalog", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, v: Any) -> Any:
+        """`GENROUTE_CATALOG=` (a compose file's `${GENROUTE_CATALOG:-}`) means the default."""
+        return None if isinstance(v, str) and not v.strip() else v
+
     def outbound_networks(self) -> list[str]:
         """Every CIDR the outbound guard admits: outbound_allowlist and the older webhook_allowlist."""
         return [*self.outbound_allowlist, *self.webhook_allowlist]

@@ -80,6 +80,9 @@ def test_settings_come_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_docker_compose_describes_the_production_stack() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
     compose = yaml.safe_load(text)
+    catalog_keys = {d["api_key_env"] for f in (ROOT / "catalogs").glob("*.yaml")
+                    for m in (yaml.safe_load(f.read_text()).get("models") or [])
+                    for d in m.get("deployments") or [] if d.get("api_key_env")}
     services = compose["services"]
     assert {"api", "worker", "redis", "postgres", "minio"} <= set(services)
     for name in ("api", "redis", "postgres", "minio", "worker"):
@@ -88,16 +91,29 @@ def test_docker_compose_describes_the_production_stack() -> None:
         env = services[name]["environment"]
         assert env["GENROUTE_REDIS_URL"].startswith("redis://redis:")
         assert "@postgres:" in env["GENROUTE_DATABASE_URL"] and env["GENROUTE_STORAGE"] == "s3"
-        # every setting named is one genroute reads
+        # every setting named is one genroute reads, and every other name a provider key
+        # that a shipped catalog's api_key_env names
         for key in env:
-            assert key.removeprefix("GENROUTE_").lower() in Settings.model_fields, key
+            if key.startswith("GENROUTE_"):
+                assert key.removeprefix("GENROUTE_").lower() in Settings.model_fields, key
+        assert catalog_keys <= set(env), catalog_keys - set(env)
+        assert "${GENROUTE_ADMIN_KEY:?" in text  # the first admin key is part of the set-up
     for name, svc in services.items():
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # replicas cannot share a host port: only the proxy publishes one, and its config exists
+    assert "ports" not in services["api"]
+    assert services["proxy"]["ports"] == ["8000:8000"]
+    conf = services["proxy"]["volumes"][0].split(":")[0]
+    assert "proxy_pass $api" in (ROOT / conf).read_text()
+    # the worker's healthcheck asks the worker's own /healthz (a hung loop fails it)
+    assert "--healthcheck" in services["worker"]["healthcheck"]["test"]
+    port = services["worker"]["command"][services["worker"]["command"].index("--metrics-port") + 1]
+    assert port in services["worker"]["healthcheck"]["test"]
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        env = dict(os.environ, GENROUTE_SECRET_KEY="x")
+        env = dict(os.environ, GENROUTE_SECRET_KEY="x", GENROUTE_ADMIN_KEY="y")
         out = subprocess.run([docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
                              capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
@@ -186,3 +202,9 @@ def test_a_connection_broken_while_watching_counts_as_redis_lost() -> None:
     assert redis_lost(redis.exceptions.WatchError("A ConnectionError occurred on while watching one or more keys"))
     assert not redis_lost(redis.exceptions.WatchError("Watched variable changed."))
     assert unavailable(redis.exceptions.ConnectionError("Connection closed by server.")) == "Redis"
+
+
+def test_an_empty_catalog_setting_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-compose.yml passes `GENROUTE_CATALOG: ${GENROUTE_CATALOG:-}`: empty is unset."""
+    monkeypatch.setenv("GENROUTE_CATALOG", "")
+    assert Settings().catalog is None
