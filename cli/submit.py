@@ -61,7 +61,7 @@ def submit(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     except APIConnectionError as exc:
-        print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
+        print(f"cannot reach {args.url}: {exc}; is genroute running there? Point --url or GENROUTE_URL at it", file=sys.stderr)
         return 1
     cost = job.cost
     if cost is not None and cost.settled is not None:  # stderr: stdout stays the output URLs, one a line

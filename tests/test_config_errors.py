@@ -41,3 +41,15 @@ def test_keys_create_on_a_fresh_data_dir_makes_the_schema(tmp_path: Path) -> Non
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert '"key": "gr_' in out.stdout and "Traceback" not in out.stderr
+
+
+def test_the_cli_against_a_server_that_does_not_answer_says_where_to_point_it(tmp_path: Path) -> None:
+    from tests.fakes.server import free_port
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GENROUTE_")}
+    env = {**base, "GENROUTE_API_KEY": "gr_nobody", "GENROUTE_URL": f"http://127.0.0.1:{free_port()}"}
+    out = subprocess.run([str(BIN), "submit", "--model", "local-image", "--input", "prompt=hi"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "--url" in lines[0] and "GENROUTE_URL" in lines[0] and "Traceback" not in out.stderr, out.stderr
