@@ -128,6 +128,10 @@ class _PublicHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
+    def do_POST(self) -> None:  # noqa: N802 - a webhook delivery: read the body, answer as GET does
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         parts = urlsplit(self.path)
         self.server.hits.append(parts.path)
@@ -348,6 +352,19 @@ async def test_catalog_fields_nested_in_a_settable_parameter_are_refused(stack: 
     assert r.status_code == 422 and "referenceImages.0.image.uri" in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.parametrize("adapter,modality", registry_cases(), ids=lambda v: str(v))
+async def test_the_replicate_route_cannot_set_catalog_fields_either(stack: Stack, adapter: str, modality: str) -> None:
+    """The Replicate-compatible create passes unknown input fields on as provider_params:
+    the same allowlist refuses `model`, `version` and the rest there, in Replicate's shape."""
+    async with stack.client() as c:
+        for name in ("model", "version", "deployment", "base_url", "webhook_url", "api_key"):
+            r = await c.post(f"/replicate/v1/models/genroute/p-{adapter}-{modality}/predictions",
+                             json={"input": {**_MODALITY_INPUT[modality], name: "the-dearest-model"}})
+            assert r.status_code == 422, (name, r.text)
+            body = r.json()
+            assert body["code"] == "param_not_allowed" and f"provider_params.{name}" in body["detail"], (name, body)
+
+
 @pytest.mark.parametrize("adapter", chat_cases())
 async def test_chat_body_cannot_pick_the_providers_model_or_routing(stack: Stack, adapter: str) -> None:
     async with stack.client() as c:
@@ -478,6 +495,48 @@ async def test_mask_urls_to_unsafe_addresses_are_refused(stack: Stack, servers: 
 async def test_provider_output_urls_to_unsafe_addresses_are_refused(stack: Stack, servers: dict[str, Any]) -> None:
     await _check_all(stack, servers, lambda url: {"model": "evil", "input": {"prompt": f"OUT {url}"}},
                      "provider_error", "output URL was not fetched: ")
+
+
+async def test_webhook_urls_to_unsafe_addresses_are_refused_at_submit(stack: Stack, servers: dict[str, Any]) -> None:
+    """The same table against a job's webhook_url and a tenant endpoint's url: every form is
+    refused with 422 naming the field and the reason, and nothing is connected to."""
+    sentinel: Sentinel = servers["sentinel"]
+    before = sentinel.connections
+    problems: list[str] = []
+    async with stack.client() as c:
+        for name, url, reason in _forms(sentinel.port):
+            r = await c.post("/v1/jobs", json={"model": "edit", "input": {"prompt": "hook"}, "webhook_url": url})
+            e = await c.post("/v1/webhooks/endpoints", json={"url": url})
+            for what, got, loc in (("job", r, "webhook_url"), ("endpoint", e, "url")):
+                err = got.json().get("error") or {}
+                if got.status_code != 422 or err.get("code") != "invalid_input" or err["details"][0]["loc"] != [loc] \
+                        or reason.lower() not in json.dumps(err).lower():
+                    problems.append(f"{what} {name}: {got.status_code} {got.text[:300]}")
+        assert (await c.get("/v1/webhooks/endpoints")).json()["data"] == []
+    assert not problems, "\n".join(problems)
+    assert sentinel.connections == before, "a refused webhook URL was connected to"
+
+
+async def test_a_webhook_receiver_that_redirects_into_our_network_is_not_followed(stack: Stack, servers: dict[str, Any]) -> None:
+    """A public-looking receiver answering 302 to loopback or the metadata address: the
+    delivery is POSTed to it and ends there (webhooks follow no redirect)."""
+    public: Public = servers["public"]
+    sentinel: Sentinel = servers["sentinel"]
+    before = sentinel.connections
+    hooks = [f"{public.url}/redirect?to=http://127.0.0.1:{sentinel.port}/hook",
+             f"{public.url}/redirect?to=http://169.254.169.254/latest/meta-data/"]
+    hits = public.hits.count("/redirect")
+    async with stack.client() as c:
+        for hook in hooks:
+            r = await c.post("/v1/jobs", json={"model": "evil", "input": {"prompt": f"OUT {public.url}/image.png"},
+                                               "webhook_url": hook, "webhook_events": ["job.succeeded"]})
+            assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 30
+        while public.hits.count("/redirect") < hits + len(hooks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    assert public.hits.count("/redirect") >= hits + len(hooks), public.hits[-20:]
+    await asyncio.sleep(1.0)
+    assert sentinel.connections == before, "a webhook redirect was followed into our network"
 
 
 async def test_a_provider_polling_url_into_our_network_is_refused_and_gets_no_key(stack: Stack, servers: dict[str, Any]) -> None:
