@@ -145,6 +145,8 @@ async def test_cache_serves_an_identical_seeded_request_of_the_same_tenant_only(
         assert second["cost"] == {"unit": "micro_usd", "status": "settled", "held": 0, "settled": 0}
         data = (await alice.get(second["outputs"][0]["url"])).content
         assert len(data) == second["outputs"][0]["bytes"]
+        third = (await alice.post("/v1/jobs", json=body)).json()  # a hit is never a source: it names the job that ran
+        assert third["cached"] is True and third["cached_from"] == first["id"], third
 
         other = (await bob.post("/v1/jobs", json=body)).json()
         assert other["cached"] is False and other["status"] == "queued"  # never across tenants
