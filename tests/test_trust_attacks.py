@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from core import fetcher, netguard
 from core.routing.catalog import ADAPTERS
 from tests.fakes import openai
 from tests.fakes.server import serve
@@ -147,6 +148,17 @@ class _PublicHandler(BaseHTTPRequestHandler):
             self.send_header("Location", parse_qs(parts.query)["to"][0])
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif parts.path == "/trickle":  # a byte every 0.2 s, for ever: under any byte cap
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                return
         elif parts.path == "/endless":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")  # and no Content-Length: it never ends
@@ -694,3 +706,95 @@ def test_the_parameter_allowlists_are_documented_as_declared() -> None:
         for modality, names in declared.items():
             assert set(re.findall(r"`([^`]+)`", rows.get(modality, ""))) == set(names), (name, modality)
         assert set(rows) - {"modality"} <= set(declared) | ({"(any)"} if not declared else set()), (name, rows)
+
+
+# -- the fetcher's own promises: one resolution, its own DNS pool, one deadline -------------
+
+
+@contextmanager
+def outbound_policy(allow: list[str], **kw: Any) -> Iterator[None]:
+    previous = netguard.configure(allow, **kw)
+    try:
+        yield
+    finally:
+        netguard.set_policy(previous)
+
+
+async def test_the_fetcher_connects_to_the_address_it_checked(servers: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebinding name: its first answer is an admitted address, every later one loopback.
+    The fetcher resolves once and connects to the checked address (no second lookup), so
+    the loopback listener on the same port is never reached."""
+    sentinel: Sentinel = servers["sentinel"]
+    srv = ThreadingHTTPServer((PUBLIC_HOST, sentinel.port), _PublicHandler)  # the admitted address, same port
+    srv.image, srv.hits = png(), []  # type: ignore[attr-defined]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host == "rebind.test":
+            lookups.append(host)
+            return real(PUBLIC_HOST if len(lookups) == 1 else "127.0.0.1", port, *args, **kw)
+        return real(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    before = sentinel.connections
+    try:
+        with outbound_policy([f"{PUBLIC_HOST}/32"]):
+            async with httpx.AsyncClient() as http:
+                async with fetcher.fetch(http, f"http://rebind.test:{sentinel.port}/image.png", max_bytes=2**20,
+                                         timeout=10) as got:
+                    body = await got.read()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert got.response.status_code == 200 and body == srv.image  # type: ignore[attr-defined]
+    assert lookups == ["rebind.test"] and sentinel.connections == before
+
+
+async def test_a_slow_resolver_holds_neither_the_event_loop_nor_the_default_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def slow(host: Any, *args: Any, **kw: Any) -> Any:
+        if host == "slow.test":
+            time.sleep(5)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.02)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    tick = asyncio.create_task(ticker())
+    try:
+        with outbound_policy([], resolve_timeout=0.5):
+            t0 = time.monotonic()
+            refused = asyncio.create_task(netguard.resolve("http://slow.test/x.png"))
+            await asyncio.sleep(0.1)
+            assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 42), 1) == 42  # the default pool is free
+            with pytest.raises(netguard.UnsafeURL, match="did not resolve within 0.5 s"):
+                await refused
+            took = time.monotonic() - t0
+    finally:
+        tick.cancel()
+    assert took < 2.5, took  # the resolver's 5 s are not waited for
+    assert max(gaps) < 0.5, max(gaps)  # the loop kept running throughout
+
+
+async def test_one_deadline_covers_a_body_that_trickles_under_the_byte_cap(servers: dict[str, Any]) -> None:
+    public: Public = servers["public"]
+    with outbound_policy([f"{PUBLIC_HOST}/32"]):
+        async with httpx.AsyncClient() as http:
+            t0 = time.monotonic()
+            with pytest.raises(fetcher.FetchError) as e:
+                async with fetcher.fetch(http, f"{public.url}/trickle", max_bytes=2**20, timeout=1.5) as got:
+                    await got.read()
+            took = time.monotonic() - t0
+    assert e.value.kind == fetcher.FetchFailure.timeout and "longer than allowed" in e.value.reason, e.value
+    assert 1.0 <= took < 5, took
