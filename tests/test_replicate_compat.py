@@ -263,3 +263,19 @@ async def test_webhook_with_an_event_filter_on_the_replicate_fake(stack: Stack) 
         assert body["model"] == "black-forest-labs/flux-schnell" and str(body["output"][0]).startswith(stack.api_url)
     finally:
         await receiver.stop()
+
+
+def test_stream_follows_urls_stream_to_the_end(stack: Stack) -> None:
+    """`replicate.stream` creates with stream=true and reads `urls.stream` (SSE): output
+    events carry the stored file's URL, then `done`."""
+    from replicate.stream import ServerSentEvent
+
+    c = client(stack)
+    events = list(c.stream("acme/local-image", input=local("a streamed kite", latency=0.6, steps=3, seed=21)))
+    kinds = [e.event for e in events]
+    assert ServerSentEvent.EventType.OUTPUT in kinds, events
+    assert kinds[-1] == ServerSentEvent.EventType.DONE and ServerSentEvent.EventType.ERROR not in kinds, events
+    urls = [e.data for e in events if e.event == ServerSentEvent.EventType.OUTPUT]
+    latest = c.predictions.list().results[0]
+    assert latest.status == "succeeded" and str(urls[-1]) in str(latest.output), (urls, latest.output)
+    assert FileOutput(str(urls[-1]), c).read()[:4] == b"\x89PNG"
