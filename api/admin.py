@@ -286,6 +286,7 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, request: Request, rt
 # keys -------------------------------------------------------------------------------------------
 @router.post("/keys", status_code=201, response_model=KeyCreated)
 async def create_key(body: KeyCreate, rt: RuntimeDep, _: AdminDep) -> KeyCreated:
+    tenants.check_not_reserved(body.tenant)  # before the lookup: "create it" would be bad advice
     if await tenants.get_tenant(rt.sessions, body.tenant) is None:
         raise _no_tenant(body.tenant)
     row, plain = await keys.create_key(

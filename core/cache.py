@@ -39,12 +39,15 @@ def cache_key(model_id: str, normalized_input: dict[str, Any]) -> str | None:
 
 
 async def find(sessions: Sessions, tenant: str, key: str, ttl_seconds: int) -> tuple[Job, list[Asset]] | None:
-    """The newest succeeded job of `tenant` with `key` inside the TTL, and its outputs."""
+    """The newest job of `tenant` with `key` that ran and succeeded inside the TTL, and its
+    outputs. Cached jobs are never sources: a hit names the job that made the outputs, and
+    the TTL counts from when they were made (a hit does not renew it)."""
     since = utcnow() - timedelta(seconds=ttl_seconds)
     async with sessions() as s:
         q = (
             select(Job)
-            .where(Job.tenant == tenant, Job.cache_key == key, Job.status == "succeeded", col(Job.finished_at) >= since)
+            .where(Job.tenant == tenant, Job.cache_key == key, Job.status == "succeeded", col(Job.cached).is_(False),
+                   col(Job.finished_at) >= since)
             .order_by(col(Job.finished_at).desc())
             .limit(1)
         )

@@ -189,6 +189,8 @@ async def test_validation_errors_say_what_to_fix(stack: Stack) -> None:
             ("GET", "/v1/admin/tenants/nobody", None, 404, "tenant_not_found", "POST /v1/admin/tenants"),
             ("GET", "/v1/admin/tenants/bad%20id", None, 404, "tenant_not_found", "bad id"),
             ("POST", "/v1/admin/keys", {"tenant": "nobody", "name": "k"}, 404, "tenant_not_found", "POST /v1/admin/tenants"),
+            ("POST", "/v1/admin/keys", {"tenant": "admin", "name": "k"}, 422, "reserved_tenant_id", "reserved"),
+            ("POST", "/v1/admin/keys", {"tenant": "ADMIN", "name": "k", "admin": True}, 422, "reserved_tenant_id", "reserved"),
             ("POST", "/v1/admin/keys", {"tenant": "valid"}, 422, "invalid_input", "name"),
             ("POST", "/v1/admin/keys", {"tenant": "valid", "name": "k", "scopes": {"modalities": ["smell"]}},
              422, "invalid_input", "modalities"),
@@ -385,6 +387,11 @@ async def test_cli_makes_tenants_budgets_and_scoped_keys(stack: Stack) -> None:
     assert r.returncode == 1 and "already exists" in r.stderr
     r = await asyncio.to_thread(_cli, stack, "tenants", "create", "bad id")
     assert r.returncode == 1 and "invalid tenant id" in r.stderr
+    # the admin principal's own tenant id, however it would be made (a key's tenant defaults to its name)
+    for args in (("tenants", "create", "admin"), ("keys", "create", "--name", "bot", "--tenant", "Admin"),
+                 ("keys", "create", "--name", "admin")):
+        r = await asyncio.to_thread(_cli, stack, *args)
+        assert r.returncode == 1 and "reserved" in r.stderr, (args, r.stdout, r.stderr)
     r = await asyncio.to_thread(_cli, stack, "keys", "create", "--name", "bot", "--tenant", "cli-co", "--rpm", "30",
                                 "--max-concurrency", "3", "--no-queue", "--model", "local-image", "--modality", "audio",
                                 "--expires-in", "3600")

@@ -225,3 +225,35 @@ def test_wait_polls_where_no_event_stream_is_offered(stack: Stack) -> None:
         done = gr.wait(job.id, timeout=30, on_update=seen.append)
     assert done.status == "succeeded" and transport.refused == 1  # tried once, then polled
     assert seen and all(isinstance(x, JobPublic) for x in seen)
+
+
+class LosesAnswers(httpx.HTTPTransport):
+    """A real transport where the first POST /v1/jobs reaches the API but its answer is lost
+    (the connection breaks on the way back), and the second is answered 503 by a proxy:
+    only the third answer gets through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or not request.url.path.endswith("/v1/jobs"):
+            return super().handle_request(request)
+        self.sent.append(request.headers.get("idempotency-key"))
+        if len(self.sent) == 1:
+            super().handle_request(request).close()  # the job was made; its answer never arrives
+            raise httpx.ReadError("connection reset by peer", request=request)
+        if len(self.sent) == 2:
+            return httpx.Response(503, headers={"Retry-After": "0"}, text="upstream busy", request=request)
+        return super().handle_request(request)
+
+
+def test_a_submit_whose_answer_was_lost_is_retried_with_the_same_key_and_makes_one_job(stack: Stack) -> None:
+    transport = LosesAnswers()
+    marker = f"lost-answer-{time.monotonic_ns()}"
+    with httpx.Client(transport=transport) as http, Client(stack.api_url, stack.keys["alice"], http=http) as gr:
+        job = gr.submit("local-image", image("lost answer"), metadata={"run": marker})
+        assert len(transport.sent) == 3 and transport.sent[0] and len(set(transport.sent)) == 1, transport.sent
+        assert job.idempotency_key == transport.sent[0]
+        mine = [j for j in gr.iter_jobs(page_size=50) if j.metadata == {"run": marker}]
+    assert [j.id for j in mine] == [job.id]  # three sends, one job

@@ -4,6 +4,7 @@ Redis where it looks (pointed at a closed port), so it must start its embedded o
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import signal
 import subprocess
@@ -15,8 +16,43 @@ import httpx
 from PIL import Image
 
 from cli.embedded import free_port
+from tests.stack import make_stack
 
 BIN = Path(sys.executable).parent / "genroute"
+
+
+def listening_on(port: int) -> set[str]:
+    """The local addresses with a listening TCP socket on `port` (from /proc/net/tcp{,6})."""
+    found = set()
+    for table, words in (("/proc/net/tcp", 1), ("/proc/net/tcp6", 4)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state != "0A" or int(hexport, 16) != port:
+                continue
+            raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 8 * words, 8))
+            found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+async def test_genroute_api_listens_on_loopback_unless_told_otherwise(tmp_path: Path, redis_url: str) -> None:
+    """`genroute api` with no --host is reachable from this machine only (README: Production
+    layout says how to expose it)."""
+    stack = await make_stack(tmp_path, redis_url=redis_url)
+    port = free_port()
+    stack._spawn("api", "api", "--port", str(port), "--no-access-log")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert listening_on(port) == {"127.0.0.1"}, (listening_on(port), stack.log("api"))
+    finally:
+        stack.stop()
 
 
 def test_dev_mode_serves_readyz_and_completes_an_image_job(tmp_path: Path) -> None:
@@ -41,6 +77,7 @@ def test_dev_mode_serves_readyz_and_completes_an_image_job(tmp_path: Path) -> No
             time.sleep(0.2)
         output = (tmp_path / "dev.log").read_text()
         assert ready is not None and ready.status_code == 200, output
+        assert listening_on(port) == {"127.0.0.1"}  # no --host: loopback only
         assert "embedded redis-server" in output
         key = (tmp_path / ".genroute" / "dev-key").read_text().strip()
         assert key in output  # the ready-made key is printed on start

@@ -145,6 +145,8 @@ async def test_cache_serves_an_identical_seeded_request_of_the_same_tenant_only(
         assert second["cost"] == {"unit": "micro_usd", "status": "settled", "held": 0, "settled": 0}
         data = (await alice.get(second["outputs"][0]["url"])).content
         assert len(data) == second["outputs"][0]["bytes"]
+        third = (await alice.post("/v1/jobs", json=body)).json()  # a hit is never a source: it names the job that ran
+        assert third["cached"] is True and third["cached_from"] == first["id"], third
 
         other = (await bob.post("/v1/jobs", json=body)).json()
         assert other["cached"] is False and other["status"] == "queued"  # never across tenants
@@ -211,6 +213,28 @@ async def test_batch_accepts_the_valid_items_reports_the_rest_and_calls_back_whe
         assert body["data"]["counts"]["succeeded"] == 3 and body["data"]["metadata"] == {"run": "nightly"}
     finally:
         await receiver.stop()
+
+
+async def test_batch_budget_holds_are_per_item_in_request_order(stack: Stack) -> None:
+    """docs/job-controls.md: holds are taken per item, in order; an item that does not fit
+    the budget left gets budget_exceeded and the items before it keep theirs."""
+    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
+        assert (await admin.post("/v1/admin/tenants", json={"id": "carol", "budget": 25000})).status_code == 201
+        key = (await admin.post("/v1/admin/keys", json={"tenant": "carol", "name": "batches"})).json()["key"]
+        item = {"model": "one-slot", "input": {"prompt": "held", "size": "256x256"}}  # 10,000 each
+        async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}) as c:
+            r = await c.post("/v1/batches", json={"jobs": [item, {"model": "nope", "input": {"prompt": "x"}}, item, item, item]})
+            assert r.status_code == 201, r.text
+            res = r.json()["items"]
+            assert [bool(x["job_id"]) for x in res] == [True, False, True, False, False], res
+            assert res[1]["error"]["code"] == "model_not_found"
+            assert [res[i]["error"]["code"] for i in (3, 4)] == ["budget_exceeded"] * 2, res
+            held = [(await c.get(f"/v1/jobs/{res[i]['job_id']}")).json()["cost"]["held"] for i in (0, 2)]
+            assert held == [10000, 10000]
+            for i in (0, 2):
+                await stack.wait_job(c, res[i]["job_id"])
+        tenant = (await admin.get("/v1/admin/tenants/carol")).json()
+    assert tenant["spent"] <= 25000, tenant  # never overdrawn
 
 
 async def test_a_batch_over_the_limit_is_refused(stack: Stack) -> None:
@@ -287,6 +311,14 @@ async def test_high_priority_jobs_start_before_the_low_ones_waiting_for_the_same
         for i in range(2):
             submitted = time.time()
             highs.append((submitted, (await c.post("/v1/jobs", json=one_slot(f"high {i}", 0.3, "high"))).json()))
+        # while they wait: the high job's queue position is ahead of the low jobs submitted before it
+        first_high = (await c.get(f"/v1/jobs/{highs[0][1]['id']}")).json()
+        last_low = (await c.get(f"/v1/jobs/{lows[-1]['id']}")).json()
+        assert first_high["status"] == last_low["status"] == "queued", (first_high, last_low)
+        assert first_high["queue_position"] is not None and last_low["queue_position"] is not None
+        assert first_high["queue_position"] <= 1 < last_low["queue_position"], (first_high, last_low)
+        if first_high["eta_seconds"] is not None and last_low["eta_seconds"] is not None:
+            assert first_high["eta_seconds"] <= last_low["eta_seconds"], (first_high, last_low)
         done = {j["id"]: await stack.wait_job(c, j["id"], timeout=60) for j in [blocker, *lows, *(h for _, h in highs)]}
     assert all(j["status"] == "succeeded" for j in done.values()), [(j["id"], j["status"], j["error"]) for j in done.values()]
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import replicate
 import yaml
-from replicate.exceptions import ReplicateError
+from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 from replicate.pagination import paginate
 from standardwebhooks import Webhook
@@ -33,7 +33,7 @@ FAKE_KEY = "r8_compat"
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[str]:
-    with serve(replicate_fake.create_app(api_key=FAKE_KEY, processing_polls=2)) as url:
+    with serve(replicate_fake.create_app(api_key=FAKE_KEY, processing_polls=2, slow_polls=600)) as url:
         yield url
 
 
@@ -202,3 +202,80 @@ async def test_webhook_with_an_event_filter_is_signed_and_replicate_shaped(stack
         assert done["webhook"].endswith("?customId=42")
     finally:
         await receiver.stop()
+
+
+def _fake_stats(fake: str) -> dict[str, int]:
+    return httpx.get(f"{fake}/_control/stats").json()
+
+
+def test_create_wait_get_and_a_failure_on_the_replicate_fake(stack: Stack, fake: str) -> None:
+    c = client(stack)
+    before = _fake_stats(fake)["creates"]
+    p = c.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "a mill", "num_outputs": 1, "seed": 2})
+    p.wait()
+    assert p.status == "succeeded" and p.error is None and p.metrics and p.metrics["predict_time"] >= 0, p
+    got = c.predictions.get(p.id)
+    assert got.status == "succeeded" and got.output == p.output and got.model == "black-forest-labs/flux-schnell"
+    assert FileOutput(str(p.output[0]), c).read()[:4] == b"RIFF"  # webp, stored by genroute
+    with pytest.raises(ModelError) as e:
+        c.run("black-forest-labs/flux-schnell", input={"prompt": "[fail] a mill", "num_outputs": 1})
+    failed = e.value.prediction
+    assert failed.status == "failed" and isinstance(failed.error, str) and failed.error, failed
+    assert c.predictions.get(failed.id).status == "failed"
+    assert _fake_stats(fake)["creates"] == before + 2
+
+
+def test_cancel_on_the_replicate_fake_reaches_the_provider(stack: Stack, fake: str) -> None:
+    c = client(stack)
+    cancels = _fake_stats(fake)["cancels"]
+    p = c.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": "[slow] a barn", "num_outputs": 1})
+    deadline = time.monotonic() + 20
+    while c.predictions.get(p.id).status != "processing" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.predictions.get(p.id).status == "processing"
+    assert c.predictions.cancel(p.id).status == "canceled"
+    deadline = time.monotonic() + 15
+    while _fake_stats(fake)["cancels"] <= cancels and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _fake_stats(fake)["cancels"] == cancels + 1  # the fake's prediction was told to stop
+    p.reload()
+    assert p.status == "canceled" and p.output is None
+
+
+async def test_webhook_with_an_event_filter_on_the_replicate_fake(stack: Stack) -> None:
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        c = client(stack)
+        secret = (await asyncio.to_thread(c.webhooks.default.secret)).key
+        p = await asyncio.to_thread(
+            c.predictions.create, model="black-forest-labs/flux-schnell", input={"prompt": "a pier", "num_outputs": 1},
+            webhook=receiver.url("/fake-hook"), webhook_events_filter=["completed"])
+        deadline = time.monotonic() + 30
+        while not receiver.received and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # nothing else may follow
+        assert len(receiver.received) == 1, [json.loads(b)["status"] for _, b in receiver.received]
+        headers, raw = receiver.received[0]
+        Webhook(secret).verify(raw, {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")})
+        body = json.loads(raw)
+        assert body["id"] == p.id and body["status"] == "succeeded" and body["output"], body
+        assert body["model"] == "black-forest-labs/flux-schnell" and str(body["output"][0]).startswith(stack.api_url)
+    finally:
+        await receiver.stop()
+
+
+def test_stream_follows_urls_stream_to_the_end(stack: Stack) -> None:
+    """`replicate.stream` creates with stream=true and reads `urls.stream` (SSE): output
+    events carry the stored file's URL, then `done`."""
+    from replicate.stream import ServerSentEvent
+
+    c = client(stack)
+    events = list(c.stream("acme/local-image", input=local("a streamed kite", latency=0.6, steps=3, seed=21)))
+    kinds = [e.event for e in events]
+    assert ServerSentEvent.EventType.OUTPUT in kinds, events
+    assert kinds[-1] == ServerSentEvent.EventType.DONE and ServerSentEvent.EventType.ERROR not in kinds, events
+    urls = [e.data for e in events if e.event == ServerSentEvent.EventType.OUTPUT]
+    latest = c.predictions.list().results[0]
+    assert latest.status == "succeeded" and str(urls[-1]) in str(latest.output), (urls, latest.output)
+    assert FileOutput(str(urls[-1]), c).read()[:4] == b"\x89PNG"

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from core import fetcher, netguard
 from core.routing.catalog import ADAPTERS
 from tests.fakes import openai
 from tests.fakes.server import serve
@@ -128,6 +129,10 @@ class _PublicHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
+    def do_POST(self) -> None:  # noqa: N802 - a webhook delivery: read the body, answer as GET does
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         parts = urlsplit(self.path)
         self.server.hits.append(parts.path)
@@ -143,6 +148,17 @@ class _PublicHandler(BaseHTTPRequestHandler):
             self.send_header("Location", parse_qs(parts.query)["to"][0])
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif parts.path == "/trickle":  # a byte every 0.2 s, for ever: under any byte cap
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                return
         elif parts.path == "/endless":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")  # and no Content-Length: it never ends
@@ -348,6 +364,19 @@ async def test_catalog_fields_nested_in_a_settable_parameter_are_refused(stack: 
     assert r.status_code == 422 and "referenceImages.0.image.uri" in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.parametrize("adapter,modality", registry_cases(), ids=lambda v: str(v))
+async def test_the_replicate_route_cannot_set_catalog_fields_either(stack: Stack, adapter: str, modality: str) -> None:
+    """The Replicate-compatible create passes unknown input fields on as provider_params:
+    the same allowlist refuses `model`, `version` and the rest there, in Replicate's shape."""
+    async with stack.client() as c:
+        for name in ("model", "version", "deployment", "base_url", "webhook_url", "api_key"):
+            r = await c.post(f"/replicate/v1/models/genroute/p-{adapter}-{modality}/predictions",
+                             json={"input": {**_MODALITY_INPUT[modality], name: "the-dearest-model"}})
+            assert r.status_code == 422, (name, r.text)
+            body = r.json()
+            assert body["code"] == "param_not_allowed" and f"provider_params.{name}" in body["detail"], (name, body)
+
+
 @pytest.mark.parametrize("adapter", chat_cases())
 async def test_chat_body_cannot_pick_the_providers_model_or_routing(stack: Stack, adapter: str) -> None:
     async with stack.client() as c:
@@ -478,6 +507,48 @@ async def test_mask_urls_to_unsafe_addresses_are_refused(stack: Stack, servers: 
 async def test_provider_output_urls_to_unsafe_addresses_are_refused(stack: Stack, servers: dict[str, Any]) -> None:
     await _check_all(stack, servers, lambda url: {"model": "evil", "input": {"prompt": f"OUT {url}"}},
                      "provider_error", "output URL was not fetched: ")
+
+
+async def test_webhook_urls_to_unsafe_addresses_are_refused_at_submit(stack: Stack, servers: dict[str, Any]) -> None:
+    """The same table against a job's webhook_url and a tenant endpoint's url: every form is
+    refused with 422 naming the field and the reason, and nothing is connected to."""
+    sentinel: Sentinel = servers["sentinel"]
+    before = sentinel.connections
+    problems: list[str] = []
+    async with stack.client() as c:
+        for name, url, reason in _forms(sentinel.port):
+            r = await c.post("/v1/jobs", json={"model": "edit", "input": {"prompt": "hook"}, "webhook_url": url})
+            e = await c.post("/v1/webhooks/endpoints", json={"url": url})
+            for what, got, loc in (("job", r, "webhook_url"), ("endpoint", e, "url")):
+                err = got.json().get("error") or {}
+                if got.status_code != 422 or err.get("code") != "invalid_input" or err["details"][0]["loc"] != [loc] \
+                        or reason.lower() not in json.dumps(err).lower():
+                    problems.append(f"{what} {name}: {got.status_code} {got.text[:300]}")
+        assert (await c.get("/v1/webhooks/endpoints")).json()["data"] == []
+    assert not problems, "\n".join(problems)
+    assert sentinel.connections == before, "a refused webhook URL was connected to"
+
+
+async def test_a_webhook_receiver_that_redirects_into_our_network_is_not_followed(stack: Stack, servers: dict[str, Any]) -> None:
+    """A public-looking receiver answering 302 to loopback or the metadata address: the
+    delivery is POSTed to it and ends there (webhooks follow no redirect)."""
+    public: Public = servers["public"]
+    sentinel: Sentinel = servers["sentinel"]
+    before = sentinel.connections
+    hooks = [f"{public.url}/redirect?to=http://127.0.0.1:{sentinel.port}/hook",
+             f"{public.url}/redirect?to=http://169.254.169.254/latest/meta-data/"]
+    hits = public.hits.count("/redirect")
+    async with stack.client() as c:
+        for hook in hooks:
+            r = await c.post("/v1/jobs", json={"model": "evil", "input": {"prompt": f"OUT {public.url}/image.png"},
+                                               "webhook_url": hook, "webhook_events": ["job.succeeded"]})
+            assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 30
+        while public.hits.count("/redirect") < hits + len(hooks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    assert public.hits.count("/redirect") >= hits + len(hooks), public.hits[-20:]
+    await asyncio.sleep(1.0)
+    assert sentinel.connections == before, "a webhook redirect was followed into our network"
 
 
 async def test_a_provider_polling_url_into_our_network_is_refused_and_gets_no_key(stack: Stack, servers: dict[str, Any]) -> None:
@@ -635,3 +706,95 @@ def test_the_parameter_allowlists_are_documented_as_declared() -> None:
         for modality, names in declared.items():
             assert set(re.findall(r"`([^`]+)`", rows.get(modality, ""))) == set(names), (name, modality)
         assert set(rows) - {"modality"} <= set(declared) | ({"(any)"} if not declared else set()), (name, rows)
+
+
+# -- the fetcher's own promises: one resolution, its own DNS pool, one deadline -------------
+
+
+@contextmanager
+def outbound_policy(allow: list[str], **kw: Any) -> Iterator[None]:
+    previous = netguard.configure(allow, **kw)
+    try:
+        yield
+    finally:
+        netguard.set_policy(previous)
+
+
+async def test_the_fetcher_connects_to_the_address_it_checked(servers: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebinding name: its first answer is an admitted address, every later one loopback.
+    The fetcher resolves once and connects to the checked address (no second lookup), so
+    the loopback listener on the same port is never reached."""
+    sentinel: Sentinel = servers["sentinel"]
+    srv = ThreadingHTTPServer((PUBLIC_HOST, sentinel.port), _PublicHandler)  # the admitted address, same port
+    srv.image, srv.hits = png(), []  # type: ignore[attr-defined]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host == "rebind.test":
+            lookups.append(host)
+            return real(PUBLIC_HOST if len(lookups) == 1 else "127.0.0.1", port, *args, **kw)
+        return real(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    before = sentinel.connections
+    try:
+        with outbound_policy([f"{PUBLIC_HOST}/32"]):
+            async with httpx.AsyncClient() as http:
+                async with fetcher.fetch(http, f"http://rebind.test:{sentinel.port}/image.png", max_bytes=2**20,
+                                         timeout=10) as got:
+                    body = await got.read()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert got.response.status_code == 200 and body == srv.image  # type: ignore[attr-defined]
+    assert lookups == ["rebind.test"] and sentinel.connections == before
+
+
+async def test_a_slow_resolver_holds_neither_the_event_loop_nor_the_default_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def slow(host: Any, *args: Any, **kw: Any) -> Any:
+        if host == "slow.test":
+            time.sleep(5)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.02)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    tick = asyncio.create_task(ticker())
+    try:
+        with outbound_policy([], resolve_timeout=0.5):
+            t0 = time.monotonic()
+            refused = asyncio.create_task(netguard.resolve("http://slow.test/x.png"))
+            await asyncio.sleep(0.1)
+            assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 42), 1) == 42  # the default pool is free
+            with pytest.raises(netguard.UnsafeURL, match="did not resolve within 0.5 s"):
+                await refused
+            took = time.monotonic() - t0
+    finally:
+        tick.cancel()
+    assert took < 2.5, took  # the resolver's 5 s are not waited for
+    assert max(gaps) < 0.5, max(gaps)  # the loop kept running throughout
+
+
+async def test_one_deadline_covers_a_body_that_trickles_under_the_byte_cap(servers: dict[str, Any]) -> None:
+    public: Public = servers["public"]
+    with outbound_policy([f"{PUBLIC_HOST}/32"]):
+        async with httpx.AsyncClient() as http:
+            t0 = time.monotonic()
+            with pytest.raises(fetcher.FetchError) as e:
+                async with fetcher.fetch(http, f"{public.url}/trickle", max_bytes=2**20, timeout=1.5) as got:
+                    await got.read()
+            took = time.monotonic() - t0
+    assert e.value.kind == fetcher.FetchFailure.timeout and "longer than allowed" in e.value.reason, e.value
+    assert 1.0 <= took < 5, took
