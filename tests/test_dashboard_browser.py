@@ -220,8 +220,8 @@ async def test_a_tenant_submits_watches_cancels_and_redelivers(browser: Any, sta
     deadline = time.monotonic() + 30
     while not await page.query_selector("#outputs img.media"):
         assert time.monotonic() < deadline, f"no image after 30 s; progress seen {seen}"
-        now = await page.get_attribute("#job-state [role=progressbar]", "aria-valuenow", timeout=200) \
-            if await page.query_selector("#job-state [role=progressbar]") else None
+        # one read: the bar goes away when the job ends
+        now = await page.evaluate("() => document.querySelector('#job-state [role=progressbar]')?.getAttribute('aria-valuenow') ?? null")
         if now is not None and (not seen or int(now) != seen[-1]):
             seen.append(int(now))
             if 0 < int(now) < 100 and not shot_running:
