@@ -14,7 +14,19 @@ export function h(tag, props, ...children) {
     else el.setAttribute(k, v === true ? '' : String(v));
   }
   append(el, children);
+  if (tag === 'table') labelCells(el);
   return el;
+}
+
+/** Each body cell gets its column's header as data-label: on a phone the stylesheet shows a
+ * table as one block per row with a label before each value, so no column is cut off. */
+function labelCells(table) {
+  const heads = [...table.querySelectorAll(':scope > thead th')].map((th) => th.textContent.trim());
+  if (!heads.length) return;
+  table.classList.add('table-labelled');
+  for (const tr of table.querySelectorAll(':scope > tbody > tr')) {
+    [...tr.children].forEach((td, i) => { if (heads[i]) td.dataset.label = heads[i]; });
+  }
 }
 
 export function append(el, children) {

@@ -21,7 +21,7 @@ export async function render(main, { tab, query }, ctx) {
 // tenants -------------------------------------------------------------------------------
 async function tenants(body) {
   const listBox = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
-  const id = h('input', { id: 't-id', required: true, pattern: '[A-Za-z0-9][A-Za-z0-9._-]*', maxlength: 100, placeholder: 'acme' });
+  const id = h('input', { id: 't-id', required: true, pattern: '[A-Za-z0-9][A-Za-z0-9._\\-]*', maxlength: 100, placeholder: 'acme' });
   const name = h('input', { id: 't-name', maxlength: 200, placeholder: 'Acme Inc.' });
   const budget = h('input', { id: 't-budget', type: 'number', min: 0, step: '0.01', placeholder: 'no cap' });
   const status = h('div');
@@ -85,6 +85,7 @@ async function keys(body, query) {
     models: h('select', { id: 'k-models', multiple: true, size: Math.min(5, Math.max(2, catalog.length)) }, catalog.map((m) => h('option', { value: m.id }, m.id))),
     rpm: h('input', { id: 'k-rpm', type: 'number', min: 1, placeholder: 'no limit' }),
     conc: h('input', { id: 'k-concurrency', type: 'number', min: 1, placeholder: 'no limit' }),
+    webhooks: h('input', { id: 'k-webhooks', type: 'checkbox' }),
     queue: h('input', { id: 'k-queue', type: 'checkbox', checked: true }),
     days: h('input', { id: 'k-expires', type: 'number', min: 1, placeholder: 'never' }),
   };
@@ -96,7 +97,11 @@ async function keys(body, query) {
     const chosenModels = [...f.models.selectedOptions].map((o) => o.value);
     const chosenMods = modalities.filter(([, c]) => c.checked).map(([m]) => m);
     const req = { tenant: f.tenant.value.trim(), name: f.name.value.trim(), admin: f.admin.checked, queue_when_busy: f.queue.checked };
-    if (chosenModels.length || chosenMods.length) req.scopes = { models: chosenModels, modalities: chosenMods };
+    // no scope at all: every model and the webhooks; any scope: only what is ticked
+    if (chosenModels.length || chosenMods.length || f.webhooks.checked) {
+      req.scopes = { models: chosenModels, modalities: chosenMods };
+      if (f.webhooks.checked) req.scopes.webhooks = true;
+    }
     if (f.rpm.value) req.rpm = Number(f.rpm.value);
     if (f.conc.value) req.max_concurrency = Number(f.conc.value);
     if (f.days.value) req.expires_in_seconds = Math.round(Number(f.days.value) * 86400);
@@ -113,6 +118,8 @@ async function keys(body, query) {
     field('Requests per minute', f.rpm), field('Max concurrency', f.conc), field('Expires in (days)', f.days),
     h('label', { class: 'field' }, h('span', {}, 'Models (scopes)'), f.models, h('small', { class: 'hint' }, 'None selected and no modality: any model.')),
     h('fieldset', { class: 'field' }, h('legend', {}, 'Modalities (scopes)'), h('div', { class: 'checks' }, modalities.map(([m, c]) => h('label', { class: 'check' }, c, m)))),
+    h('fieldset', { class: 'field' }, h('legend', {}, 'Webhooks (scope)'), h('div', { class: 'checks' }, h('label', { class: 'check' }, f.webhooks, 'may manage webhooks')),
+      h('small', { class: 'hint' }, 'Endpoints, the signing secret and deliveries. A key with no scope ticked may do everything; a key scoped to models or modalities manages webhooks only with this box (ticked alone: webhooks only, no model).')),
     h('fieldset', { class: 'field' }, h('legend', {}, 'Options'), h('div', { class: 'checks' },
       h('label', { class: 'check' }, f.queue, 'queue when busy (else 429)'), h('label', { class: 'check' }, f.admin, 'admin key')))),
   datalist, status, h('div', { class: 'form-actions' }, h('button', { class: 'btn btn-primary', type: 'submit', id: 'create-key' }, 'Create key')));

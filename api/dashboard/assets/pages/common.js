@@ -1,6 +1,8 @@
 // Pieces shared by the job pages: how a job's state reads in a row or a header.
 import { h, progressBar, duration } from '../lib/dom.js';
 
+export const TERMINAL = new Set(['succeeded', 'failed', 'canceled']);
+
 export function promptOf(input) {
   if (!input) return '';
   if (typeof input.prompt === 'string') return input.prompt;
@@ -37,8 +39,10 @@ export function stateCell(job) {
   return h('div', { class: 'state' }, h('span', { class: 'state-text muted' }, job.status));
 }
 
-/** Fold a live event into a job object (status, progress, queue place, ETA). */
+/** Fold a live event into a job object (status, progress, queue place, ETA). A job that
+ * ended stays as it ended: a late or replayed event of its run changes nothing. */
 export function applyEvent(job, ev) {
+  if (TERMINAL.has(job.status)) return job;
   const d = ev.data || {};
   const next = { ...job };
   if (d.status) next.status = d.status;
@@ -49,5 +53,3 @@ export function applyEvent(job, ev) {
   if (d.error) next.error = { ...d.error, details: null };
   return next;
 }
-
-export const TERMINAL = new Set(['succeeded', 'failed', 'canceled']);

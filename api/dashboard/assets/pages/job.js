@@ -61,8 +61,11 @@ function eventDetail(ev) {
   }
 }
 
+// an event's place: its seq, then its sub-step (progress between two events shares their seq)
+const order = (ev) => ev.seq + (ev.sub || 0) / 1e4;
+
 function timelineItem(ev) {
-  return h('li', { class: `tl tl-${ev.type.replace('job.', '')}`, 'data-seq': ev.seq },
+  return h('li', { class: `tl tl-${ev.type.replace('job.', '')}`, 'data-order': order(ev) },
     h('span', { class: 'tl-dot' }),
     h('div', { class: 'tl-body' },
       h('div', {}, h('strong', {}, EVENT_LABEL[ev.type] || ev.type), ' ', h('span', { class: 'muted small' }, when(ev.at))),
@@ -185,7 +188,10 @@ export async function render(main, { id }, { who, go }) {
 
   function drawCost() {
     const c = job.cost;
-    clear(costBox, c ? kv([['Held at submit', money(c.held, { precise: true })], ['Settled', c.settled === null || c.settled === undefined ? 'not yet' : money(c.settled, { precise: true })], ['Status', c.status]])
+    // why a job that delivered nothing was charged: it was canceled after the provider took it
+    const why = c && job.status === 'canceled' && c.status === 'settled' && c.settled
+      ? h('p', { class: 'hint' }, 'Canceled after the provider took the task: charged at the hold, as providers bill a started task.') : null;
+    clear(costBox, c ? [kv([['Held at submit', money(c.held, { precise: true })], ['Settled', c.settled === null || c.settled === undefined ? 'not yet' : money(c.settled, { precise: true })], ['Status', c.status]]), why]
       : h('p', { class: 'muted' }, 'No cost recorded for this job.'));
   }
 
@@ -224,35 +230,42 @@ export async function render(main, { id }, { who, go }) {
     if (outputsKey(job) !== shownOutputs) { shownOutputs = outputsKey(job); drawOutputs(); }
   }
 
+  // two columns on a wide screen; on a phone one, in the order a person looks: status first
+  const named = (name, el) => { el.classList.add(`card-${name}`); return el; };
   clear(main, head,
-    h('div', { class: 'grid-2' },
+    h('div', { class: 'grid-2 job-grid' },
       h('div', { class: 'col' },
-        card('Outputs', outputsBox),
-        card('Input', input),
-        card('Provider attempts', attemptsBox),
-        card('Webhook deliveries', hooksBox)),
+        named('outputs', card('Outputs', outputsBox)),
+        named('input', card('Input', input)),
+        named('attempts', card('Provider attempts', attemptsBox)),
+        named('deliveries', card('Webhook deliveries', hooksBox))),
       h('div', { class: 'col' },
-        card('Status', stateBox),
-        card('Cost', costBox),
-        card('Timeline', timeline))));
+        named('status', card('Status', stateBox)),
+        named('cost', card('Cost', costBox)),
+        named('timeline', card('Timeline', timeline)))));
   draw(job); drawDeliveries();
 
   // the timeline: the job's events from its first (replayed from Redis), then live
+  // (events up to the state's seq are history: they fill the timeline but do not redraw
+  // the job, which the state already shows as it is now)
   const seen = new Set();
   let fromRow = rowTimeline(job);
   rowTimeline(job).forEach((ev) => timeline.append(timelineItem(ev)));
   let refetch = null;
+  let stateSeq = 0;
   const live = new Live(session.key, {
     onMessage: (msg) => {
-      if (msg.type === 'job.state') { draw({ ...job, ...msg.job }); return; }
+      if (msg.type === 'job.state') { stateSeq = msg.seq || 0; draw({ ...job, ...msg.job }); return; }
       if (msg.job_id !== job.id || !msg.type?.startsWith('job.')) return;
       if (fromRow) { timeline.replaceChildren(); fromRow = null; }
-      if (!seen.has(msg.seq)) {
-        seen.add(msg.seq);
+      const key = msg.id || `${msg.seq}.${msg.sub || 0}`;
+      if (!seen.has(key)) {
+        seen.add(key);
         const item = timelineItem(msg);
-        const after = [...timeline.children].find((li) => Number(li.dataset.seq) > msg.seq);
+        const after = [...timeline.children].find((li) => Number(li.dataset.order) > order(msg));
         timeline.insertBefore(item, after || null);
       }
+      if (order(msg) <= stateSeq) return; // as the server counts: (seq, sub) after (state seq, 0) is news
       if (msg.type === 'job.progress') draw(applyEvent(job, msg));
       else {
         // a transition: the row has the outputs, cost and error; read it (coalesced)

@@ -2,7 +2,7 @@
 import { h, clear, empty, errorBox, statusPill, ago, money, shortId, toast } from '../lib/dom.js';
 import { api, models, session } from '../lib/api.js';
 import { Live } from '../lib/live.js';
-import { applyEvent, promptOf, stateCell } from './common.js';
+import { TERMINAL, applyEvent, promptOf, stateCell } from './common.js';
 
 const STATUSES = ['queued', 'running', 'succeeded', 'failed', 'canceled'];
 const RANGES = [['', 'Any time'], ['1h', 'Last hour'], ['24h', 'Last 24 hours'], ['7d', 'Last 7 days'], ['30d', 'Last 30 days'], ['custom', 'Custom…']];
@@ -129,10 +129,18 @@ export async function render(main, { query }, { who, go }) {
   await loadPage(null);
 
   // live: every job of the tenant over /v1/ws; "all tenants" has no single channel: poll
+  // (reads of one job may answer out of order: only the newest one asked is shown, and a
+  // row that ended never goes back to running)
+  const asked = new Map();
   const refresh = async (id) => {
+    const n = (asked.get(id) || 0) + 1;
+    asked.set(id, n);
     try {
       const job = await api.get(`/v1/jobs/${encodeURIComponent(id)}`);
-      if (jobs.has(id) || matches(job, f)) put(job, { prepend: !jobs.has(id) });
+      if (asked.get(id) !== n) return;
+      const known = jobs.get(id);
+      if (known && TERMINAL.has(known.status) && !TERMINAL.has(job.status)) return;
+      if (known || matches(job, f)) put(job, { prepend: !known });
     } catch { /* gone, or not visible: leave the list as it is */ }
   };
   let live = null;

@@ -20,6 +20,8 @@ function unwrap(schema) {
 }
 
 function fieldFor(name, raw, required, caps, initial) {
+  // a model that takes no input image refuses both forms of one (core/routing/catalog.py)
+  if ((name === 'input_images' || name === 'image') && caps.input_images === false) return null;
   const sc = unwrap(raw);
   const id = `p-${name}`;
   const title = name.replace(/_/g, ' ');
@@ -52,7 +54,6 @@ function fieldFor(name, raw, required, caps, initial) {
     control = h('input', { id, name, type: 'checkbox', checked: Boolean(def) });
     read = () => control.checked;
   } else if (sc.type === 'array') {
-    if (name === 'input_images' && caps.input_images === false) return null;
     control = h('textarea', { id, name, rows: 2, placeholder: 'One URL per line (https:// or data:image/…)' }, Array.isArray(initial) ? initial.join('\n') : '');
     read = () => { const v = control.value.split('\n').map((x) => x.trim()).filter(Boolean); return v.length ? v : undefined; };
   } else if (sc.union) {

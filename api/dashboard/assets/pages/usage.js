@@ -74,14 +74,24 @@ export async function render(main, { query }, { who, go }) {
   const label = (r) => (group === 'key' ? keyNames[r.group] || r.group || '(none)' : r.group || '(none)');
   const fmt = metric === 'cost' ? (v) => money(v) : (v) => number(Math.round(v));
   const chartRows = rows.map((r) => ({ label: label(r), short: group === 'day' ? r.group.slice(5) : undefined, value: r[metric] }));
+  // the chart is drawn for the width it gets, once it is on the page, and again on a resize
   const chart = t.requests === 0
     ? empty('No usage in this range', 'Finished jobs and chat calls are counted here. Submit a job to see it.', h('a', { class: 'btn btn-primary', href: '#/new' }, 'New job'))
-    : h('div', { class: 'chart-wrap', id: 'usage-chart' }, barChart(chartRows, { format: fmt, horizontal: group !== 'day', title: `${metric} ${group}` }));
+    : h('div', { class: 'chart-wrap', id: 'usage-chart' });
+  const drawChart = () => {
+    if (t.requests === 0 || !chart.isConnected) return;
+    clear(chart, barChart(chartRows, { format: fmt, horizontal: group !== 'day', title: `${metric} ${group}`, width: chart.clientWidth, integer: metric === 'requests' }));
+  };
   const table = report.data.length ? h('div', { class: 'table-wrap' }, h('table', { class: 'table', id: 'usage-table' },
     h('thead', {}, h('tr', {}, h('th', {}, group === 'day' ? 'Day' : group === 'key' ? 'Key' : 'Model'), h('th', { class: 'num' }, 'Requests'), h('th', { class: 'num' }, 'Succeeded'), h('th', { class: 'num' }, 'Failed'), h('th', { class: 'num' }, 'Tokens'), h('th', { class: 'num' }, 'Avg duration'), h('th', { class: 'num' }, 'Cost'))),
     h('tbody', {}, report.data.map((r) => h('tr', {}, h('td', {}, label(r)), h('td', { class: 'num' }, number(r.requests)), h('td', { class: 'num' }, number(r.succeeded)), h('td', { class: 'num' }, number(r.failed)),
       h('td', { class: 'num' }, number(r.prompt_tokens + r.completion_tokens)), h('td', { class: 'num' }, duration(r.duration_ms_avg)), h('td', { class: 'num' }, money(r.cost))))))) : null;
   clear(body, h('div', { class: 'grid-usage' }, h('div', { class: 'col' }, card(`${metric === 'cost' ? 'Cost' : 'Requests'} ${GROUPS.find(([v]) => v === group)[1].toLowerCase()}`, totals, chart), table ? card('Breakdown', table) : null), h('div', { class: 'col' }, balance)));
+  drawChart();
+  let last = chart.clientWidth;
+  const onResize = () => { if (chart.clientWidth !== last) { last = chart.clientWidth; drawChart(); } };
+  window.addEventListener('resize', onResize);
+  return () => window.removeEventListener('resize', onResize);
 }
 
 function stat(label, value, hint) {
