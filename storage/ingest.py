@@ -149,6 +149,7 @@ async def _download(
     deadline = loop.time() + timeout
     total: int | None = None  # the whole body's length, once an answer told it
     last = ""
+    cause: BaseException | None = None
     for attempt in range(tries):
         if attempt:
             pause = min(BACKOFF_SECONDS * 2 ** (attempt - 1), BACKOFF_MAX)
@@ -177,7 +178,7 @@ async def _download(
                     raise _Transient(f"the body ended after {sink.size} of {total} bytes")
                 return
         except _Transient as exc:
-            last = str(exc)
+            last, cause = str(exc), exc
         except fetcher.FetchError as exc:
             if exc.kind == fetcher.FetchFailure.too_large:
                 raise StorageError(f"output is over the limit of {sink.max_bytes} bytes") from exc
@@ -185,11 +186,11 @@ async def _download(
                 # the guard refused the provider's URL (or a redirect of it): the provider's fault
                 raise StorageError(f"the provider's output URL was not fetched: {exc.reason}",
                                    code=ErrorCode.provider_error) from exc
-            last = exc.reason
+            last, cause = exc.reason, exc
             if exc.kind == fetcher.FetchFailure.timeout:
                 break
     raise StorageError(f"downloading the output failed after {attempt + 1} attempt(s), "
-                       f"{sink.size} bytes received: {last}")
+                       f"{sink.size} bytes received: {last}") from cause
 
 
 async def _take(got: fetcher.Fetched, sink: _TempSink, total: int | None) -> int | None:
