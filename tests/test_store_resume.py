@@ -144,3 +144,37 @@ async def test_range_ignored_restarts_from_zero(store: LocalBlobStore, cdn: Cdn,
     sha, path = await _store(store, cdn, tmp_path, idle_timeout=5)
     assert sha == SHA and path.read_bytes() == BODY
     assert cdn.ranges  # it asked to resume, got a 200, and kept only the fresh bytes
+
+
+class _AwayTwice(LocalBlobStore):
+    """Our own blob store, away for its first two puts (as S3 refusing connections is)."""
+
+    puts = 0
+
+    async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        self.puts += 1
+        if self.puts <= 2:
+            raise StorageError("S3 upload failed: could not connect", unavailable=True)
+        await super().put_file(key, path, content_type)
+
+
+async def test_our_store_away_is_waited_on_not_failed(cdn: Cdn, tmp_path: Path) -> None:
+    cdn.drops = 0
+    store = _AwayTwice(tmp_path / "blobs", "http://files.test/", "s3cret")
+    await store.start()
+    sha, path = await _store(store, cdn, tmp_path, idle_timeout=5)
+    assert sha == SHA and path.read_bytes() == BODY and store.puts == 3
+
+
+async def test_an_unreachable_s3_endpoint_counts_as_away(tmp_path: Path) -> None:
+    from cli.embedded import free_port
+    from storage.s3 import S3BlobStore
+
+    s3 = S3BlobStore("b", endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="k", secret_access_key="s",
+                     connect_timeout=0.5, max_attempts=1)
+    blob = tmp_path / "x.bin"
+    blob.write_bytes(b"x")
+    with pytest.raises(StorageError) as info:
+        await s3.put_file("t/j/0.bin", blob, "application/octet-stream")
+    assert info.value.unavailable
+    await s3.close()
