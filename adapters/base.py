@@ -37,7 +37,7 @@ class Adapter:
     idempotent_submit: ClassVar[bool] = False
     # Seconds per call shape when the deployment's `timeouts` leave one unset (see
     # core.routing.catalog.Timeouts). Adapters of slow synchronous creates raise `create`.
-    default_timeouts: ClassVar[dict[str, float]] = {"create": 60.0, "poll": 30.0, "download": 900.0}
+    default_timeouts: ClassVar[dict[str, float]] = {"create": 60.0, "poll": 30.0, "download": 60.0}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -38,6 +38,7 @@ class FetchFailure(StrEnum):
     redirects = "redirects"  # too many redirects, or a redirect the guard refused
     too_large = "too_large"  # over the byte cap
     timeout = "timeout"  # over the overall deadline
+    stalled = "stalled"  # no byte for `idle` seconds (when the caller set one)
     transport = "transport"  # connection refused or broken, TLS failure
 
 
@@ -59,6 +60,7 @@ class Fetched:
     url: str  # the URL that answered (after redirects)
     max_bytes: int
     deadline: float  # loop time
+    idle: float | None = None  # seconds without a byte that end the read (None: only the deadline)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -68,11 +70,14 @@ class Fetched:
             remaining = self.deadline - loop.time()
             if remaining <= 0:
                 raise FetchError(FetchFailure.timeout, "the download took longer than allowed")
+            wait = remaining if self.idle is None else min(remaining, self.idle)
             try:
-                chunk = await asyncio.wait_for(it.__anext__(), remaining)
+                chunk = await asyncio.wait_for(it.__anext__(), wait)
             except StopAsyncIteration:
                 return
-            except TimeoutError:
+            except (TimeoutError, httpx.ReadTimeout):
+                if wait < remaining:
+                    raise FetchError(FetchFailure.stalled, f"the download stalled (no data for {self.idle:g} s)") from None
                 raise FetchError(FetchFailure.timeout, "the download took longer than allowed") from None
             except httpx.HTTPError as exc:
                 raise FetchError(FetchFailure.transport, f"the download broke ({type(exc).__name__})") from exc
@@ -101,13 +106,21 @@ async def fetch(
     timeout: float,
     max_redirects: int = 5,
     connect_timeout: float = 10.0,
+    idle: float | None = None,
+    every_hop: dict[str, str] | None = None,
 ) -> AsyncIterator[Fetched]:
-    """Open `url` through the guard; the response is closed when the block ends."""
+    """Open `url` through the guard; the response is closed when the block ends.
+
+    `idle`: besides the overall `timeout`, the longest wait for the answer or for the next
+    chunk of the body (a stalled stream fails as `stalled`, one that keeps flowing runs up
+    to `timeout`). `every_hop`: headers that carry no secret and go to every hop, redirects
+    to other origins too (`Range`, `Accept-Encoding`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    response = await _open(http, method, url, headers or {}, content, max_bytes, deadline, max_redirects, connect_timeout)
+    response = await _open(http, method, url, headers or {}, content, max_bytes, deadline, max_redirects, connect_timeout,
+                           idle, every_hop or {})
     try:
-        yield Fetched(response, str(response.request.extensions.get("genroute_url", url)), max_bytes, deadline)
+        yield Fetched(response, str(response.request.extensions.get("genroute_url", url)), max_bytes, deadline, idle)
     finally:
         await response.aclose()
 
@@ -122,6 +135,8 @@ async def _open(
     deadline: float,
     max_redirects: int,
     connect_timeout: float,
+    idle: float | None = None,
+    every_hop: dict[str, str] | None = None,
 ) -> httpx.Response:
     loop = asyncio.get_running_loop()
     first_origin = _origin(url)
@@ -139,22 +154,26 @@ async def _open(
             raise FetchError(FetchFailure.timeout, "resolving the host took longer than allowed") from None
         parts = urlsplit(url)
         hop_headers = dict(headers) if _origin(url) == first_origin else {}
+        hop_headers.update(every_hop or {})
         hop_headers["host"] = parts.netloc
         extensions: dict[str, object] = {"genroute_url": url}
         if target.scheme == "https":
             extensions["sni_hostname"] = target.host
         remaining = max(0.001, deadline - loop.time())
+        read = remaining if idle is None else min(idle, remaining)
         request = http.build_request(
             method,
             target.pinned_url(parts),
             headers=hop_headers,
             content=content,
-            timeout=httpx.Timeout(remaining, connect=min(connect_timeout, remaining)),
+            timeout=httpx.Timeout(read, connect=min(connect_timeout, remaining)),
             extensions=extensions,
         )
         try:
             response = await http.send(request, stream=True, follow_redirects=False)
         except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ReadTimeout) and idle is not None and read < remaining:
+                raise FetchError(FetchFailure.stalled, f"the target did not answer within {idle:g} s") from exc
             raise FetchError(FetchFailure.timeout, "the target did not answer in time") from exc
         except httpx.HTTPError as exc:
             raise FetchError(FetchFailure.transport, f"cannot reach the target ({type(exc).__name__})") from exc

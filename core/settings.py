@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     reconcile_every_seconds: int = 10
     reconcile_grace_seconds: float = 30.0  # how stale a queued/running job must be
     max_output_bytes: int = 2 * 1024 * 1024 * 1024
+    # storing outputs: a download stalls after the deployment's `timeouts.download` without a
+    # byte; one that keeps flowing runs up to this ceiling (or the job's deadline, if later)
+    store_max_seconds: int = 3600
+    store_download_tries: int = 4  # attempts per output URL (resumed with Range) before storage_error
     max_image_pixels: int = 64_000_000  # Pillow decompression-bomb guard
     deadline_image_seconds: int = 600
     deadline_audio_seconds: int = 900

@@ -21,10 +21,13 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 class StorageError(Exception):
     """Storing an output failed. `code` is the error code the job fails with."""
 
-    def __init__(self, message: str, *, code: ErrorCode = ErrorCode.storage_error) -> None:
+    def __init__(self, message: str, *, code: ErrorCode = ErrorCode.storage_error, unavailable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        # our own blob store did not answer (refused, timed out, 5xx): wait and retry, the
+        # output is not at fault
+        self.unavailable = unavailable
 
 
 @dataclass(frozen=True, slots=True)

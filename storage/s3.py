@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
-from boto3.exceptions import Boto3Error
+from boto3.exceptions import Boto3Error, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from storage.base import StorageError, validate_key
 
@@ -27,6 +34,15 @@ T = TypeVar("T")
 
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's smallest allowed multipart part (but the last)
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
+
+
+def _away(exc: BaseException) -> bool:
+    """The S3 endpoint did not answer or answered 5xx / SlowDown: it is away, not refusing."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return int(status) >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "RequestTimeout")
+    return isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
+                            S3UploadFailedError, OSError))
 
 
 class S3BlobStore:
@@ -101,7 +117,7 @@ class S3BlobStore:
         try:
             return await asyncio.to_thread(fn)
         except (ClientError, BotoCoreError, Boto3Error) as exc:
-            raise StorageError(f"S3 {what} failed (bucket {self.bucket!r}): {exc}") from exc
+            raise StorageError(f"S3 {what} failed (bucket {self.bucket!r}): {exc}", unavailable=_away(exc)) from exc
 
     # -- BlobStore -------------------------------------------------------------------
 

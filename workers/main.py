@@ -44,12 +44,16 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     s = rt.settings
     names = [queue_name(s.redis_prefix, q) for q in queues] if queues else s.queues
     timeout = s.task_timeout_seconds
-    # A run makes create calls (a fallback perhaps a second one) and a store downloads every
-    # output: their tasks outlast the catalog's longest `timeouts` (a catalog reload that
-    # raises them takes effect for these task limits at the worker's next start).
+    # A run makes create calls (a fallback perhaps a second one): its task outlasts the
+    # catalog's longest create timeout (a catalog reload that raises it takes effect for this
+    # task limit at the worker's next start). A store's downloads are cut by stalls
+    # (`timeouts.download`, an idle timeout), not by their length: its task outlasts the
+    # store ceiling (store_max_seconds, or the longest job deadline) so a slow healthy
+    # download is never cut by ARQ.
     deployments = [d for m in rt.catalog.models for d in m.deployments]
     run_timeout = max(timeout, int(2 * longest_timeout(deployments, "create")) + 30)
-    store_timeout = max(timeout, int(2 * longest_timeout(deployments, "download")) + 60)
+    deadlines = max(s.deadline_seconds(m) for m in ("image", "audio", "video", "text"))
+    store_timeout = max(timeout, s.store_max_seconds, deadlines) + 120
     functions = [
         func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20),
         func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),

@@ -11,11 +11,13 @@ provider's result again.
 from __future__ import annotations
 
 
+import time
+
 from core.billing.pricing import actual_cost
 from core.callbacks import dump_result, load_result
 from core.errors import ErrorCode
 from core.jobs.ledger import JobStatus
-from core.models import Asset, Job
+from core.models import Asset, Job, utcnow
 from core.runtime import Runtime
 from core.types import Done, OutputRef
 from storage import StorageError, store_output
@@ -86,13 +88,20 @@ async def finish(rt: Runtime, job: Job, done: Done) -> None:
         await fail(rt, job, ErrorCode.provider_error, "the provider reported success but returned no output")
         return
     dep = deployment_of(rt, job)
-    download = rt.adapters.get(dep).timeout("download") if dep is not None else None
+    idle = rt.adapters.get(dep).timeout("download") if dep is not None else None
+    # the ceiling for storing every output, however steadily they stream: the store
+    # budget, or longer when the job's deadline leaves more (workers/main.py: the task outlasts it)
+    ceiling = float(rt.settings.store_max_seconds)
+    if job.deadline_at is not None:
+        ceiling = max(ceiling, (job.deadline_at - utcnow()).total_seconds())
+    ends = time.monotonic() + ceiling
     try:
         for index, ref in enumerate(outputs):
             stored = await store_output(
                 rt.store, rt.http, ref, key_base=key_base, index=index,
                 max_bytes=rt.settings.max_output_bytes, max_image_pixels=rt.settings.max_image_pixels,
-                **({"timeout": download} if download is not None else {}),
+                timeout=max(1.0, ends - time.monotonic()), tries=rt.settings.store_download_tries,
+                **({"idle_timeout": idle} if idle is not None else {}),
             )
             assets.append(
                 Asset(

@@ -93,7 +93,8 @@ class Timeouts(BaseModel):
     """Seconds per call shape, for one deployment; unset: the adapter's default (a
     synchronous image create may take minutes, a poll should not). `create`: the submit
     call (for synchronous providers, the whole generation); `poll`: a status read or a
-    cancel; `download`: storing one output (a long video), from the first byte to the last."""
+    cancel; `download`: the longest stall of an output download (seconds with no byte,
+    waiting for the answer included), never its total length (storage/ingest.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
