@@ -155,11 +155,20 @@ async def main() -> None:
             submit_s = time.monotonic() - t0
             sample = random.Random(1).sample(ids, min(args.samples, len(ids)))
 
+            async def get(j: str) -> dict:
+                for attempt in range(5):  # an overloaded API (an older commit) may drop a connection
+                    try:
+                        return (await c.get(f"/v1/jobs/{j}")).json()
+                    except httpx.TransportError:
+                        if attempt == 4:
+                            raise
+                        await asyncio.sleep(0.5)
+                raise AssertionError("unreachable")
+
             async def read(ids_: list[str]) -> list[dict]:
                 out: list[dict] = []
                 for i in range(0, len(ids_), 50):
-                    rs = await asyncio.gather(*(c.get(f"/v1/jobs/{j}") for j in ids_[i:i + 50]))
-                    out += [r.json() for r in rs]
+                    out += await asyncio.gather(*(get(j) for j in ids_[i:i + 50]))
                 return out
 
             # every job started (it has a started_at and runs at the provider)

@@ -56,10 +56,13 @@ async def store_output(
     timeout: float = 3600.0,
     idle_timeout: float = 60.0,
     tries: int = DOWNLOAD_TRIES,
+    by_hash: bool = False,
 ) -> StoredAsset:
-    """Download or write `ref`, check and probe it, and store it as `{key_base}/{index}.ext`.
+    """Download or write `ref`, check and probe it, and store it as `{key_base}/{index}.ext`,
+    or with `by_hash` as `{key_base}/{sha256[:2]}/{sha256}.ext` (content-addressed: the same
+    bytes under one key_base are stored once, however many jobs made them).
 
-    Images also get a WebP thumbnail at `{key_base}/{index}.thumb.webp`. The stored content
+    Images also get a WebP thumbnail beside it (`….thumb.webp`). The stored content
     type is the sniffed one only. URLs go through core.fetcher (address guard, byte cap),
     `idle_timeout` the longest stall, `timeout` the ceiling for the whole download, broken
     attempts resumed (see _download). Every failure is a StorageError; a provider URL that
@@ -81,7 +84,8 @@ async def store_output(
             # the bytes decide, never the provider's hint: a hint of text/html or SVG would make
             # a stored file active content on the download origin
             content_type = sniff_content_type(sink.head[:SNIFF_BYTES])
-            key = f"{key_base}/{index}.{extension_for(content_type)}"
+            stem = f"{key_base}/{sink.sha256[:2]}/{sink.sha256}" if by_hash else f"{key_base}/{index}"
+            key = f"{stem}.{extension_for(content_type)}"
             try:
                 probe = await asyncio.to_thread(
                     probe_file, sink.path, content_type, max_image_pixels=max_image_pixels
@@ -93,7 +97,7 @@ async def store_output(
             await _put_waiting(store, key, sink.path, content_type, put_by)
             thumbnail_key = None
             if probe.thumbnail is not None:
-                thumbnail_key = f"{key_base}/{index}.thumb.webp"
+                thumbnail_key = f"{stem}.thumb.webp"
                 await _put_bytes(store, thumbnail_key, probe.thumbnail, "image/webp", tmp_dir, put_by)
             return StoredAsset(
                 key=key,

@@ -150,7 +150,11 @@ async def test_cache_serves_an_identical_seeded_request_of_the_same_tenant_only(
 
         other = (await bob.post("/v1/jobs", json=body)).json()
         assert other["cached"] is False and other["status"] == "queued"  # never across tenants
-        assert (await stack.wait_job(bob, other["id"]))["status"] == "succeeded"
+        other = await stack.wait_job(bob, other["id"])
+        assert other["status"] == "succeeded"
+        assert [o["sha256"] for o in other["outputs"]] == [o["sha256"] for o in first["outputs"]]
+        # the same bytes, but another tenant's: its own object
+        assert urlsplit(other["outputs"][0]["url"]).path != urlsplit(first["outputs"][0]["url"]).path
 
         unseeded = image("a cached lighthouse") | {"cache": True}
         for _ in range(2):
@@ -158,6 +162,9 @@ async def test_cache_serves_an_identical_seeded_request_of_the_same_tenant_only(
             assert j["cached"] is False  # no explicit seed: not cacheable
         off = (await alice.post("/v1/jobs", json=image("a cached lighthouse", seed=1234))).json()
         assert off["cached"] is False  # not asked for (the default is off)
+        off = await stack.wait_job(alice, off["id"])
+        # run again, it made the same bytes: stored once, content-addressed within the tenant
+        assert urlsplit(off["outputs"][0]["url"]).path == urlsplit(first["outputs"][0]["url"]).path
         other_seed = (await alice.post("/v1/jobs", json=image("a cached lighthouse", seed=4321) | {"cache": True})).json()
         assert other_seed["cached"] is False
 

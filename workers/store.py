@@ -79,7 +79,9 @@ async def store_outputs(ctx: Ctx, job_id: str, seq: int) -> None:
 
 async def finish(rt: Runtime, job: Job, done: Done) -> None:
     """Stream every output into the blob store, then succeed with the assets attached."""
-    key_base = f"{job.tenant}/{job.id}"
+    # content-addressed per tenant: a tenant's identical outputs (a cache hit, a seeded rerun)
+    # share one object; nothing deletes output objects, so each lives as long as its jobs
+    key_base = f"{job.tenant}/sha256"
     assets: list[Asset] = []
     outputs: list[OutputRef] = [o for o in done.outputs if o.role == "output"] + [
         o for o in done.outputs if o.role != "output"
@@ -98,7 +100,7 @@ async def finish(rt: Runtime, job: Job, done: Done) -> None:
     try:
         for index, ref in enumerate(outputs):
             stored = await store_output(
-                rt.store, rt.http, ref, key_base=key_base, index=index,
+                rt.store, rt.http, ref, key_base=key_base, index=index, by_hash=True,
                 max_bytes=rt.settings.max_output_bytes, max_image_pixels=rt.settings.max_image_pixels,
                 timeout=max(1.0, ends - time.monotonic()), tries=rt.settings.store_download_tries,
                 **({"idle_timeout": idle} if idle is not None else {}),
