@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketState
 
-from core.errors import GenrouteError, unavailable
+from core.errors import GenrouteError
+from core.outages import unavailable
 
 log = logging.getLogger("genroute.api")
 

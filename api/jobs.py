@@ -34,7 +34,7 @@ from core.keys import Principal
 from core.models import Asset, Job, utcnow
 from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_cancel, enqueue_run, queue_position
-from core.errors import REDIS_DOWN
+from core.outages import REDIS_DOWN
 from core.limits.keys import admit, take_or_refuse
 from core.limits.waits import Position
 from core.runtime import Runtime

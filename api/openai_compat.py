@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.strict import StrictRoute
 from core import disclosure
 from core.routing.catalog import Model
-from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError, database_busy, unavailable
+from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
+from core.outages import database_busy, unavailable
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.api.openai")

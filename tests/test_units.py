@@ -197,7 +197,7 @@ def test_a_connection_broken_while_watching_counts_as_redis_lost() -> None:
     one when Redis was killed, and a worker that did not know it exited."""
     import redis.exceptions
 
-    from core.errors import redis_lost, unavailable
+    from core.outages import redis_lost, unavailable
 
     assert redis_lost(redis.exceptions.WatchError("A ConnectionError occurred on while watching one or more keys"))
     assert not redis_lost(redis.exceptions.WatchError("Watched variable changed."))

@@ -13,7 +13,8 @@ from typing import Any, TypedDict, TypeVar
 
 from core.callbacks import callback_secret, callback_url
 from core.disclosure import PRIVATE
-from core.errors import ErrorCode, infra_down, unavailable
+from core.errors import ErrorCode
+from core.outages import infra_down, unavailable
 from core.jobs.ledger import JobStatus
 from core.models import Job
 from core.routing.catalog import Deployment

@@ -17,7 +17,7 @@ from arq import cron, func
 from arq.worker import Worker
 
 from adapters.registry import AdapterCache, longest_timeout
-from core.errors import REDIS_DOWN, redis_lost
+from core.outages import REDIS_DOWN, redis_lost
 from core.metrics import Exposition, probe_for, serve_metrics
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name

@@ -26,7 +26,8 @@ from typing import Any
 
 from core import disclosure, metrics
 from core.callbacks import load_result
-from core.errors import ErrorCode, ProviderError, infra_down
+from core.errors import ErrorCode, ProviderError
+from core.outages import infra_down
 from core.jobs.ledger import JobStatus
 from core.jobs.polls import PollEntry
 from core.limits.deployments import RENEW

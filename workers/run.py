@@ -20,7 +20,8 @@ from typing import Any
 from sqlmodel import select
 
 from core import disclosure, metrics
-from core.errors import ErrorCode, ProviderError, infra_down, unavailable
+from core.errors import ErrorCode, ProviderError
+from core.outages import infra_down, unavailable
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.jobs.queue import enqueue_run, enqueue_woken
 from core.limits.waits import Gate

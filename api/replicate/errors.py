@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from api.strict import StrictRoute
 
-from core.errors import database_busy
+from core.outages import database_busy
 from core.errors import GenrouteError
 
 log = logging.getLogger("genroute.api.replicate")

@@ -29,7 +29,8 @@ import uuid
 from redis.asyncio import Redis
 
 from core import metrics
-from core.errors import REDIS_DOWN, Forbidden, RateLimited
+from core.errors import Forbidden, RateLimited
+from core.outages import REDIS_DOWN
 from core.keys import Principal
 
 log = logging.getLogger("genroute.quotas")
