@@ -17,10 +17,9 @@ from typing import Any, ClassVar
 import httpx
 
 from core import fetcher, params
-from core.routing.catalog import Deployment
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.routing.catalog import Deployment
 from core.types import PollNow, PollResult, ProviderRequest, SubmitResult
-
 
 INPUT_FETCH_SECONDS = 60.0  # one input file, every redirect and byte included
 

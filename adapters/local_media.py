@@ -91,7 +91,7 @@ _PENTATONIC = (0, 2, 4, 7, 9)
 
 def _digest(prompt: str, seed: int) -> bytes:
     """sha256 of the prompt and seed (separated so ("a", 12) != ("a1", 2))."""
-    return hashlib.sha256(f"{prompt}\x00{int(seed)}".encode("utf-8")).digest()
+    return hashlib.sha256(f"{prompt}\x00{int(seed)}".encode()).digest()
 
 
 def _rng(digest: bytes) -> random.Random:

@@ -43,8 +43,8 @@ from typing import Any, ClassVar, Literal, overload
 import httpx
 
 from adapters.base import Adapter
-from core import params
 from adapters.http import body_json, error_from_response, moderated, send, send_stream, unsupported
+from core import params
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
@@ -642,13 +642,15 @@ async def stream_to_tempfile(resp: httpx.Response, provider: str) -> str:
     """The body, chunk by chunk, into a temp file (storage takes it over); removed on failure."""
     fd, path = tempfile.mkstemp(prefix="genroute-openai-", suffix=".audio")
     f = os.fdopen(fd, "wb")
+    size = 0
     try:
         try:
             async for chunk in resp.aiter_bytes(SPEECH_CHUNK_BYTES):
                 await asyncio.to_thread(f.write, chunk)  # the disk never blocks the event loop
+                size += len(chunk)
         finally:
             f.close()
-        if os.path.getsize(path) == 0:
+        if size == 0:
             raise ProviderError(ProviderErrorKind.failed, f"{provider}: the speech answer was empty")
     except httpx.TransportError as exc:
         os.unlink(path)

@@ -29,9 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.strict import StrictRoute
 from core import disclosure
-from core.routing.catalog import Model
 from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
-from core.outages import database_busy, unavailable
+from core.outages import unavailable
+from core.routing.catalog import Model
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.api.openai")
@@ -157,7 +157,7 @@ def translate(exc: Exception) -> OpenAIError:
         log.warning("%s unavailable in an OpenAI-compatible route: %s: %s", which, type(exc).__name__, str(exc)[:300])
         return OpenAIError(503, f"{which} is overloaded or unavailable; retry shortly", type="server_error",
                            code="unavailable", headers={"Retry-After": "1"})
-    log.exception("unhandled error in an OpenAI-compatible route", exc_info=exc)
+    log.error("unhandled error in an OpenAI-compatible route", exc_info=exc)
     return OpenAIError(500, "internal error; it has been logged", type="server_error", code="internal")
 
 

@@ -26,10 +26,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
-
-from api.deps import PrincipalDep, RuntimeDep
 from starlette.formparsers import MultiPartException
 
+from api.deps import PrincipalDep, RuntimeDep
 from api.jobs import queue_reachable, submit_job, wait_for_terminal
 from api.openai_compat import OpenAIError, from_code, from_invalid_input, invalid, model_for, openai_router, param_of
 from core.errors import InvalidInput

@@ -121,9 +121,9 @@ def _with_db(settings: Settings, work: Callable[[Any], Awaitable[str | int]]) ->
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from core.routing.catalog import CatalogError, load_catalog
     from core.keys import create_key
     from core.models import utcnow
+    from core.routing.catalog import CatalogError, load_catalog
 
     settings = _settings()
     scoped = args.model or args.modality or args.webhooks
@@ -227,8 +227,8 @@ def cmd_billing_audit(args: argparse.Namespace) -> int:
 def cmd_tenants_budget(args: argparse.Namespace) -> int:
     from redis.asyncio import Redis
 
-    from core.keys import announce_change
     from core.billing.ledger import update_tenant
+    from core.keys import announce_change
 
     settings = _settings()
 

@@ -25,7 +25,6 @@ from enum import StrEnum
 from typing import Any
 
 
-
 class ErrorCode(StrEnum):
     """The fixed taxonomy a failed job carries (DESIGN.md §3). Stable: clients match on it."""
 

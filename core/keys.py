@@ -21,11 +21,11 @@ from typing import Any
 from sqlalchemy import update
 from sqlmodel import col, select
 
+from core.billing.tenants import UNSET, check_not_reserved, ensure_tenant
 from core.db import Sessions
 from core.errors import Conflict, InvalidInput
 from core.ids import new_id
 from core.models import ApiKey, Tenant, utcnow
-from core.billing.tenants import UNSET, check_not_reserved, ensure_tenant
 
 KEY_PREFIX = "gr_"
 MODALITIES = ("image", "video", "audio", "text")

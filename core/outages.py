@@ -16,7 +16,6 @@ import redis.exceptions
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-
 # SQLSTATE classes that mean "the database cannot take this now", not "this request is wrong":
 # 08 connection exception, 53 insufficient resources (too many connections), 57P0x shutdown
 # (57P03: the database system is starting up)

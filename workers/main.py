@@ -9,26 +9,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import AsyncExitStack
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 from arq import cron, func
 from arq.worker import Worker
 
 from adapters.registry import AdapterCache, longest_timeout
-from core.outages import REDIS_DOWN, redis_lost
 from core.metrics import Exposition, probe_for, serve_metrics
+from core.outages import REDIS_DOWN, redis_lost
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name
 from storage import build_store
+from workers.batches import complete_batches
 from workers.cancel import cancel_job
+from workers.deadlines import enforce_deadlines
 from workers.poll import Poller
 from workers.reconcile import reconcile
 from workers.run import run_job
 from workers.store import store_outputs
-from workers.batches import complete_batches
-from workers.deadlines import enforce_deadlines
 from workers.webhooks import deliver_webhook
 
 log = logging.getLogger("genroute.worker")

@@ -27,11 +27,11 @@ from typing import Any
 from core import disclosure, metrics
 from core.callbacks import load_result
 from core.errors import ErrorCode, ProviderError
-from core.outages import infra_down
 from core.jobs.ledger import JobStatus
 from core.jobs.polls import PollEntry
 from core.limits.deployments import RENEW
 from core.models import utcnow
+from core.outages import infra_down
 from core.runtime import Runtime
 from core.types import Done, Failed, Pending
 from workers.context import cancel_quietly, fail

@@ -21,11 +21,11 @@ from sqlmodel import select
 
 from core import disclosure, metrics
 from core.errors import ErrorCode, ProviderError
-from core.outages import infra_down, unavailable
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.jobs.queue import enqueue_run, enqueue_woken
 from core.limits.waits import Gate
 from core.models import ApiKey, Job, utcnow
+from core.outages import infra_down, unavailable
 from core.routing.catalog import Model
 from core.routing.dispatch import Placed, Refused, Stopped, Unplaced, deployment_gate, dispatch
 from core.routing.router import Candidate

@@ -10,7 +10,6 @@ provider's result again.
 
 from __future__ import annotations
 
-
 from core.billing.pricing import actual_cost
 from core.callbacks import dump_result, load_result
 from core.errors import ErrorCode
@@ -20,7 +19,6 @@ from core.runtime import Runtime
 from core.types import Done, OutputRef
 from storage import StorageError, store_output
 from workers.context import Ctx, alive, deployment_of, fail, release
-
 
 QUEUED, LIVE = "queued", "1"  # the storing marker: a store task is queued / running
 

@@ -29,18 +29,18 @@ from sqlmodel import select
 
 from api import jobs as jobs_api
 from api.deps import PrincipalDep, RuntimeDep, WebhookManagerDep
-from api.streams import Revoked, until_ended
 from api.events import PING, follow_job
 from api.pagination import page
 from api.replicate.errors import ReplicateRoute
 from api.replicate.inputs import to_job_input
+from api.streams import Revoked, until_ended
 from core import predictions
-from core.routing.catalog import Model
 from core.errors import InvalidInput, NotFound
 from core.events import Event
-from core.jobs.ledger import TERMINAL, JobStatus
+from core.jobs.ledger import TERMINAL
 from core.keys import Principal
 from core.models import Job
+from core.routing.catalog import Model
 from core.runtime import Runtime
 from core.schemas import INPUT_SCHEMAS, JobCreate
 from core.webhooks import secret_box, tenant_secret

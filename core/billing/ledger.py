@@ -39,13 +39,13 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import metrics
-from core.routing.catalog import Catalog, Model
+from core.billing.pricing import estimate_cost
+from core.billing.tenants import UNSET, check_budget, ensure_tenant, valid_tenant_id
 from core.db import Sessions
 from core.errors import BudgetExceeded, InvalidInput
 from core.models import BillingEntry, Tenant, utcnow
-from core.billing.pricing import estimate_cost
+from core.routing.catalog import Catalog, Model
 from core.routing.router import reachable
-from core.billing.tenants import UNSET, check_budget, ensure_tenant, valid_tenant_id
 
 
 def hold_for(model: Model, catalog: Catalog | None, request: Mapping[str, Any]) -> int:

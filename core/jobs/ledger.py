@@ -39,16 +39,16 @@ from sqlalchemy import Text, bindparam, case, cast, func, or_, update
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.billing import ledger as billing
 from core import metrics
+from core.billing import ledger as billing
+from core.billing.pricing import Cost
 from core.db import Sessions
 from core.errors import ErrorCode
 from core.events import Event, EventBus, EventType
-from core.models import Asset, Job, UsageRecord, WebhookDelivery, utcnow
-from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_woken
 from core.limits.keys import KeyQuotas
 from core.limits.waits import Gate
+from core.models import Asset, Job, UsageRecord, WebhookDelivery, utcnow
 from core.settings import Settings
 from core.webhooks import WebhookPlanner, enqueue_delivery
 
@@ -269,7 +269,7 @@ class Ledger:
 
         async with self.sessions() as s:
             job: Job | None = None
-            for src, kind, bump in attempts:
+            for src, _kind, bump in attempts:
                 allowed = [src.value] if src is not None else [x.value for x in ALLOWED_FROM[to]]
                 stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed))  # type: ignore[attr-defined]
                 if expect_version is not None:

@@ -9,7 +9,7 @@ ARQ tasks: they live on the poll schedule (core/jobs/polls.py).
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -30,7 +30,7 @@ _EXPIRES = timedelta(days=1)  # ARQ's default lifetime of a job key, kept whatev
 def _due(head_start: timedelta) -> dict[str, Any]:
     if not head_start:
         return {}
-    return {"_defer_until": datetime.now(timezone.utc) - head_start, "_expires": _EXPIRES}
+    return {"_defer_until": datetime.now(UTC) - head_start, "_expires": _EXPIRES}
 
 
 async def enqueue_run(

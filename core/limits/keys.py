@@ -30,8 +30,8 @@ from redis.asyncio import Redis
 
 from core import metrics
 from core.errors import Forbidden, RateLimited
-from core.outages import REDIS_DOWN
 from core.keys import Principal
+from core.outages import REDIS_DOWN
 
 log = logging.getLogger("genroute.quotas")
 
