@@ -500,23 +500,23 @@ def video_fields(model: str, inp: dict[str, Any], size_mode: str = "pixels") -> 
     seconds = str(int(duration)) if duration.is_integer() else str(duration)
     if table is not None and seconds not in VIDEO_SECONDS:
         raise unsupported("duration_seconds", duration, [float(s) for s in VIDEO_SECONDS], model)
-    key = (str(inp.get("resolution", "720p")), str(inp.get("aspect_ratio", "16:9")))
+    shape = (str(inp.get("resolution", "720p")), str(inp.get("aspect_ratio", "16:9")))
     explicit = params.pop("size", None)  # provider_params.size wins over the mapping
     if size_mode != "pixels":
-        size = explicit if explicit is not None else (key[1].replace(":", "x") if size_mode == "ratio" else None)
+        size = explicit if explicit is not None else (shape[1].replace(":", "x") if size_mode == "ratio" else None)
     elif table is None:
-        size = explicit or _SORA_PRO.get(key)
+        size = explicit or _SORA_PRO.get(shape)
     elif explicit is not None:
         if explicit not in table.values():
             raise unsupported("size", explicit, sorted(table.values()), model)
         size = explicit
     else:
-        size = table.get(key)
+        size = table.get(shape)
         if size is None:
             ratios = sorted({r for _, r in table})
-            if key[1] not in ratios:
-                raise unsupported("aspect_ratio", key[1], ratios, model)
-            raise unsupported("resolution", key[0], sorted({res for res, _ in table}), model)
+            if shape[1] not in ratios:
+                raise unsupported("aspect_ratio", shape[1], ratios, model)
+            raise unsupported("resolution", shape[0], sorted({res for res, _ in table}), model)
     fields: dict[str, Any] = {"model": model, "prompt": inp["prompt"]}
     if table is not None or inp.get("duration_seconds") is not None:  # another model's default is its own
         fields["seconds"] = seconds

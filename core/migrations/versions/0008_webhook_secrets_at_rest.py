@@ -10,7 +10,7 @@ Create Date: 2026-12-03
 """
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import context, op
 
 revision = "0008"
