@@ -31,8 +31,8 @@ from api.params import check_provider_params
 from api.streams import Revoked, StreamGuard, until_ended
 from core import metrics
 from core.billing.ledger import Close, hold, hold_for
-from core.billing.pricing import reported_cost
-from core.billing.usage import chat_cost, count_tokens, prompt_text, record_usage, tokens_of
+from core.billing.pricing import chat_cost, reported_cost
+from core.billing.usage import count_tokens, prompt_text, record_usage, tokens_of
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.ids import new_id
 from core.keys import Principal

@@ -19,7 +19,7 @@ this way; the rest of the API keeps `{"error": {"code", "message", "details"}}`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -165,7 +165,7 @@ class OpenAIRoute(StrictRoute):
     """Every error a route (or its dependencies: auth, body parsing) raises comes out in
     OpenAI's shape."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:

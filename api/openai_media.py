@@ -376,6 +376,7 @@ async def videos_content(
     if job.status != JobStatus.succeeded:
         raise OpenAIError(404, "Video is not ready yet, use GET /v1/videos/{video_id} to check status.", param="video_id", code="not_found")
     assets = (await rt.ledger.assets([job.id]))[job.id]
+    size: int | None
     key, ctype, size = assets[0].key, assets[0].content_type, assets[0].bytes
     if variant != "video":
         # a provider-made preview is stored as another image asset; else our own thumbnail

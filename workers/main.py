@@ -51,13 +51,14 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     run_timeout = max(timeout, int(2 * longest_timeout(deployments, "create")) + 30)
     store_timeout = max(timeout, int(2 * longest_timeout(deployments, "download")) + 60)
     functions = [
-        func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20),
-        func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),
-        func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),
+        func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
+        func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
+        func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
         func(deliver_webhook, name="deliver_webhook", keep_result=0, timeout=int(s.webhook_timeout_seconds) * 3 + 30, max_tries=5),
     ]
     every = max(1, s.reconcile_every_seconds)
-    crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)), run_at_startup=True, keep_result=0, timeout=timeout)]
+    crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)),  # type: ignore[arg-type]  # as above
+                  run_at_startup=True, keep_result=0, timeout=timeout)]
     # issue 14: Cancel-After / start_within_seconds, and batch completion, scanned every second
     crons += [
         cron(enforce_deadlines, name=f"{s.redis_prefix}:deadlines", second=set(range(60)), keep_result=0, timeout=30),
@@ -67,7 +68,7 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     for i, q in enumerate(names):
         workers.append(
             Worker(
-                functions=functions,  # type: ignore[arg-type]
+                functions=functions,
                 cron_jobs=crons if i == 0 else None,
                 queue_name=q,
                 redis_pool=rt.redis,

@@ -187,10 +187,11 @@ async def _requeue_after_outage(rt: Runtime, job: Job, exc: Exception) -> None:
                 unavailable(exc) or "the network", type(exc).__name__)
     try:
         if job.provider_handle is None:
+            undo: dict[str, Any] = {}
+            if job.status == JobStatus.running:  # the attempt never happened
+                undo = {"attempt": max(0, job.attempt - 1), "attempts": list(job.attempts or [])[:-1]}
             back = await rt.ledger.transition(
-                job.id, JobStatus.queued, expect_version=job.version, deployment=None, queue_position=None,
-                **({"attempt": max(0, job.attempt - 1), "attempts": list(job.attempts or [])[:-1]}  # never happened
-                   if job.status == JobStatus.running else {}),
+                job.id, JobStatus.queued, expect_version=job.version, deployment=None, queue_position=None, **undo,
                 progress_message=f"waiting: {unavailable(exc) or 'our network'} was unreachable; retrying")
             if back is None:
                 return  # canceled, or another run moved it on

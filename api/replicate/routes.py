@@ -102,7 +102,7 @@ async def _create(rt: Runtime, principal: Principal, request: Request, response:
         model=model.id,
         input=to_job_input(model.modality, body.input),
         webhook_url=url,
-        webhook_events=predictions.webhook_events(filters) if url else None,  # type: ignore[arg-type]
+        webhook_events=predictions.webhook_events(filters) if url else None,
     )
     options = jobs_api.SubmitOptions(
         cancel_after=jobs_api.parse_duration(cancel_after, "Cancel-After") if cancel_after else None,
@@ -195,7 +195,7 @@ async def stream_prediction(pid: str, request: Request, rt: RuntimeDep, principa
         try:
             with guard.watch(principal) as watch:  # a revoked key ends the stream (api/streams.py)
                 items = until_ended(follow_job(rt, hub, principal.tenant, pid, 0), watch)  # type: ignore[arg-type]
-                async with contextlib.aclosing(items):  # type: ignore[type-var]
+                async with contextlib.aclosing(items):
                     async for item in items:
                         if item is PING:
                             yield ": ping\n\n"

@@ -20,7 +20,7 @@ from sqlalchemy import insert
 
 from core.billing.ledger import Close
 from core.billing.ledger import close as billing_close
-from core.billing.pricing import CHARS_PER_TOKEN, chat_cost  # noqa: F401 (chat_cost: re-exported for the chat routes)
+from core.billing.pricing import CHARS_PER_TOKEN
 from core.db import Sessions
 from core.models import UsageRecord, utcnow
 
