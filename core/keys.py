@@ -281,7 +281,7 @@ async def update_key(
             return None
         if values:
             stmt = update(ApiKey).where(col(ApiKey.id) == key_id, col(ApiKey.revoked_at).is_(None)).values(**values)
-            changed = (await s.exec(stmt)).rowcount  # type: ignore[call-overload]
+            changed = (await s.exec(stmt)).rowcount
             await s.commit()
             row = await s.get(ApiKey, key_id, populate_existing=True)
             assert row is not None
@@ -298,7 +298,7 @@ async def revoke_key(sessions: Sessions, key_id: str) -> ApiKey | None:
         return None
     async with sessions() as s:
         stmt = update(ApiKey).where(col(ApiKey.id) == key_id, col(ApiKey.revoked_at).is_(None)).values(revoked_at=utcnow())
-        await s.exec(stmt)  # type: ignore[call-overload]
+        await s.exec(stmt)
         await s.commit()
         return await s.get(ApiKey, key_id)
 

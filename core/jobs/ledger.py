@@ -36,7 +36,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sqlalchemy import Text, bindparam, case, cast, func, or_, update
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import metrics
@@ -48,7 +48,7 @@ from core.events import Event, EventBus, EventType
 from core.jobs.queue import enqueue_woken
 from core.limits.keys import KeyQuotas
 from core.limits.waits import Gate
-from core.models import Asset, Job, UsageRecord, WebhookDelivery, utcnow
+from core.models import Asset, Job, UsageRecord, WebhookDelivery, table_of, utcnow
 from core.settings import Settings
 from core.webhooks import WebhookPlanner, enqueue_delivery
 
@@ -159,7 +159,7 @@ class Ledger:
         {"id", "progress", "progress_message", "queue_position"}."""
         if not rows:
             return 0
-        t = Job.__table__  # type: ignore[attr-defined]
+        t = table_of(Job)
         stmt = (
             update(t)
             .where(t.c.id == bindparam("b_id"), t.c.status == JobStatus.running.value)
@@ -179,7 +179,7 @@ class Ledger:
         if not job_ids:
             return out
         async with self.sessions() as s:
-            rows = await s.exec(select(Asset).where(Asset.job_id.in_(list(job_ids))).order_by(Asset.index))  # type: ignore[attr-defined]
+            rows = await s.exec(select(Asset).where(col(Asset.job_id).in_(list(job_ids))).order_by(col(Asset.index)))
             for a in rows:
                 out[a.job_id].append(a)
         return out
@@ -257,7 +257,7 @@ class Ledger:
         # queued (a start), so the event type is known without reading the row first.
         if to is JobStatus.running:
             changed = [getattr(Job, f).is_distinct_from(changes[f]) for f in PROGRESS_FIELDS if f in changes]
-            attempts = [
+            attempts: list[tuple[JobStatus | None, EventType, Any]] = [
                 (JobStatus.running, EventType.progress, case((or_(*changed), 1), else_=0) if changed else 0),
                 (JobStatus.queued, EventType.started, 1),
             ]
@@ -271,14 +271,14 @@ class Ledger:
             job: Job | None = None
             for src, _kind, bump in attempts:
                 allowed = [src.value] if src is not None else [x.value for x in ALLOWED_FROM[to]]
-                stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed))  # type: ignore[attr-defined]
+                stmt = update(Job).where(col(Job.id) == job_id, col(Job.status).in_(allowed))
                 if expect_version is not None:
-                    stmt = stmt.where(Job.version == expect_version)
+                    stmt = stmt.where(col(Job.version) == expect_version)
                 if expect_poll_seq is not None:
-                    stmt = stmt.where(Job.poll_seq == expect_poll_seq)
-                stmt = stmt.values(**values, event_seq=Job.event_seq + bump)
+                    stmt = stmt.where(col(Job.poll_seq) == expect_poll_seq)
+                stmt = stmt.values(**values, event_seq=col(Job.event_seq) + bump)
                 stmt = stmt.returning(Job).execution_options(synchronize_session=False)
-                job = (await s.exec(stmt)).scalar_one_or_none()  # type: ignore[call-overload]
+                job = (await s.exec(stmt)).scalar_one_or_none()
                 if job is not None:
                     break
             if job is None:
@@ -415,6 +415,7 @@ def _event_data(job: Job, **extra: Any) -> dict[str, Any]:
 
 def _events_of(job: Job, kind: EventType, at: datetime, assets: list[Asset]) -> list[Event]:
     """The events one write stands for; their seqs end at the row's new event_seq."""
+    items: list[tuple[EventType, dict[str, Any]]]
     if kind is EventType.started:
         items = [(kind, _event_data(job, deployment=job.deployment, attempt=job.attempt))]
     elif kind is EventType.succeeded:

@@ -59,7 +59,7 @@ async def enqueue_cancel(redis: ArqRedis, settings: Settings, job_id: str, modal
 async def enqueue_woken(redis: ArqRedis, settings: Settings, waits: Any, job_id: str, gate: str = "") -> bool:
     """Run a job a wait queue just handed a slot to (core/limits/waits.py). `gate`
     "d:{deployment}": its run tries that deployment first, where the slot is already its own."""
-    modality = await redis.hget(waits.job_key(job_id), "_m")
+    modality = await redis.hget(waits.job_key(job_id), "_m")  # type: ignore[misc]  # redis-py types one method for its sync and async clients
     mod = modality.decode() if isinstance(modality, bytes) else (modality or "image")
     prefer = gate[2:] if gate.startswith("d:") else None
     job = await redis.enqueue_job(
