@@ -269,7 +269,7 @@ class Ledger:
 
         async with self.sessions() as s:
             job: Job | None = None
-            for src, _kind, bump in attempts:
+            for src, tried_kind, bump in attempts:
                 allowed = [src.value] if src is not None else [x.value for x in ALLOWED_FROM[to]]
                 stmt = update(Job).where(col(Job.id) == job_id, col(Job.status).in_(allowed))
                 if expect_version is not None:
@@ -280,6 +280,7 @@ class Ledger:
                 stmt = stmt.returning(Job).execution_options(synchronize_session=False)
                 job = (await s.exec(stmt)).scalar_one_or_none()
                 if job is not None:
+                    kind = tried_kind  # the write that matched says which event it is
                     break
             if job is None:
                 await s.rollback()
