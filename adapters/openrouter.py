@@ -318,7 +318,8 @@ async def _normalized_chunks(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIter
         async for chunk in chunks:
             yield _with_cost(chunk)
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        if (aclose := getattr(chunks, "aclose", None)) is not None:  # a generator: end it with us
+            await aclose()
 
 
 def tenant_view(answer: dict[str, Any]) -> dict[str, Any]:

@@ -163,8 +163,8 @@ def principal_of(row: ApiKey, *, budgeted: bool) -> Principal:
 
 
 def _check_priority(field: str, value: Any) -> str | None:
-    if value is None or value in ("high", "normal", "low"):
-        return value  # type: ignore[no-any-return]
+    if value is None or (isinstance(value, str) and value in ("high", "normal", "low")):
+        return value
     raise InvalidInput(f"{field} must be high, normal, low or null", code="invalid_priority")
 
 

@@ -141,7 +141,8 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None
 
     async def submit(cand: Candidate, adapter: Any, attempts: list[dict[str, Any]]) -> Pending | Done:
         called.append(cand.deployment.name)
-        return await adapter.submit(request_for(rt, state["job"], cand.deployment))  # type: ignore[no-any-return]
+        result: Pending | Done = await adapter.submit(request_for(rt, state["job"], cand.deployment))
+        return result
 
     # The submitting marker covers the whole step, from before the job is marked running
     # until its provider handle is saved: another run of the job (a reconciler's, a

@@ -194,7 +194,7 @@ async def stream_prediction(pid: str, request: Request, rt: RuntimeDep, principa
         # follow_job is an async generator (typed as its iterator): until_ended owns it, aclosing ends both
         try:
             with guard.watch(principal) as watch:  # a revoked key ends the stream (api/streams.py)
-                items = until_ended(follow_job(rt, hub, principal.tenant, pid, 0), watch)  # type: ignore[arg-type]
+                items = until_ended(follow_job(rt, hub, principal.tenant, pid, (0, 0)), watch)  # every event, from the first
                 async with contextlib.aclosing(items):
                     async for item in items:
                         if item is PING:

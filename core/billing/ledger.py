@@ -115,7 +115,7 @@ async def hold(
         # budget, and that row is share-locked by the same statement (see _apply)
         t = Tenant
         src = select(*(literal(v, ENTRIES.c[k].type) for k, v in entry.items()))
-        src = src.where(t.id == tenant, t.budget.is_(None)).with_for_update(read=True)  # type: ignore[union-attr]
+        src = src.where(col(t.id) == tenant, col(t.budget).is_(None)).with_for_update(read=True)
         done = await s.exec(insert(ENTRIES).from_select(list(entry), src))
         if done.rowcount == 1:
             return
@@ -147,7 +147,7 @@ async def close(s: AsyncSession, closes: Iterable[Close]) -> None:
     for c in closes:
         settled = c.settle is not None
         basis = c.basis
-        if settled and c.settle > c.held > 0:  # type: ignore[operator]
+        if c.settle is not None and c.settle > c.held > 0:
             basis = f"{basis or 'cost'}; overrun"
         rows.append(
             dict(tenant=c.tenant, key_id=c.key_id, subject_id=c.subject_id, kind="settle" if settled else "release",
@@ -168,12 +168,12 @@ async def ledger_sums(s: AsyncSession, tenant: str) -> tuple[int, int]:
     """(spent, held) added up from the tenant's entries: spent is the sum of settles; held
     the sum of holds whose subject has neither a settle nor a release yet."""
     e = BillingEntry
-    closed = select(e.subject_id).where(e.tenant == tenant, e.kind.in_(["settle", "release"]))  # type: ignore[attr-defined]
+    closed = select(e.subject_id).where(col(e.tenant) == tenant, col(e.kind).in_(["settle", "release"]))
     spent = (await s.exec(select(func.coalesce(func.sum(e.amount), 0)).where(e.tenant == tenant, e.kind == "settle"))).one()
     held = (
         await s.exec(
             select(func.coalesce(func.sum(e.amount), 0)).where(
-                e.tenant == tenant, e.kind == "hold", e.subject_id.not_in(closed)  # type: ignore[attr-defined]
+                col(e.tenant) == tenant, col(e.kind) == "hold", col(e.subject_id).not_in(closed)
             )
         )
     ).one()
@@ -234,12 +234,12 @@ async def release_stale_holds(
     no sweep: their holds close with their terminal transition, which the reconciler guarantees."""
     e, c = BillingEntry, aliased(BillingEntry)
     until = utcnow() - older_than
-    closed = select(c.id).where(c.subject_id == e.subject_id, c.kind.in_(["settle", "release"]))  # type: ignore[attr-defined]
+    closed = select(c.id).where(col(c.subject_id) == col(e.subject_id), col(c.kind).in_(["settle", "release"]))
     stale = (
         await s.exec(
             select(e)
             .where(e.kind == "hold", e.created_at >= until - window, e.created_at < until)
-            .where(e.subject_id.like(f"{prefix}%"), ~closed.exists())  # type: ignore[attr-defined]
+            .where(col(e.subject_id).like(f"{prefix}%"), ~closed.exists())
             .limit(limit)
         )
     ).all()

@@ -243,11 +243,11 @@ class Ledger:
                 settle: Any = cost.amount if cost is not None else 0
             elif to is JobStatus.canceled:
                 # no handle saved: SQL NULL, or JSON null (what the ORM's INSERT of None writes)
-                untaken = or_(Job.provider_handle.is_(None), cast(Job.provider_handle, Text) == "null")  # type: ignore[union-attr]
+                untaken = or_(col(Job.provider_handle).is_(None), cast(col(Job.provider_handle), Text) == "null")
                 settle = case((untaken, 0), else_=Job.cost_held)
             else:
                 settle = 0
-            values["cost_settled"] = case((Job.cost_held.is_(None), None), else_=settle)  # type: ignore[union-attr]
+            values["cost_settled"] = case((col(Job.cost_held).is_(None), None), else_=settle)
         if error is not None:
             values["error_code"] = error[0].value
             values["error_message"] = error[1][:2000]
