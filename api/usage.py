@@ -79,7 +79,7 @@ async def usage(
             func.coalesce(func.sum(u.cost), 0),
         )
         where = (col(u.tenant) == who, col(u.created_at) >= start, col(u.created_at) < end)
-        rows = (await s.exec(select(key, *columns).where(*where).group_by(key).order_by(key))).all()  # type: ignore[call-overload]
+        rows = (await s.exec(select(key, *columns).where(*where).group_by(key).order_by(key))).all()  # type: ignore[call-overload]  # sqlmodel: no overload for this many columns
         spent, held = await balance(s, row) if row is not None else (0, 0)
     data = [_group(str(r[0]) if r[0] is not None else None, r[1:]) for r in rows]
     total = _group(None, [sum(int(r[i] or 0) for r in rows) for i in range(1, len(columns) + 1)])
