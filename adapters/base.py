@@ -11,16 +11,15 @@ httpx.AsyncClient from the process and borrow it: they never close it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, TypeVar, cast
 
 import httpx
 
 from core import fetcher, params
-from core.routing.catalog import Deployment
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.routing.catalog import Deployment
 from core.types import PollNow, PollResult, ProviderRequest, SubmitResult
-
 
 INPUT_FETCH_SECONDS = 60.0  # one input file, every redirect and byte included
 
@@ -45,7 +44,7 @@ class Adapter:
         if bad:
             raise TypeError(f"{cls.__name__}.provider_params declares catalog-controlled names: {bad}")
         if "submit" in cls.__dict__:
-            cls.submit = _checking_params(cls.__dict__["submit"])  # type: ignore[method-assign]
+            cls.submit = _checking_params(cls.__dict__["submit"])  # type: ignore[method-assign]  # wrapped on purpose, once per class
 
     @classmethod
     def settable(cls, deployment: Deployment, modality: str) -> frozenset[str]:
@@ -121,9 +120,10 @@ class Adapter:
             ) from None
 
 
-def _checking_params(
-    submit: Callable[[Any, ProviderRequest], Awaitable[SubmitResult]],
-) -> Callable[[Any, ProviderRequest], Awaitable[SubmitResult]]:
+_Submit = TypeVar("_Submit", bound=Callable[..., Coroutine[Any, Any, SubmitResult]])
+
+
+def _checking_params(submit: _Submit) -> _Submit:
     """Every adapter's submit refuses what the API refuses at submit time (a job queued
     before a catalog change still meets the rule): nothing is sent to the provider."""
 
@@ -139,6 +139,7 @@ def _checking_params(
                 code=ErrorCode.invalid_input,
                 detail={"loc": ["input", "provider_params", *(int(p) if p.isdigit() else p for p in name.split("."))]},
             )
-        return await submit(self, request)
+        result: SubmitResult = await submit(self, request)
+        return result
 
-    return checked
+    return cast(_Submit, checked)  # same signature: wraps() keeps the wrapped one's

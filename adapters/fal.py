@@ -575,7 +575,7 @@ def _retryable(resp: httpx.Response, body: Any) -> bool:
     """A 5xx from the result endpoint is either the gateway hiccuping (retry the GET) or the
     run's own failure (stored: retrying returns it forever). fal's X-Fal-Retryable header
     says which; without it, an app-shaped `detail` body means the run failed."""
-    flag = resp.headers.get("x-fal-retryable", "").lower()
+    flag = str(resp.headers.get("x-fal-retryable", "")).lower()
     if flag in ("true", "false"):
         return flag == "true"
     return not (isinstance(body, dict) and "detail" in body)

@@ -234,7 +234,7 @@ def _finished(body: dict[str, Any], handle: dict[str, Any], headers: dict[str, s
         message = str(error.get("message") or "the operation failed")
         mapped = _RPC_CODES.get(code, ErrorCode.provider_error) if isinstance(code, int) else ErrorCode.provider_error
         return Failed(mapped, f"{PROVIDER}: {message}", detail={"operation": handle["operation"], "error": error})
-    response = body.get("response") if isinstance(body.get("response"), dict) else {}
+    response: dict[str, Any] = r if isinstance(r := body.get("response"), dict) else {}
     video_response = response.get("generateVideoResponse") or {}
     samples = video_response.get("generatedSamples") or []
     videos = [s.get("video") for s in samples if isinstance(s, dict)]

@@ -276,7 +276,7 @@ def _relay_error(resp: httpx.Response) -> ProviderError:
 
 
 def _done(handle: dict[str, Any], data: dict[str, Any]) -> PollResult:
-    result = data.get("task_result") if isinstance(data.get("task_result"), dict) else {}
+    result: dict[str, Any] = r if isinstance(r := data.get("task_result"), dict) else {}
     videos = [v for v in result.get("videos") or [] if isinstance(v, dict) and isinstance(v.get("url"), str) and v["url"]]
     if not videos:
         return Failed(ErrorCode.provider_error, f"{PROVIDER}: task {handle['task_id']} succeeded without task_result.videos",

@@ -63,6 +63,8 @@ class LocalAdapter(Adapter):
         if request.modality == "text":  # a chat completion as a job: answered at once
             self._log_submit(request.job_id)
             completion = await self.chat(dict(request.input), stream=False)
+            if not isinstance(completion, dict):  # stream=False answers one completion
+                raise TypeError("local chat(stream=False) did not answer a completion")
             return Done(
                 outputs=[OutputRef(data=json.dumps(completion).encode(), content_type="application/json")],
                 handle={"kind": "text", "id": completion["id"]},

@@ -91,7 +91,7 @@ _PENTATONIC = (0, 2, 4, 7, 9)
 
 def _digest(prompt: str, seed: int) -> bytes:
     """sha256 of the prompt and seed (separated so ("a", 12) != ("a1", 2))."""
-    return hashlib.sha256(f"{prompt}\x00{int(seed)}".encode("utf-8")).digest()
+    return hashlib.sha256(f"{prompt}\x00{int(seed)}".encode()).digest()
 
 
 def _rng(digest: bytes) -> random.Random:
@@ -229,7 +229,7 @@ def _draw_label(img: Image.Image, text: str, *, corner: str = "bottom-left") -> 
         bbox = draw.textbbox((0, 0), label, font=font)
     tw, th = bbox[2] - bbox[0], bbox[3] - bbox[1]
     box_w, box_h = tw + 2 * pad, th + 2 * pad
-    x0 = pad
+    x0: float = pad
     y0 = pad if corner.startswith("top") else height - box_h - pad
     if corner.endswith("right"):
         x0 = width - box_w - pad
@@ -305,7 +305,7 @@ def _melody(digest: bytes) -> tuple[list[tuple[float, int]], float]:
     return notes, beat
 
 
-def _period_table(freq: float, sample_rate: int) -> array:
+def _period_table(freq: float, sample_rate: int) -> array[int]:
     """One period of a soft tone (fundamental + quiet 2nd harmonic), int16.
 
     The period length is rounded to whole samples, so the note is tuned to
@@ -335,7 +335,7 @@ def make_audio_wav(
 
     notes, beat = _melody(_digest(prompt, seed))
     fade = max(1, int(_AUDIO_FADE_SECONDS * sample_rate))
-    tables: dict[float, array] = {}
+    tables: dict[float, array[int]] = {}
     samples = array("h")
     i = 0
     while len(samples) < total:

@@ -43,8 +43,8 @@ from typing import Any, ClassVar, Literal, overload
 import httpx
 
 from adapters.base import Adapter
-from core import params
 from adapters.http import body_json, error_from_response, moderated, send, send_stream, unsupported
+from core import params
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
 
@@ -500,23 +500,23 @@ def video_fields(model: str, inp: dict[str, Any], size_mode: str = "pixels") -> 
     seconds = str(int(duration)) if duration.is_integer() else str(duration)
     if table is not None and seconds not in VIDEO_SECONDS:
         raise unsupported("duration_seconds", duration, [float(s) for s in VIDEO_SECONDS], model)
-    key = (str(inp.get("resolution", "720p")), str(inp.get("aspect_ratio", "16:9")))
+    shape = (str(inp.get("resolution", "720p")), str(inp.get("aspect_ratio", "16:9")))
     explicit = params.pop("size", None)  # provider_params.size wins over the mapping
     if size_mode != "pixels":
-        size = explicit if explicit is not None else (key[1].replace(":", "x") if size_mode == "ratio" else None)
+        size = explicit if explicit is not None else (shape[1].replace(":", "x") if size_mode == "ratio" else None)
     elif table is None:
-        size = explicit or _SORA_PRO.get(key)
+        size = explicit or _SORA_PRO.get(shape)
     elif explicit is not None:
         if explicit not in table.values():
             raise unsupported("size", explicit, sorted(table.values()), model)
         size = explicit
     else:
-        size = table.get(key)
+        size = table.get(shape)
         if size is None:
             ratios = sorted({r for _, r in table})
-            if key[1] not in ratios:
-                raise unsupported("aspect_ratio", key[1], ratios, model)
-            raise unsupported("resolution", key[0], sorted({res for res, _ in table}), model)
+            if shape[1] not in ratios:
+                raise unsupported("aspect_ratio", shape[1], ratios, model)
+            raise unsupported("resolution", shape[0], sorted({res for res, _ in table}), model)
     fields: dict[str, Any] = {"model": model, "prompt": inp["prompt"]}
     if table is not None or inp.get("duration_seconds") is not None:  # another model's default is its own
         fields["seconds"] = seconds
@@ -642,13 +642,15 @@ async def stream_to_tempfile(resp: httpx.Response, provider: str) -> str:
     """The body, chunk by chunk, into a temp file (storage takes it over); removed on failure."""
     fd, path = tempfile.mkstemp(prefix="genroute-openai-", suffix=".audio")
     f = os.fdopen(fd, "wb")
+    size = 0
     try:
         try:
             async for chunk in resp.aiter_bytes(SPEECH_CHUNK_BYTES):
                 await asyncio.to_thread(f.write, chunk)  # the disk never blocks the event loop
+                size += len(chunk)
         finally:
             f.close()
-        if os.path.getsize(path) == 0:
+        if size == 0:
             raise ProviderError(ProviderErrorKind.failed, f"{provider}: the speech answer was empty")
     except httpx.TransportError as exc:
         os.unlink(path)

@@ -22,7 +22,7 @@ from core import params
 
 class OpenAICompatibleAdapter(OpenAIAdapter):
     name = "openai_compatible"
-    default_base_url = None  # every aggregator lives elsewhere: the deployment must say where
+    default_base_url: str | None = None  # every aggregator lives elsewhere: the deployment must say where
     # aggregators' open models take a few more sampling and diffusion knobs than OpenAI's
     provider_params = {
         "image": OpenAIAdapter.provider_params["image"] | {"negative_prompt", "num_inference_steps", "guidance_scale", "steps"},

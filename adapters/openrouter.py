@@ -75,7 +75,7 @@ class OpenRouterAdapter(OpenAICompatibleAdapter):
     """
 
     name = "openrouter"
-    default_base_url = DEFAULT_BASE_URL
+    default_base_url: str | None = DEFAULT_BASE_URL
     provider_params = {
         "text": OpenAICompatibleAdapter.provider_params["text"] | {"reasoning", "transforms"},
         "image": frozenset({"image_config", "temperature"}),
@@ -318,7 +318,8 @@ async def _normalized_chunks(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIter
         async for chunk in chunks:
             yield _with_cost(chunk)
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        if (aclose := getattr(chunks, "aclose", None)) is not None:  # a generator: end it with us
+            await aclose()
 
 
 def tenant_view(answer: dict[str, Any]) -> dict[str, Any]:
@@ -398,7 +399,7 @@ def check(resp: httpx.Response, provider: str, *, create: bool | None = None) ->
 def _envelope_error(err: dict[str, Any], provider: str, *, status: int, resp: httpx.Response | None = None,
                     create: bool | None = None) -> ProviderError:
     message = str(err.get("message") or f"HTTP {status}")
-    meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
+    meta: dict[str, Any] = m if isinstance(m := err.get("metadata"), dict) else {}
     detail = {"status": status, "body": {"error": err}}
     if status == 403 and (meta.get("reasons") or meta.get("flagged_input")):
         return moderated(f"{provider}: {message}", "input", [str(r) for r in meta.get("reasons") or []] or ["flagged"])

@@ -17,11 +17,10 @@ import httpx
 
 from adapters.base import Adapter
 from adapters.http import CALL_TIMEOUT
-from core.routing.catalog import ADAPTERS, Deployment
 from core import logs, metrics
 from core.errors import ProviderError
+from core.routing.catalog import ADAPTERS, Deployment
 from core.types import Done, Failed, Pending
-
 
 
 class UnknownAdapter(LookupError):

@@ -208,7 +208,7 @@ class SiliconFlowAdapter(Adapter):
         status = str(answer.get("status") or "")
         interval = self.poll_interval(VIDEO_POLL_SECONDS)
         if status == "Succeed":
-            results = answer.get("results") if isinstance(answer.get("results"), dict) else {}
+            results: dict[str, Any] = r if isinstance(r := answer.get("results"), dict) else {}
             videos = [v for v in results.get("videos") or [] if isinstance(v, dict) and v.get("url")]
             if not videos:
                 return Failed(ErrorCode.provider_error, "siliconflow answered Succeed without results.videos[].url", detail=answer)

@@ -32,17 +32,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from api.deps import AdminDep, KeyCache, RuntimeDep
 from api.pagination import page
 from api.strict import StrictRoute
+from api.views import job_public
 from core import keys
-from core.billing import tenants
 from core.billing import ledger as billing
+from core.billing import tenants
 from core.billing.ledger import balance
-from core.routing.catalog import CatalogError
 from core.errors import InvalidInput, NotFound
+from core.jobs.ledger import JobStatus
 from core.models import ApiKey, Tenant, utcnow
+from core.routing.catalog import CatalogError
 from core.runtime import Runtime, reload_catalog
 from core.schemas import JobPublic, Priority
-from api.views import job_public
-from core.jobs.ledger import JobStatus
 
 router = APIRouter(route_class=StrictRoute, prefix="/v1/admin", tags=["admin"])
 

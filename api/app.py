@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from adapters.registry import AdapterCache
 from api import dashboard, docs, errors
 from api.admin import router as admin_router
 from api.batches import router as batches_router
@@ -29,13 +30,12 @@ from api.strict import RefuseNul
 from api.usage import router as usage_router
 from api.webhooks import router as webhooks_router
 from core import logs, metrics
+from core.billing.usage import UsageWriter
 from core.events import EventHub
 from core.keys import changed_channel
 from core.limits.auth import AuthFailures
-from adapters.registry import AdapterCache
 from core.runtime import open_runtime, unwatch_sighup, watch_sighup
 from core.settings import Settings
-from core.billing.usage import UsageWriter
 from storage import build_store
 
 

@@ -34,9 +34,9 @@ from core import batches as batch_store
 from core.errors import BudgetExceeded, GenrouteError, InvalidInput, NotFound
 from core.ids import new_id
 from core.jobs.ledger import JobStatus
+from core.jobs.queue import enqueue_run
 from core.keys import Principal
 from core.models import Batch, Job, utcnow
-from core.jobs.queue import enqueue_run
 from core.runtime import Runtime
 from core.schemas import ErrorPublic, JobCreate, JobPublic, Metadata
 

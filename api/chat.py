@@ -29,19 +29,19 @@ from api.deps import PrincipalDep, RuntimeDep
 from api.openai_compat import OpenAIError, from_provider, invalid, model_for, openai_router
 from api.params import check_provider_params
 from api.streams import Revoked, StreamGuard, until_ended
-from core.billing.ledger import Close, hold, hold_for
-from core.routing.catalog import Deployment, Model
 from core import metrics
+from core.billing.ledger import Close, hold, hold_for
+from core.billing.pricing import chat_cost, reported_cost
+from core.billing.usage import count_tokens, prompt_text, record_usage, tokens_of
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.ids import new_id
 from core.keys import Principal
-from core.models import UsageRecord
 from core.limits.keys import admit, take_or_refuse
+from core.models import UsageRecord
+from core.routing.catalog import Deployment, Model
 from core.routing.dispatch import Placed, Refused, Unplaced, dispatch, release
 from core.routing.router import Candidate
 from core.runtime import Runtime
-from core.billing.pricing import reported_cost
-from core.billing.usage import chat_cost, count_tokens, prompt_text, record_usage, tokens_of
 
 router = openai_router(tags=["openai"])
 

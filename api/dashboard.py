@@ -13,6 +13,8 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
+from starlette.types import Scope
 
 ROOT = Path(__file__).parent / "dashboard"
 # same-origin scripts and styles only; outputs may come from a presigned S3 host, so media
@@ -40,7 +42,7 @@ async def dashboard() -> FileResponse:
 class _Assets(StaticFiles):
     """StaticFiles with the dashboard's headers (no-cache: a new release is picked up at once)."""
 
-    async def get_response(self, path: str, scope: dict) -> object:  # type: ignore[override]
+    async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
         response.headers.update(HEADERS)
         return response

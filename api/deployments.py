@@ -24,8 +24,8 @@ from pydantic import BaseModel
 from sqlmodel import col, select
 
 from api.deps import AdminDep, RuntimeDep
-from core.routing.catalog import Deployment
 from core.models import UsageRecord
+from core.routing.catalog import Deployment
 from core.runtime import Runtime
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])

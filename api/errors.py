@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketState
 
-from core.errors import GenrouteError, unavailable
+from core.errors import GenrouteError
+from core.outages import unavailable
 
 log = logging.getLogger("genroute.api")
 
@@ -123,13 +124,13 @@ async def _unexpected(conn: HTTPConnection, exc: Exception) -> JSONResponse | No
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(GenrouteError, _genroute)
+    app.add_exception_handler(GenrouteError, _genroute)  # type: ignore[arg-type]  # serves HTTP and websockets: Starlette types one or the other
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     for cls in (DBAPIError, SATimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                 redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-        app.add_exception_handler(cls, _unavailable)
-    app.add_exception_handler(Exception, _unexpected)
+        app.add_exception_handler(cls, _unavailable)  # type: ignore[arg-type]  # serves HTTP and websockets: Starlette types one or the other
+    app.add_exception_handler(Exception, _unexpected)  # type: ignore[arg-type]  # serves HTTP and websockets: Starlette types one or the other
 
 
 # --- the OpenAPI document: every error answer a route can give --------------------------------

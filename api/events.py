@@ -48,8 +48,8 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep, RuntimeDep, client_address, resolve_principal
 from api.streams import Revoked, StreamGuard, Watch, until_ended
-from api.views import job_public
 from api.strict import StrictRoute, loads
+from api.views import job_public
 from core.errors import InvalidRequest, NotFound, RateLimited
 from core.events import OVERFLOW, Event, EventBus, EventHub, Pos, Subscription, parse_last_event_id
 from core.jobs.ledger import TERMINAL, JobStatus

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,22 +20,22 @@ from api.deps import PrincipalDep, RuntimeDep
 from api.job_query import JobFilter
 from api.pagination import page
 from api.params import check_provider_params
-from api.views import job_public
 from api.strict import StrictRoute
+from api.views import job_public
 from core import cache, logs, netguard, priorities
 from core.billing.ledger import hold_for
-from core.routing.catalog import Model
+from core.billing.pricing import Cost
 from core.errors import Conflict, ErrorCode, InvalidInput, InvalidRequest, NotFound, Unavailable
 from core.events import OVERFLOW, Event, EventHub, Subscription
 from core.ids import new_id
 from core.jobs.ledger import TERMINAL, JobStatus, deadline_for
-from core.keys import Principal
-from core.models import Asset, Job, utcnow
-from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_cancel, enqueue_run, queue_position
-from core.errors import REDIS_DOWN
+from core.keys import Principal
 from core.limits.keys import admit, take_or_refuse
 from core.limits.waits import Position
+from core.models import Asset, Job, utcnow
+from core.outages import REDIS_DOWN
+from core.routing.catalog import Model
 from core.runtime import Runtime
 from core.schemas import JobCreate, JobList, JobPublic
 

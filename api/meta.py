@@ -59,7 +59,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(rt: RuntimeDep) -> JSONResponse:
     async def db() -> None:
         async with rt.sessions() as s:
-            await s.exec(text("SELECT 1"))  # type: ignore[call-overload]
+            await s.exec(text("SELECT 1"))  # type: ignore[call-overload]  # sqlmodel types exec() for select() only
 
     async def redis() -> None:
         await rt.redis.ping()

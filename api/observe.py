@@ -29,7 +29,7 @@ def request_id_from(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == HEADER:
             try:
-                text = value.decode("ascii")
+                text: str = value.decode("ascii")
             except UnicodeDecodeError:
                 break
             if _SANE.match(text):

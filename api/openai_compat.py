@@ -19,7 +19,7 @@ this way; the rest of the API keeps `{"error": {"code", "message", "details"}}`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -29,8 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.strict import StrictRoute
 from core import disclosure
+from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError
+from core.outages import unavailable
 from core.routing.catalog import Model
-from core.errors import ErrorCode, GenrouteError, InvalidInput, ProviderError, database_busy, unavailable
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.api.openai")
@@ -156,7 +157,7 @@ def translate(exc: Exception) -> OpenAIError:
         log.warning("%s unavailable in an OpenAI-compatible route: %s: %s", which, type(exc).__name__, str(exc)[:300])
         return OpenAIError(503, f"{which} is overloaded or unavailable; retry shortly", type="server_error",
                            code="unavailable", headers={"Retry-After": "1"})
-    log.exception("unhandled error in an OpenAI-compatible route", exc_info=exc)
+    log.error("unhandled error in an OpenAI-compatible route", exc_info=exc)
     return OpenAIError(500, "internal error; it has been logged", type="server_error", code="internal")
 
 
@@ -164,7 +165,7 @@ class OpenAIRoute(StrictRoute):
     """Every error a route (or its dependencies: auth, body parsing) raises comes out in
     OpenAI's shape."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:

@@ -26,10 +26,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
-
-from api.deps import PrincipalDep, RuntimeDep
 from starlette.formparsers import MultiPartException
 
+from api.deps import PrincipalDep, RuntimeDep
 from api.jobs import queue_reachable, submit_job, wait_for_terminal
 from api.openai_compat import OpenAIError, from_code, from_invalid_input, invalid, model_for, openai_router, param_of
 from core.errors import InvalidInput
@@ -377,6 +376,7 @@ async def videos_content(
     if job.status != JobStatus.succeeded:
         raise OpenAIError(404, "Video is not ready yet, use GET /v1/videos/{video_id} to check status.", param="video_id", code="not_found")
     assets = (await rt.ledger.assets([job.id]))[job.id]
+    size: int | None
     key, ctype, size = assets[0].key, assets[0].content_type, assets[0].bytes
     if variant != "video":
         # a provider-made preview is stored as another image asset; else our own thumbnail

@@ -9,7 +9,6 @@ from sqlmodel import col
 from core.db import Sessions
 
 
-
 async def page(sessions: Sessions, query: Any, id_column: Any, cursor: str | None, limit: int) -> tuple[list[Any], str | None]:
     if cursor:
         query = query.where(id_column < cursor)

@@ -12,8 +12,8 @@ from typing import Any
 
 from adapters.registry import UnknownAdapter, adapter_class
 from core import params
-from core.routing.catalog import Catalog, Deployment, Model
 from core.errors import InvalidInput
+from core.routing.catalog import Catalog, Deployment, Model
 from core.routing.router import reachable
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.keys import Principal, get_key, key_status
-from core.errors import REDIS_DOWN
+from core.outages import REDIS_DOWN
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.streams")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from sqlalchemy import Date, case, cast, func
-from sqlmodel import select
+from sqlmodel import col, select
 
 from api.deps import PrincipalDep, RuntimeDep
 from api.strict import StrictRoute
@@ -59,13 +59,13 @@ async def usage(
             key: Any = u.model
         elif group_by == "key":
             key = u.key_id
-        elif s.bind.dialect.name == "postgresql":
+        elif s.get_bind().dialect.name == "postgresql":
             key = cast(func.timezone("UTC", u.created_at), Date)
         else:
             key = func.date(u.created_at)
 
         def status(name: str) -> Any:
-            return func.sum(case((u.status == name, 1), else_=0))
+            return func.sum(case((col(u.status) == name, 1), else_=0))
 
         columns = (
             func.count(),
@@ -78,8 +78,8 @@ async def usage(
             func.coalesce(func.sum(u.completion_tokens), 0),
             func.coalesce(func.sum(u.cost), 0),
         )
-        where = (u.tenant == who, u.created_at >= start, u.created_at < end)  # type: ignore[operator]
-        rows = (await s.exec(select(key, *columns).where(*where).group_by(key).order_by(key))).all()  # type: ignore[call-overload]
+        where = (col(u.tenant) == who, col(u.created_at) >= start, col(u.created_at) < end)
+        rows = (await s.exec(select(key, *columns).where(*where).group_by(key).order_by(key))).all()  # type: ignore[call-overload]  # sqlmodel: no overload for this many columns
         spent, held = await balance(s, row) if row is not None else (0, 0)
     data = [_group(str(r[0]) if r[0] is not None else None, r[1:]) for r in rows]
     total = _group(None, [sum(int(r[i] or 0) for r in rows) for i in range(1, len(columns) + 1)])

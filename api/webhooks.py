@@ -21,9 +21,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from sqlmodel import col, select
 
-from api.pagination import page
 from api.deps import RuntimeDep, WebhookManagerDep
 from api.jobs import check_webhook_url
+from api.pagination import page
 from api.strict import StrictRoute
 from core.errors import Conflict, NotFound
 from core.ids import new_id

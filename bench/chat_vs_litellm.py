@@ -64,7 +64,8 @@ wrk.headers["Content-Type"] = "application/json"
 %(auth)s
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format('BENCHJSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"mean_us":%%.1f,"connect":%%d,"read":%%d,"write":%%d,"status":%%d,"timeout":%%d}\\n',
+  io.write(string.format('BENCHJSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"mean_us":%%.1f,'
+    .. '"connect":%%d,"read":%%d,"write":%%d,"status":%%d,"timeout":%%d}\\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.mean,
     e.connect, e.read, e.write, e.status, e.timeout))
 end
@@ -394,7 +395,7 @@ def report(results: dict[str, dict[str, dict[str, Any]]], seconds: float) -> Non
           f"wrk -t1, {seconds:g} s per measurement; latency in ms, to the last byte")
     for mode in ("plain", "stream"):
         print(f"\n{mode}:")
-        print(f"| target | rps@50 | p50@1 | p99@1 | p50@50 | p99@50 | added p50@1 | errors | CPU@50 wrk / upstream / target |")
+        print("| target | rps@50 | p50@1 | p99@1 | p50@50 | p99@50 | added p50@1 | errors | CPU@50 wrk / upstream / target |")
         print("|---|---|---|---|---|---|---|---|---|")
         direct = results.get("direct", {}).get(mode)
         for name, res in results.items():

@@ -73,7 +73,7 @@ async def settle(c: httpx.AsyncClient, ids: list[str], timeout: float) -> dict[s
         todo = [i for i in ids if last.get(i, {}).get("status") not in TERMINAL]
         for k in range(0, len(todo), 50):
             rs = await asyncio.gather(*(c.get(f"/v1/jobs/{i}") for i in todo[k:k + 50]), return_exceptions=True)
-            for i, r in zip(todo[k:k + 50], rs):
+            for i, r in zip(todo[k:k + 50], rs, strict=True):
                 if isinstance(r, httpx.Response) and r.status_code == 200:
                     last[i] = r.json()
         if all(last.get(i, {}).get("status") in TERMINAL for i in ids) or time.monotonic() > deadline:

@@ -98,7 +98,8 @@ function done(summary, latency, requests)
   local a, b, o = 0, 0, ""
   for _, t in ipairs(threads) do a = a + t:get("n201"); b = b + t:get("nother"); o = o .. t:get("others") end
   local e = summary.errors
-  io.write(string.format('BENCHJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"mean_us":%.1f,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"n201":%d,"nother":%d}\n',
+  io.write(string.format('BENCHJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"mean_us":%.1f,'
+    .. '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"n201":%d,"nother":%d}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.mean,
     e.connect, e.read, e.write, e.status, e.timeout, a, b))
   io.write("BENCHOTHERS " .. o .. "\n")
@@ -475,13 +476,14 @@ def report(targets: list[Target], args: argparse.Namespace, command: str) -> Non
         ratio = f"{m / base_rps:.3f}" if base_rps else "-"
         if base and t is not base:
             paired = [r["rps"] / b["rps"] for r, b in zip(sorted(t.rounds, key=lambda r: r["round"]),
-                                                          sorted(base.rounds, key=lambda r: r["round"]))]
+                                                          sorted(base.rounds, key=lambda r: r["round"]), strict=False)]
             per = f"{min(paired):.2f}-{max(paired):.2f}"
         else:
             per = "-"
         print(f"| {t.label} | {m:.0f} | {' / '.join(f'{x:.0f}' for x in rps)} | {med([r['p50'] for r in t.rounds]):.1f} "
               f"| {med([r['p99'] for r in t.rounds]):.1f} | {ratio} | {per} | {med([r['api_cpu'] for r in t.rounds]):.0%} "
-              f"| {med([r['api_cpu_ms_per_req'] for r in t.rounds]):.2f} | {med([r['pg_cpu'] for r in t.rounds]):.0%} | {med([r['machine_busy'] for r in t.rounds]):.0%} "
+              f"| {med([r['api_cpu_ms_per_req'] for r in t.rounds]):.2f} "
+              f"| {med([r['pg_cpu'] for r in t.rounds]):.0%} | {med([r['machine_busy'] for r in t.rounds]):.0%} "
               f"| {med([r['lock_waiters'] for r in t.rounds]):.1f} / {med([r['active'] for r in t.rounds]):.1f} "
               f"| {med([r['new_connections'] / args.duration for r in t.rounds]):.1f} |")
     print("\nchecks:")

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from cli.preflight import EXIT, ConfigProblem, check_serving, ensure_schema, load_settings
@@ -121,9 +122,9 @@ def _with_db(settings: Settings, work: Callable[[Any], Awaitable[str | int]]) ->
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from core.routing.catalog import CatalogError, load_catalog
     from core.keys import create_key
     from core.models import utcnow
+    from core.routing.catalog import CatalogError, load_catalog
 
     settings = _settings()
     scoped = args.model or args.modality or args.webhooks
@@ -227,8 +228,8 @@ def cmd_billing_audit(args: argparse.Namespace) -> int:
 def cmd_tenants_budget(args: argparse.Namespace) -> int:
     from redis.asyncio import Redis
 
-    from core.keys import announce_change
     from core.billing.ledger import update_tenant
+    from core.keys import announce_change
 
     settings = _settings()
 
@@ -326,6 +327,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from core.migrate import upgrade
     from workers.main import serve_workers
 
+    class SignalsOurs(uvicorn.Server):
+        """Leaves SIGINT/SIGTERM to both() below, which stops the API and the worker together.
+        (uvicorn >= 0.29 installs its handlers in capture_signals(); install_signal_handlers is gone.)"""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
     settings = _settings()
     try:
         settings = _ensure_secret(settings)
@@ -363,8 +372,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             flush=True,
         )
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server = SignalsOurs(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None))
 
         async def both() -> None:
             loop = asyncio.get_running_loop()

@@ -78,7 +78,6 @@ def _follow(client: Client, job: JobPublic) -> JobPublic:
     """Show a progress bar until the job ends (client.wait reports each state and event)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Column
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:

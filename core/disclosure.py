@@ -87,7 +87,7 @@ def for_tenant(message: str, *, kind: ProviderErrorKind | None = None, fault: Fa
                status: int | None = None) -> str:
     """The tenant's message for a provider failure (see the module's table)."""
     if kind in _OPERATOR_TEXT:
-        return _OPERATOR_TEXT[kind]  # type: ignore[index]
+        return _OPERATOR_TEXT[kind]
     if fault is Fault.operator:
         return _MISCONFIGURED
     m = _ANSWERED.match(message)

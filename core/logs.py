@@ -27,10 +27,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any, Literal
 
 FIELDS = ("request_id", "job_id", "tenant", "deployment")
-_context: ContextVar[Mapping[str, str]] = ContextVar("genroute_log_context", default={})
+_NONE: Mapping[str, str] = MappingProxyType({})  # read-only: every bind() sets a new mapping
+_context: ContextVar[Mapping[str, str]] = ContextVar("genroute_log_context", default=_NONE)
 
 
 @contextmanager

@@ -143,7 +143,7 @@ def refusal(ip: IP, allow: tuple[Network, ...] = ()) -> str | None:
     """Why `ip` may not be reached (None: it may). The allowlist is checked against the
     address as given and against the IPv4 it embeds, so `["127.0.0.1/32"]` also admits
     `::ffff:127.0.0.1`; the refusal names the address that decided."""
-    if ip.version == 6 and ip.scope_id:  # type: ignore[union-attr]
+    if ip.version == 6 and ip.scope_id:
         ip = ipaddress.IPv6Address(str(ip).split("%")[0])
     inner = embedded_ipv4(ip)
     if any(a in net for net in allow for a in (ip, *inner) if a.version == net.version):

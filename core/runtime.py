@@ -14,12 +14,12 @@ import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from core import netguard
-from core.routing.catalog import Catalog, load_catalog
 from core.db import Sessions, create_engine, sessionmaker
 from core.jobs.ledger import Ledger
 from core.jobs.polls import PollSchedule
 from core.limits.deployments import Limiter
 from core.limits.waits import WaitQueues
+from core.routing.catalog import Catalog, load_catalog
 from core.settings import Settings
 
 

@@ -274,12 +274,15 @@ class ModelList(BaseModel):
 
 
 # webhooks --------------------------------------------------------------------------------
+DEFAULT_WEBHOOK_EVENTS: tuple[EventName, ...] = ("job.succeeded", "job.failed", "job.canceled")
+
+
 class WebhookEndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
     events: list[EventName] = Field(
-        default_factory=lambda: ["job.succeeded", "job.failed", "job.canceled"], min_length=1, max_length=7
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1, max_length=7
     )
     description: Annotated[str, StringConstraints(max_length=500)] | None = None
 

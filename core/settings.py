@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     auth_negative_cache_seconds: float = 2.0  # an unknown key's hash is remembered this long per process (0: never)
     auth_failure_limit: int = 100  # failed authentications per client address per window, across replicas; then 429 (0: no limit)
     auth_failure_window_seconds: float = 60.0
-    cors_origins: Annotated[list[str], NoDecode] = []  # JSON or comma-separated  # browser origins allowed to call the API directly, e.g. ["https://app.example.com"]; "*" for any
+    # browser origins allowed to call the API directly, e.g. ["https://app.example.com"]; "*" for any
+    cors_origins: Annotated[list[str], NoDecode] = []  # JSON or comma-separated
 
     # logs (core/logs.py): json by default for `genroute api` and `worker`, text for `dev`
     log_format: Literal["json", "text"] | None = None

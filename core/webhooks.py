@@ -116,7 +116,7 @@ async def seal(session: AsyncSession, box: SecretBox, row: WebhookSecret) -> boo
         .values(secret=box.encrypt(opened.secret, ctx),
                 previous_secret=box.encrypt(opened.previous_secret, ctx) if opened.previous_secret else None)
     )
-    changed = (await session.exec(stmt)).rowcount  # type: ignore[call-overload]
+    changed = (await session.exec(stmt)).rowcount
     await session.commit()
     return bool(changed)
 

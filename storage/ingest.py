@@ -22,7 +22,6 @@ from core.errors import ErrorCode
 from core.types import OutputRef
 from storage.base import BlobStore, StorageError, StoredAsset, validate_key
 from storage.probe import (
-    OCTET_STREAM,
     SNIFF_BYTES,
     ProbeError,
     extension_for,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import json
 import struct
-import wave
 import warnings
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO

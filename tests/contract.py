@@ -29,8 +29,8 @@ import pytest
 
 from adapters.base import Adapter
 from adapters.registry import build_adapter
-from core.routing.catalog import Deployment
 from core.errors import ErrorCode, Fault, ProviderError
+from core.routing.catalog import Deployment
 from core.types import Done, Failed, Pending, PollResult, ProviderRequest
 from storage import S3BlobStore, StorageError, store_output
 
@@ -219,7 +219,8 @@ class AdapterContract:
         result = await adapter.poll(first.handle)
         assert isinstance(result, Failed) and result.code == ErrorCode.canceled, result
 
-    async def test_expired_result_url_is_never_stored_as_output(self, fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_expired_result_url_is_never_stored_as_output(self,
+            fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         case = self.success[0]
         expired = Case(case.modality, case.model, _with_keyword(case.input, "[expired]"))
         adapter = self.make(fake, expired, http, monkeypatch)

@@ -20,10 +20,10 @@ import httpx
 import yaml
 
 from cli.embedded import free_port
-from core.routing.catalog import DEFAULT_CATALOG
 from core.db import create_engine, sessionmaker
 from core.keys import create_key
 from core.migrate import upgrade
+from core.routing.catalog import DEFAULT_CATALOG
 from core.settings import Settings
 
 BIN = Path(sys.executable).parent / "genroute"

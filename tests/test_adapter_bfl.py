@@ -232,7 +232,8 @@ class TestBFL(AdapterContract):
         assert body["input_image"] == IMAGE_URL and not body["input_image_2"].startswith("data:")
         assert (body["width"], body["height"], body["output_format"]) == (1024, 576, "png")
 
-    async def test_webhook_is_verified_and_finishes_without_polling(self, fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_webhook_is_verified_and_finishes_without_polling(self,
+            fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         async with _receiver() as (hook_url, received):
             case = self.success[0]
             adapter = self.make(fake, case, http, monkeypatch)

@@ -123,7 +123,8 @@ class TestFireworks(AdapterContract):
         assert sent["body"] == {"prompt": "a lighthouse", "aspect_ratio": "4:3", "seed": 5}
         assert (await fake.stats())["polls"] == before["polls"]
 
-    async def test_kontext_polls_get_result_and_fetches_the_sample_without_the_key(self, fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_kontext_polls_get_result_and_fetches_the_sample_without_the_key(self,
+            fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         case = self.success[0]
         adapter = self.make(fake, case, http, monkeypatch)
         result, seen = await drive(adapter, self.request(case))

@@ -16,7 +16,7 @@ import json
 import uuid
 import wave
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from starlette.routing import Route
 
 from adapters.openai import nearest_size
 from adapters.registry import build_adapter
-from core.routing.catalog import Deployment
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.routing.catalog import Deployment
 from core.types import Done, Failed, Pending, ProviderRequest
 from storage import StorageError, store_output
 from storage.probe import mp4_duration
@@ -158,7 +158,8 @@ class TestOpenAIImages(AdapterContract):
         sent = await last(fake, "images.edits")
         assert sent["parts"] == ["image[]", "image[]"] and sent["mask"] is True and sent["input_fidelity"] == "high"
 
-    async def test_unreachable_input_image_is_invalid_input(self, fake: Fake, static_files: str, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_unreachable_input_image_is_invalid_input(self,
+            fake: Fake, static_files: str, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
         case = Case("image", "gpt-image-1", {"prompt": "x", "input_images": [f"{static_files}/missing.png"]})
         with pytest.raises(ProviderError) as exc:
             await self.make(fake, case, http, monkeypatch).submit(request_for(case))
@@ -436,7 +437,7 @@ async def test_video_webhook_is_verified_and_finishes_the_job(
 
 
 def stale_but_signed(msg_id: str, body: bytes) -> tuple[dict[str, str], bytes]:
-    old = datetime.now(tz=timezone.utc) - timedelta(hours=1)
+    old = datetime.now(tz=UTC) - timedelta(hours=1)
     sig = Webhook(SECRET).sign(msg_id, old, body.decode())
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(old.timestamp())), "webhook-signature": sig}, body
 

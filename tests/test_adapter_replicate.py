@@ -18,8 +18,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from adapters.replicate import ReplicateAdapter, last_log_line, output_urls, parse_progress, verify_signature
-from core.routing.catalog import Deployment
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
+from core.routing.catalog import Deployment
 from core.types import Done, Failed, Pending, ProviderRequest
 from tests.contract import AdapterContract, Case, Fake, drive
 from tests.fakes.replicate import create_app

@@ -24,8 +24,8 @@ from core.routing.catalog import Deployment
 from core.types import Done, Failed, Pending
 from storage import S3BlobStore, StorageError, store_output
 from tests.contract import AdapterContract, Case, Fake, drive
-from tests.fakes.siliconflow import API_KEY, create_app
 from tests.fakes.server import serve
+from tests.fakes.siliconflow import API_KEY, create_app
 
 KEY_ENV = "GENROUTE_TEST_SILICONFLOW_KEY"
 KOLORS, QWEN, QWEN_EDIT = "Kwai-Kolors/Kolors", "Qwen/Qwen-Image", "Qwen/Qwen-Image-Edit-2509"

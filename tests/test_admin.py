@@ -19,12 +19,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from core.billing.tenants import ensure_tenant
 from core.db import create_engine, sessionmaker
 from core.keys import changed_channel, create_key, lookup
 from core.migrate import upgrade
 from core.models import Tenant
 from core.settings import Settings
-from core.billing.tenants import ensure_tenant
 from tests.services import fresh_postgres
 from tests.stack import BIN, Stack, make_stack, running
 

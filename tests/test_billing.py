@@ -31,11 +31,11 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from core.billing import ledger as billing
-from core.routing.catalog import DEFAULT_CATALOG, load_catalog
 from core.db import Sessions, create_engine, sessionmaker
 from core.keys import announce_change, create_key
 from core.limits.deployments import Limiter
 from core.models import BillingEntry, Job, Tenant
+from core.routing.catalog import DEFAULT_CATALOG, load_catalog
 from tests.services import fresh_postgres
 from tests.stack import TERMINAL, Stack, make_stack, running
 
@@ -420,7 +420,7 @@ async def test_chat_calls_settle_exactly_the_reported_tokens(stack: Stack, db: S
     assert (streamed.prompt_tokens, streamed.completion_tokens) == (5, 2)  # cut at max_tokens
     assert chat_price(3, 5) == 58
     for call_id, usage in ((plain_id, plain), (stream_id, streamed)):
-        books = await until(lambda: _closed(db, "chatty", call_id), what=f"the call {call_id} to settle")
+        books = await until(lambda call_id=call_id: _closed(db, "chatty", call_id), what=f"the call {call_id} to settle")
         # exactly the reported usage, also where it exceeds the hold's estimate (the prompt's
         # tokens are estimated from its characters; "a b c d e" is 5 tokens, estimated 3)
         assert books.keys() == {"hold", "settle"}, books  # held before it ran, settled after

@@ -22,9 +22,9 @@ from adapters.google_veo import GoogleVeoAdapter
 from adapters.openai import OpenAIAdapter
 from adapters.openai_compatible import OpenAICompatibleAdapter
 from adapters.replicate import ReplicateAdapter
-from core.routing.catalog import Deployment
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.limits.deployments import Limiter
+from core.routing.catalog import Deployment
 from core.routing.router import can_fall_back, health_effect
 from core.types import Pending, ProviderRequest
 from tests.fakes import google_veo as veo_fake

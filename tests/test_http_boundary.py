@@ -50,19 +50,19 @@ def _resp(status: int, body: object = None, headers: dict[str, str] | None = Non
     return httpx.Response(status, json=body, headers=headers, request=httpx.Request(method, "http://p/x"))
 
 
-U, P, O = Fault.user, Fault.provider, Fault.operator
+U, P, OP = Fault.user, Fault.provider, Fault.operator
 
 
 @pytest.mark.parametrize(
     "status,body,headers,method,code,retry,safe,fault",
     [
-        (401, {"error": {"message": "bad key"}}, None, "POST", ErrorCode.provider_auth, False, False, O),
-        (403, None, None, "GET", ErrorCode.provider_auth, False, False, O),
-        (402, {"detail": "out of credits"}, None, "POST", ErrorCode.provider_error, False, False, O),
+        (401, {"error": {"message": "bad key"}}, None, "POST", ErrorCode.provider_auth, False, False, OP),
+        (403, None, None, "GET", ErrorCode.provider_auth, False, False, OP),
+        (402, {"detail": "out of credits"}, None, "POST", ErrorCode.provider_error, False, False, OP),
         (422, {"detail": [{"loc": ["body", "width"], "msg": "too big"}]}, None, "POST", ErrorCode.invalid_input, False, False, U),
         (400, {"error": {"message": "bad size"}}, None, "POST", ErrorCode.invalid_input, False, False, U),
         # a misconfigured deployment: the operator's, never reported as the user's input
-        (404, {"detail": "Model not found: acme/nope"}, None, "POST", ErrorCode.provider_unavailable, False, True, O),
+        (404, {"detail": "Model not found: acme/nope"}, None, "POST", ErrorCode.provider_unavailable, False, True, OP),
         (404, {"detail": "prediction not found"}, None, "GET", ErrorCode.provider_error, False, False, P),
         (429, {"detail": "slow down"}, {"retry-after": "7"}, "POST", ErrorCode.rate_limited, True, True, P),
         # a 5xx on a create may follow an accepted task (a gateway's 502/504): not resent

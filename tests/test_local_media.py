@@ -55,7 +55,7 @@ def test_image_different_prompts_differ(fmt: str) -> None:
     assert a != b
     mean_a = ImageStat.Stat(_open(a).convert("RGB")).mean
     mean_b = ImageStat.Stat(_open(b).convert("RGB")).mean
-    assert sum(abs(x - y) for x, y in zip(mean_a, mean_b)) > 15
+    assert sum(abs(x - y) for x, y in zip(mean_a, mean_b, strict=True)) > 15
 
 
 def test_image_seed_changes_output() -> None:
@@ -166,7 +166,7 @@ def test_video_frames_durations_and_motion(size: tuple[int, int], duration: floa
     assert im.n_frames == n
     assert abs(sum(durations) - duration * 1000) <= n  # within 1 ms per frame
     assert sum(durations) == round(duration * 1000)  # exact by construction
-    for prev, cur in zip(frames, frames[1:]):
+    for prev, cur in zip(frames, frames[1:], strict=False):
         assert ImageChops.difference(prev, cur).getbbox() is not None
 
 

@@ -20,9 +20,9 @@ from openai import AsyncOpenAI
 from PIL import Image
 from sqlmodel import select
 
-from core.routing.catalog import DEFAULT_CATALOG
 from core.db import create_engine, sessionmaker
 from core.models import UsageRecord
+from core.routing.catalog import DEFAULT_CATALOG
 from tests.fakes import openai as openai_fake
 from tests.fakes.server import serve
 from tests.stack import Stack, make_stack, running
@@ -271,7 +271,7 @@ async def test_videos_create_and_poll_then_download(stack: Stack, client: AsyncO
 async def test_video_retrieve_reports_progress_while_running(stack: Stack, client: AsyncOpenAI) -> None:
     video = await client.videos.create(model="local-video", prompt="slow one", seconds="2",
                                        extra_body={})  # type: ignore[arg-type]
-    assert video.status in ("queued", "in_progress", "completed") and video.progress in range(0, 101)
+    assert video.status in ("queued", "in_progress", "completed") and video.progress in range(101)
     again = await client.videos.retrieve(video.id)
     assert again.id == video.id and again.object == "video"
     with pytest.raises(openai.NotFoundError):

@@ -66,7 +66,8 @@ async def test_image_job_downloads_a_png_of_the_requested_size(stack: Stack) -> 
 
 
 async def test_video_job_has_requested_duration_and_frame_rate(stack: Stack) -> None:
-    job = await _run(stack, {"model": "local-video", "input": {"prompt": "a sailing boat", "duration_seconds": 2, "fps": 8, "resolution": "360p", "aspect_ratio": "16:9"}})
+    job = await _run(stack, {"model": "local-video", "input": {"prompt": "a sailing boat", "duration_seconds": 2, "fps": 8,
+                                                               "resolution": "360p", "aspect_ratio": "16:9"}})
     (out,) = job["outputs"]
     data = await _download(out["url"])
     img = Image.open(io.BytesIO(data))

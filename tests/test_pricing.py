@@ -12,7 +12,6 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from core.routing.catalog import CatalogError, load_catalog
 from core.billing.pricing import (
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -23,6 +22,7 @@ from core.billing.pricing import (
     chat_cost,
     estimate_cost,
 )
+from core.routing.catalog import CatalogError, load_catalog
 
 # GPT Image 1 at its list prices (micro-USD), token prices for what it reports afterwards
 GPT_IMAGE = Price(

@@ -279,3 +279,29 @@ def test_stream_follows_urls_stream_to_the_end(stack: Stack) -> None:
     latest = c.predictions.list().results[0]
     assert latest.status == "succeeded" and str(urls[-1]) in str(latest.output), (urls, latest.output)
     assert FileOutput(str(urls[-1]), c).read()[:4] == b"\x89PNG"
+
+
+def test_stream_of_a_prediction_whose_event_history_is_gone(stack: Stack) -> None:
+    """A job's event history in Redis lasts a day and goes with a Redis that lost its data:
+    the SSE stream then follows the live events from nothing replayed and still ends with
+    `done` (it used to start from the int 0 where a (seq, sub) position belongs, and broke
+    on the first live event)."""
+    import redis as redis_sync
+
+    c = client(stack)
+    p = c.predictions.create(model="acme/local-image", input=local("a kite with no history", latency=6, steps=2, seed=23))
+    r = redis_sync.Redis.from_url(stack.env["GENROUTE_REDIS_URL"])
+    try:
+        r.delete(f"{stack.env['GENROUTE_REDIS_PREFIX']}:events:{p.id}")
+    finally:
+        r.close()
+    kinds: list[str] = []
+    url = f"{stack.api_url}/replicate/v1/predictions/{p.id}/stream"
+    with httpx.Client(timeout=30) as h, h.stream("GET", url, headers={"Authorization": f"Bearer {stack.keys['alice']}"}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                kinds.append(line.removeprefix("event: ").strip())
+                if kinds[-1] == "done":
+                    break
+    assert kinds and kinds[-1] == "done" and "output" in kinds and "error" not in kinds, kinds

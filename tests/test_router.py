@@ -17,9 +17,10 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from core.routing.catalog import Catalog, CatalogError, Deployment, Model, load_catalog
-from core.errors import ProviderError, ProviderErrorKind as K
+from core.errors import ProviderError
+from core.errors import ProviderErrorKind as K
 from core.limits.deployments import Denied, Lease, Limiter
+from core.routing.catalog import Catalog, CatalogError, Deployment, Model, load_catalog
 from core.routing.router import (
     DeploymentState,
     SkipReason,

@@ -20,7 +20,6 @@ import contextlib
 import io
 import ipaddress
 import json
-import os
 import re
 import socket
 import threading

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from api.jobs import parse_prefer_wait
-from core.routing.catalog import CatalogError, load_catalog
 from core.errors import InvalidRequest
 from core.jobs.ledger import ALLOWED_FROM, TERMINAL, JobStatus, can_transition
+from core.routing.catalog import CatalogError, load_catalog
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +153,8 @@ async def test_an_overloaded_database_answers_503_not_500() -> None:
     """Too many connections, a lost connection or an exhausted pool: 503 + Retry-After (in both
     error shapes); any other database error stays a 500."""
     from fastapi import FastAPI
-    from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     from api import errors
     from api.openai_compat import openai_router
@@ -197,7 +198,7 @@ def test_a_connection_broken_while_watching_counts_as_redis_lost() -> None:
     one when Redis was killed, and a worker that did not know it exited."""
     import redis.exceptions
 
-    from core.errors import redis_lost, unavailable
+    from core.outages import redis_lost, unavailable
 
     assert redis_lost(redis.exceptions.WatchError("A ConnectionError occurred on while watching one or more keys"))
     assert not redis_lost(redis.exceptions.WatchError("Watched variable changed."))

@@ -8,11 +8,11 @@ from pathlib import Path
 from sqlalchemy import event, func
 from sqlmodel import select
 
+from core.billing.usage import UsageWriter
 from core.db import create_engine, sessionmaker
 from core.migrate import upgrade
 from core.models import UsageRecord
 from core.settings import Settings
-from core.billing.usage import UsageWriter
 
 
 def _row(i: int) -> UsageRecord:

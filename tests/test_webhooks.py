@@ -13,8 +13,8 @@ import httpx
 import pytest
 import uvicorn
 from alembic import command
-from alembic.migration import MigrationContext
 from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 from standardwebhooks import Webhook

@@ -13,9 +13,10 @@ from typing import Any, TypedDict, TypeVar
 
 from core.callbacks import callback_secret, callback_url
 from core.disclosure import PRIVATE
-from core.errors import ErrorCode, infra_down, unavailable
+from core.errors import ErrorCode
 from core.jobs.ledger import JobStatus
 from core.models import Job
+from core.outages import infra_down, unavailable
 from core.routing.catalog import Deployment
 from core.routing.dispatch import release as release_slot
 from core.runtime import Runtime

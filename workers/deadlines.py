@@ -23,8 +23,8 @@ from sqlmodel import col, select
 
 from core.errors import ErrorCode
 from core.jobs.ledger import JobStatus
-from core.models import Job, utcnow
 from core.jobs.queue import enqueue_cancel
+from core.models import Job, utcnow
 from core.runtime import Runtime
 
 log = logging.getLogger("genroute.deadlines")

@@ -9,26 +9,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import AsyncExitStack
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 from arq import cron, func
 from arq.worker import Worker
 
 from adapters.registry import AdapterCache, longest_timeout
-from core.errors import REDIS_DOWN, redis_lost
 from core.metrics import Exposition, probe_for, serve_metrics
+from core.outages import REDIS_DOWN, redis_lost
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name
 from storage import build_store
+from workers.batches import complete_batches
 from workers.cancel import cancel_job
+from workers.deadlines import enforce_deadlines
 from workers.poll import Poller
 from workers.reconcile import reconcile
 from workers.run import run_job
 from workers.store import store_outputs
-from workers.batches import complete_batches
-from workers.deadlines import enforce_deadlines
 from workers.webhooks import deliver_webhook
 
 log = logging.getLogger("genroute.worker")
@@ -55,13 +55,14 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     deadlines = max(s.deadline_seconds(m) for m in ("image", "audio", "video", "text"))
     store_timeout = max(timeout, s.store_max_seconds, deadlines) + 120
     functions = [
-        func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20),
-        func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),
-        func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),
+        func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
+        func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
+        func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
         func(deliver_webhook, name="deliver_webhook", keep_result=0, timeout=int(s.webhook_timeout_seconds) * 3 + 30, max_tries=5),
     ]
     every = max(1, s.reconcile_every_seconds)
-    crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)), run_at_startup=True, keep_result=0, timeout=timeout)]
+    crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)),  # type: ignore[arg-type]  # as above
+                  run_at_startup=True, keep_result=0, timeout=timeout)]
     # issue 14: Cancel-After / start_within_seconds, and batch completion, scanned every second
     crons += [
         cron(enforce_deadlines, name=f"{s.redis_prefix}:deadlines", second=set(range(60)), keep_result=0, timeout=30),
@@ -71,7 +72,7 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     for i, q in enumerate(names):
         workers.append(
             Worker(
-                functions=functions,  # type: ignore[arg-type]
+                functions=functions,
                 cron_jobs=crons if i == 0 else None,
                 queue_name=q,
                 redis_pool=rt.redis,

@@ -26,11 +26,12 @@ from typing import Any
 
 from core import disclosure, metrics
 from core.callbacks import load_result
-from core.errors import ErrorCode, ProviderError, infra_down
+from core.errors import ErrorCode, ProviderError
 from core.jobs.ledger import JobStatus
 from core.jobs.polls import PollEntry
 from core.limits.deployments import RENEW
 from core.models import utcnow
+from core.outages import infra_down
 from core.runtime import Runtime
 from core.types import Done, Failed, Pending
 from workers.context import cancel_quietly, fail
@@ -273,7 +274,7 @@ class Poller:
         # claim the finish, so a second poll of the same seq does not store twice; the row
         # takes the progress last published (it may hold an older checkpoint)
         last = json.loads(e.published).get("progress") if e.published else None
-        extra = {"progress": last} if isinstance(last, int | float) else {}
+        extra: dict[str, Any] = {"progress": last} if isinstance(last, int | float) else {}
         claimed = await rt.ledger.transition(
             e.job_id, JobStatus.running, expect_poll_seq=e.seq, poll_seq=e.seq + 1, progress_message="storing outputs", queue_position=None, **extra,
             next_poll_at=utcnow() + timedelta(seconds=rt.settings.reconcile_grace_seconds),

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select as sa_select
+from sqlmodel import col
 
 from core.billing.ledger import release_stale_holds
 from core.errors import ErrorCode
@@ -33,7 +34,7 @@ from workers.webhooks import due_deliveries
 log = logging.getLogger("genroute.reconciler")
 
 PAGE = 2000
-_COLS = (Job.id, Job.modality, Job.next_poll_at, Job.updated_at, Job.deadline_at, Job.progress_message, Job.priority)
+_COLS = tuple(col(c) for c in (Job.id, Job.modality, Job.next_poll_at, Job.updated_at, Job.deadline_at, Job.progress_message, Job.priority))
 
 
 async def reconcile(ctx: Ctx) -> dict[str, int]:
@@ -67,8 +68,8 @@ async def _pages(rt: Runtime, status: JobStatus, stale: datetime) -> Any:
     while True:
         q = (
             sa_select(*_COLS)
-            .where(Job.status == status.value, Job.updated_at < stale, Job.id > cursor)  # type: ignore[arg-type,operator]
-            .order_by(Job.id)
+            .where(col(Job.status) == status.value, col(Job.updated_at) < stale, col(Job.id) > cursor)
+            .order_by(col(Job.id))
             .limit(PAGE)
         )
         async with rt.sessions() as session:

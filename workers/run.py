@@ -20,11 +20,12 @@ from typing import Any
 from sqlmodel import select
 
 from core import disclosure, metrics
-from core.errors import ErrorCode, ProviderError, infra_down, unavailable
+from core.errors import ErrorCode, ProviderError
 from core.jobs.ledger import TERMINAL, JobStatus
 from core.jobs.queue import enqueue_run, enqueue_woken
 from core.limits.waits import Gate
 from core.models import ApiKey, Job, utcnow
+from core.outages import infra_down, unavailable
 from core.routing.catalog import Model
 from core.routing.dispatch import Placed, Refused, Stopped, Unplaced, deployment_gate, dispatch
 from core.routing.router import Candidate
@@ -140,7 +141,8 @@ async def _route_and_submit(ctx: Ctx, job: Job, model: Model, prefer: str | None
 
     async def submit(cand: Candidate, adapter: Any, attempts: list[dict[str, Any]]) -> Pending | Done:
         called.append(cand.deployment.name)
-        return await adapter.submit(request_for(rt, state["job"], cand.deployment))  # type: ignore[no-any-return]
+        result: Pending | Done = await adapter.submit(request_for(rt, state["job"], cand.deployment))
+        return result
 
     # The submitting marker covers the whole step, from before the job is marked running
     # until its provider handle is saved: another run of the job (a reconciler's, a
@@ -186,10 +188,11 @@ async def _requeue_after_outage(rt: Runtime, job: Job, exc: Exception) -> None:
                 unavailable(exc) or "the network", type(exc).__name__)
     try:
         if job.provider_handle is None:
+            undo: dict[str, Any] = {}
+            if job.status == JobStatus.running:  # the attempt never happened
+                undo = {"attempt": max(0, job.attempt - 1), "attempts": list(job.attempts or [])[:-1]}
             back = await rt.ledger.transition(
-                job.id, JobStatus.queued, expect_version=job.version, deployment=None, queue_position=None,
-                **({"attempt": max(0, job.attempt - 1), "attempts": list(job.attempts or [])[:-1]}  # never happened
-                   if job.status == JobStatus.running else {}),
+                job.id, JobStatus.queued, expect_version=job.version, deployment=None, queue_position=None, **undo,
                 progress_message=f"waiting: {unavailable(exc) or 'our network'} was unreachable; retrying")
             if back is None:
                 return  # canceled, or another run moved it on

@@ -10,7 +10,6 @@ provider's result again.
 
 from __future__ import annotations
 
-
 import time
 
 from core.billing.pricing import actual_cost
@@ -22,7 +21,6 @@ from core.runtime import Runtime
 from core.types import Done, OutputRef
 from storage import StorageError, store_output
 from workers.context import Ctx, alive, deployment_of, fail, release
-
 
 QUEUED, LIVE = "queued", "1"  # the storing marker: a store task is queued / running
 

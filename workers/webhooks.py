@@ -90,9 +90,9 @@ async def _claim(rt: Runtime, d: WebhookDelivery) -> WebhookDelivery | None:
         .execution_options(synchronize_session=False)
     )
     async with rt.sessions() as s:
-        row = (await s.exec(stmt)).scalar_one_or_none()  # type: ignore[call-overload]
+        row = (await s.exec(stmt)).scalar_one_or_none()
         await s.commit()
-    return row  # type: ignore[no-any-return]
+    return row
 
 
 async def _send(rt: Runtime, d: WebhookDelivery, body: bytes, headers: dict[str, str]) -> tuple[int | None, str | None]:
@@ -159,7 +159,7 @@ async def _attempt(rt: Runtime, d: WebhookDelivery) -> bool:
         else:
             values.update(next_attempt_at=now + timedelta(seconds=delay))
     async with rt.sessions() as s:
-        await s.exec(update(WebhookDelivery).where(col(WebhookDelivery.id) == d.id).values(**values))  # type: ignore[call-overload]
+        await s.exec(update(WebhookDelivery).where(col(WebhookDelivery.id) == d.id).values(**values))
         await s.commit()
     refused = status_code is None and (error or "").startswith("refused:")
     outcome = "delivered" if ok else "refused" if refused else "failed" if delay is not None else "exhausted"

@@ -14,9 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.strict import StrictRoute
-
-from core.errors import database_busy
 from core.errors import GenrouteError
+from core.outages import database_busy
 
 log = logging.getLogger("genroute.api.replicate")
 
@@ -43,7 +42,7 @@ def translate(exc: Exception) -> JSONResponse:
         return problem(422, f"{where}: {first['msg']}", "invalid_input", errors=errors)
     if database_busy(exc):
         return problem(503, "the database is overloaded or unavailable; retry shortly", "unavailable", {"Retry-After": "1"})
-    log.exception("unhandled error in a Replicate-compatible route", exc_info=exc)
+    log.error("unhandled error in a Replicate-compatible route", exc_info=exc)
     return problem(500, "internal error; it has been logged", "internal")
 
 

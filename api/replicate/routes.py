@@ -29,18 +29,18 @@ from sqlmodel import select
 
 from api import jobs as jobs_api
 from api.deps import PrincipalDep, RuntimeDep, WebhookManagerDep
-from api.streams import Revoked, until_ended
 from api.events import PING, follow_job
 from api.pagination import page
 from api.replicate.errors import ReplicateRoute
 from api.replicate.inputs import to_job_input
+from api.streams import Revoked, until_ended
 from core import predictions
-from core.routing.catalog import Model
 from core.errors import InvalidInput, NotFound
 from core.events import Event
-from core.jobs.ledger import TERMINAL, JobStatus
+from core.jobs.ledger import TERMINAL
 from core.keys import Principal
 from core.models import Job
+from core.routing.catalog import Model
 from core.runtime import Runtime
 from core.schemas import INPUT_SCHEMAS, JobCreate
 from core.webhooks import secret_box, tenant_secret
@@ -102,7 +102,7 @@ async def _create(rt: Runtime, principal: Principal, request: Request, response:
         model=model.id,
         input=to_job_input(model.modality, body.input),
         webhook_url=url,
-        webhook_events=predictions.webhook_events(filters) if url else None,  # type: ignore[arg-type]
+        webhook_events=predictions.webhook_events(filters) if url else None,
     )
     options = jobs_api.SubmitOptions(
         cancel_after=jobs_api.parse_duration(cancel_after, "Cancel-After") if cancel_after else None,
@@ -194,8 +194,8 @@ async def stream_prediction(pid: str, request: Request, rt: RuntimeDep, principa
         # follow_job is an async generator (typed as its iterator): until_ended owns it, aclosing ends both
         try:
             with guard.watch(principal) as watch:  # a revoked key ends the stream (api/streams.py)
-                items = until_ended(follow_job(rt, hub, principal.tenant, pid, 0), watch)  # type: ignore[arg-type]
-                async with contextlib.aclosing(items):  # type: ignore[type-var]
+                items = until_ended(follow_job(rt, hub, principal.tenant, pid, (0, 0)), watch)  # every event, from the first
+                async with contextlib.aclosing(items):
                     async for item in items:
                         if item is PING:
                             yield ": ping\n\n"

@@ -35,17 +35,19 @@ from typing import Any
 
 from sqlalchemy import func, insert, literal, update
 from sqlalchemy.orm import aliased
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core import metrics
-from core.routing.catalog import Catalog, Model
+from core.billing.pricing import estimate_cost
+from core.billing.tenants import UNSET, check_budget, ensure_tenant, valid_tenant_id
 from core.db import Sessions
 from core.errors import BudgetExceeded, InvalidInput
-from core.models import BillingEntry, Tenant, utcnow
-from core.billing.pricing import estimate_cost
+from core.models import BillingEntry, Tenant, table_of, utcnow
+from core.routing.catalog import Catalog, Model
 from core.routing.router import reachable
-from core.billing.tenants import UNSET, check_budget, ensure_tenant, valid_tenant_id
+
+ENTRIES = table_of(BillingEntry)
 
 
 def hold_for(model: Model, catalog: Catalog | None, request: Mapping[str, Any]) -> int:
@@ -70,14 +72,14 @@ async def _apply(s: AsyncSession, tenant: str, *, held: int, spent: int, need: i
     t = Tenant
     for _ in range(4):
         if budgeted:
-            stmt = update(t).where(t.id == tenant, t.budget.is_not(None))  # type: ignore[arg-type,union-attr]
+            stmt = update(t).where(col(t.id) == tenant, col(t.budget).is_not(None))
             if need > 0:
-                stmt = stmt.where(t.budget - t.spent - t.held >= need)  # type: ignore[operator]
-            stmt = stmt.values(held=t.held + held, spent=t.spent + spent, updated_at=utcnow()).returning(t.id)
+                stmt = stmt.where(col(t.budget) - col(t.spent) - col(t.held) >= need)
+            stmt = stmt.values(held=col(t.held) + held, spent=col(t.spent) + spent, updated_at=utcnow()).returning(col(t.id))
             stmt = stmt.execution_options(synchronize_session=False)  # no ORM bookkeeping: a third of its CPU
-            if (await s.exec(stmt)).first() is not None:  # type: ignore[call-overload]
+            if (await s.exec(stmt)).first() is not None:
                 return
-        unbudgeted = select(t.id).where(t.id == tenant, t.budget.is_(None)).with_for_update(read=True)  # type: ignore[union-attr]
+        unbudgeted = select(t.id).where(col(t.id) == tenant, col(t.budget).is_(None)).with_for_update(read=True)
         if (await s.exec(unbudgeted)).first() is not None:
             return  # the shared lock stays to the end of the transaction
         row = (await s.exec(select(t.budget, t.spent, t.held).where(t.id == tenant))).first()
@@ -112,12 +114,12 @@ async def hold(
         # the common case in one statement: the entry is written only if the tenant has no
         # budget, and that row is share-locked by the same statement (see _apply)
         t = Tenant
-        src = select(*(literal(v, BillingEntry.__table__.c[k].type) for k, v in entry.items()))
-        src = src.where(t.id == tenant, t.budget.is_(None)).with_for_update(read=True)  # type: ignore[union-attr]
-        done = await s.exec(insert(BillingEntry.__table__).from_select(list(entry), src))  # type: ignore[call-overload]
+        src = select(*(literal(v, ENTRIES.c[k].type) for k, v in entry.items()))
+        src = src.where(col(t.id) == tenant, col(t.budget).is_(None)).with_for_update(read=True)
+        done = await s.exec(insert(ENTRIES).from_select(list(entry), src))
         if done.rowcount == 1:
             return
-    await s.exec(insert(BillingEntry.__table__).values(**entry))  # type: ignore[call-overload]  # Core: a third of the ORM's CPU
+    await s.exec(insert(ENTRIES).values(**entry))  # Core: a third of the ORM's CPU
     if amount > 0:
         await _apply(s, tenant, held=amount, spent=0, need=amount, budgeted=True)
 
@@ -145,7 +147,7 @@ async def close(s: AsyncSession, closes: Iterable[Close]) -> None:
     for c in closes:
         settled = c.settle is not None
         basis = c.basis
-        if settled and c.settle > c.held > 0:  # type: ignore[operator]
+        if c.settle is not None and c.settle > c.held > 0:
             basis = f"{basis or 'cost'}; overrun"
         rows.append(
             dict(tenant=c.tenant, key_id=c.key_id, subject_id=c.subject_id, kind="settle" if settled else "release",
@@ -156,7 +158,7 @@ async def close(s: AsyncSession, closes: Iterable[Close]) -> None:
     if not rows:
         return
     await s.flush()  # the caller's pending rows first: a budgeted tenant's row is locked from here to the commit
-    await s.exec(insert(BillingEntry.__table__), params=rows)  # type: ignore[call-overload]
+    await s.exec(insert(ENTRIES), params=rows)
     for tenant, (held, spent) in deltas.items():
         if held or spent:
             await _apply(s, tenant, held=-held, spent=spent)
@@ -166,12 +168,12 @@ async def ledger_sums(s: AsyncSession, tenant: str) -> tuple[int, int]:
     """(spent, held) added up from the tenant's entries: spent is the sum of settles; held
     the sum of holds whose subject has neither a settle nor a release yet."""
     e = BillingEntry
-    closed = select(e.subject_id).where(e.tenant == tenant, e.kind.in_(["settle", "release"]))  # type: ignore[attr-defined]
+    closed = select(e.subject_id).where(col(e.tenant) == tenant, col(e.kind).in_(["settle", "release"]))
     spent = (await s.exec(select(func.coalesce(func.sum(e.amount), 0)).where(e.tenant == tenant, e.kind == "settle"))).one()
     held = (
         await s.exec(
             select(func.coalesce(func.sum(e.amount), 0)).where(
-                e.tenant == tenant, e.kind == "hold", e.subject_id.not_in(closed)  # type: ignore[attr-defined]
+                col(e.tenant) == tenant, col(e.kind) == "hold", col(e.subject_id).not_in(closed)
             )
         )
     ).one()
@@ -189,12 +191,12 @@ async def set_budget(s: AsyncSession, tenant: str, budget: int | None) -> bool:
     entries, write them with the budget. False when there is no such tenant."""
     # a write first: the row's exclusive lock on PostgreSQL, the database's write lock on
     # SQLite (whose reads would otherwise see a snapshot from before a hold in flight)
-    locked = update(Tenant).where(Tenant.id == tenant).values(updated_at=utcnow()).returning(Tenant.id)  # type: ignore[arg-type]
-    if (await s.exec(locked)).first() is None:  # type: ignore[call-overload]
+    locked = update(Tenant).where(col(Tenant.id) == tenant).values(updated_at=utcnow()).returning(col(Tenant.id))
+    if (await s.exec(locked)).first() is None:
         return False
     spent, held = await ledger_sums(s, tenant)
-    await s.exec(  # type: ignore[call-overload]
-        update(Tenant).where(Tenant.id == tenant).values(budget=budget, spent=spent, held=held, updated_at=utcnow())  # type: ignore[arg-type]
+    await s.exec(
+        update(Tenant).where(col(Tenant.id) == tenant).values(budget=budget, spent=spent, held=held, updated_at=utcnow())
     )
     return True
 
@@ -232,12 +234,12 @@ async def release_stale_holds(
     no sweep: their holds close with their terminal transition, which the reconciler guarantees."""
     e, c = BillingEntry, aliased(BillingEntry)
     until = utcnow() - older_than
-    closed = select(c.id).where(c.subject_id == e.subject_id, c.kind.in_(["settle", "release"]))  # type: ignore[attr-defined]
+    closed = select(c.id).where(col(c.subject_id) == col(e.subject_id), col(c.kind).in_(["settle", "release"]))
     stale = (
         await s.exec(
             select(e)
-            .where(e.kind == "hold", e.created_at >= until - window, e.created_at < until)  # type: ignore[operator]
-            .where(e.subject_id.like(f"{prefix}%"), ~closed.exists())  # type: ignore[attr-defined]
+            .where(e.kind == "hold", e.created_at >= until - window, e.created_at < until)
+            .where(col(e.subject_id).like(f"{prefix}%"), ~closed.exists())
             .limit(limit)
         )
     ).all()
@@ -260,7 +262,7 @@ async def update_tenant(sessions: Sessions, tenant_id: str, *, name: Any = UNSET
     async with sessions() as s:
         if budget is not UNSET and not await set_budget(s, tenant_id, budget):
             return None
-        result = await s.exec(update(Tenant).where(Tenant.id == tenant_id).values(**values))  # type: ignore[call-overload, arg-type]
+        result = await s.exec(update(Tenant).where(col(Tenant.id) == tenant_id).values(**values))
         if result.rowcount == 0:
             return None
         await s.commit()

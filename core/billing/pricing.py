@@ -282,7 +282,7 @@ def _media_cost(
 ) -> Fraction:
     """Seconds of video, or characters spoken plus seconds of audio. Unknown amounts (None)
     come from the request: its duration, the time to speak its text, or the defaults."""
-    text = request.get("text") if isinstance(request.get("text"), str) else ""
+    text: str = t if isinstance(t := request.get("text"), str) else ""
     if seconds is None:
         seconds = _number(request.get("duration_seconds"))
     if seconds is None:

@@ -20,11 +20,12 @@ from sqlalchemy import insert
 
 from core.billing.ledger import Close
 from core.billing.ledger import close as billing_close
+from core.billing.pricing import CHARS_PER_TOKEN
 from core.db import Sessions
-from core.models import UsageRecord, utcnow
-from core.billing.pricing import CHARS_PER_TOKEN, chat_cost  # noqa: F401 (chat_cost: re-exported for the chat routes)
+from core.models import UsageRecord, table_of, utcnow
 
 log = logging.getLogger("genroute.usage")
+USAGE = table_of(UsageRecord)
 
 
 def count_tokens(text: str) -> int:
@@ -86,7 +87,7 @@ class UsageWriter:
     def add(self, record: UsageRecord, close: Close | None = None) -> None:
         if record.created_at is None:  # column defaults do not apply to explicit values
             record.created_at = utcnow()
-        self._rows.append({c.name: getattr(record, c.key) for c in UsageRecord.__table__.columns})
+        self._rows.append({c.name: getattr(record, c.key) for c in USAGE.columns})
         if close is not None:
             self._closes.append(close)
         self._wake.set()
@@ -105,7 +106,7 @@ class UsageWriter:
             try:
                 async with self.sessions() as s:
                     if batch:
-                        await s.exec(insert(UsageRecord.__table__), params=batch)  # type: ignore[call-overload]
+                        await s.exec(insert(USAGE), params=batch)
                     await billing_close(s, closes)
                     await s.commit()
             except Exception:  # keep serving; the rows are logged, not retried forever (a lost

@@ -36,19 +36,19 @@ from typing import Any
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sqlalchemy import Text, bindparam, case, cast, func, or_, update
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core.billing import ledger as billing
 from core import metrics
+from core.billing import ledger as billing
+from core.billing.pricing import Cost
 from core.db import Sessions
 from core.errors import ErrorCode
 from core.events import Event, EventBus, EventType
-from core.models import Asset, Job, UsageRecord, WebhookDelivery, utcnow
-from core.billing.pricing import Cost
 from core.jobs.queue import enqueue_woken
 from core.limits.keys import KeyQuotas
 from core.limits.waits import Gate
+from core.models import Asset, Job, UsageRecord, WebhookDelivery, table_of, utcnow
 from core.settings import Settings
 from core.webhooks import WebhookPlanner, enqueue_delivery
 
@@ -159,7 +159,7 @@ class Ledger:
         {"id", "progress", "progress_message", "queue_position"}."""
         if not rows:
             return 0
-        t = Job.__table__  # type: ignore[attr-defined]
+        t = table_of(Job)
         stmt = (
             update(t)
             .where(t.c.id == bindparam("b_id"), t.c.status == JobStatus.running.value)
@@ -179,7 +179,7 @@ class Ledger:
         if not job_ids:
             return out
         async with self.sessions() as s:
-            rows = await s.exec(select(Asset).where(Asset.job_id.in_(list(job_ids))).order_by(Asset.index))  # type: ignore[attr-defined]
+            rows = await s.exec(select(Asset).where(col(Asset.job_id).in_(list(job_ids))).order_by(col(Asset.index)))
             for a in rows:
                 out[a.job_id].append(a)
         return out
@@ -243,11 +243,11 @@ class Ledger:
                 settle: Any = cost.amount if cost is not None else 0
             elif to is JobStatus.canceled:
                 # no handle saved: SQL NULL, or JSON null (what the ORM's INSERT of None writes)
-                untaken = or_(Job.provider_handle.is_(None), cast(Job.provider_handle, Text) == "null")  # type: ignore[union-attr]
+                untaken = or_(col(Job.provider_handle).is_(None), cast(col(Job.provider_handle), Text) == "null")
                 settle = case((untaken, 0), else_=Job.cost_held)
             else:
                 settle = 0
-            values["cost_settled"] = case((Job.cost_held.is_(None), None), else_=settle)  # type: ignore[union-attr]
+            values["cost_settled"] = case((col(Job.cost_held).is_(None), None), else_=settle)
         if error is not None:
             values["error_code"] = error[0].value
             values["error_message"] = error[1][:2000]
@@ -257,7 +257,7 @@ class Ledger:
         # queued (a start), so the event type is known without reading the row first.
         if to is JobStatus.running:
             changed = [getattr(Job, f).is_distinct_from(changes[f]) for f in PROGRESS_FIELDS if f in changes]
-            attempts = [
+            attempts: list[tuple[JobStatus | None, EventType, Any]] = [
                 (JobStatus.running, EventType.progress, case((or_(*changed), 1), else_=0) if changed else 0),
                 (JobStatus.queued, EventType.started, 1),
             ]
@@ -269,17 +269,18 @@ class Ledger:
 
         async with self.sessions() as s:
             job: Job | None = None
-            for src, kind, bump in attempts:
+            for src, tried_kind, bump in attempts:
                 allowed = [src.value] if src is not None else [x.value for x in ALLOWED_FROM[to]]
-                stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed))  # type: ignore[attr-defined]
+                stmt = update(Job).where(col(Job.id) == job_id, col(Job.status).in_(allowed))
                 if expect_version is not None:
-                    stmt = stmt.where(Job.version == expect_version)
+                    stmt = stmt.where(col(Job.version) == expect_version)
                 if expect_poll_seq is not None:
-                    stmt = stmt.where(Job.poll_seq == expect_poll_seq)
-                stmt = stmt.values(**values, event_seq=Job.event_seq + bump)
+                    stmt = stmt.where(col(Job.poll_seq) == expect_poll_seq)
+                stmt = stmt.values(**values, event_seq=col(Job.event_seq) + bump)
                 stmt = stmt.returning(Job).execution_options(synchronize_session=False)
-                job = (await s.exec(stmt)).scalar_one_or_none()  # type: ignore[call-overload]
+                job = (await s.exec(stmt)).scalar_one_or_none()
                 if job is not None:
+                    kind = tried_kind  # the write that matched says which event it is
                     break
             if job is None:
                 await s.rollback()
@@ -415,6 +416,7 @@ def _event_data(job: Job, **extra: Any) -> dict[str, Any]:
 
 def _events_of(job: Job, kind: EventType, at: datetime, assets: list[Asset]) -> list[Event]:
     """The events one write stands for; their seqs end at the row's new event_seq."""
+    items: list[tuple[EventType, dict[str, Any]]]
     if kind is EventType.started:
         items = [(kind, _event_data(job, deployment=job.deployment, attempt=job.attempt))]
     elif kind is EventType.succeeded:

@@ -9,7 +9,7 @@ ARQ tasks: they live on the poll schedule (core/jobs/polls.py).
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -30,7 +30,7 @@ _EXPIRES = timedelta(days=1)  # ARQ's default lifetime of a job key, kept whatev
 def _due(head_start: timedelta) -> dict[str, Any]:
     if not head_start:
         return {}
-    return {"_defer_until": datetime.now(timezone.utc) - head_start, "_expires": _EXPIRES}
+    return {"_defer_until": datetime.now(UTC) - head_start, "_expires": _EXPIRES}
 
 
 async def enqueue_run(
@@ -59,7 +59,7 @@ async def enqueue_cancel(redis: ArqRedis, settings: Settings, job_id: str, modal
 async def enqueue_woken(redis: ArqRedis, settings: Settings, waits: Any, job_id: str, gate: str = "") -> bool:
     """Run a job a wait queue just handed a slot to (core/limits/waits.py). `gate`
     "d:{deployment}": its run tries that deployment first, where the slot is already its own."""
-    modality = await redis.hget(waits.job_key(job_id), "_m")
+    modality = await redis.hget(waits.job_key(job_id), "_m")  # type: ignore[misc]  # redis-py types one method for its sync and async clients
     mod = modality.decode() if isinstance(modality, bytes) else (modality or "image")
     prefer = gate[2:] if gate.startswith("d:") else None
     job = await redis.enqueue_job(

@@ -26,7 +26,7 @@ import logging
 
 from redis.asyncio import Redis
 
-from core.errors import REDIS_DOWN
+from core.outages import REDIS_DOWN
 
 log = logging.getLogger("genroute.auth")
 

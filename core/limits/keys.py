@@ -29,8 +29,9 @@ import uuid
 from redis.asyncio import Redis
 
 from core import metrics
-from core.errors import REDIS_DOWN, Forbidden, RateLimited
+from core.errors import Forbidden, RateLimited
 from core.keys import Principal
+from core.outages import REDIS_DOWN
 
 log = logging.getLogger("genroute.quotas")
 

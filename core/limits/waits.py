@@ -188,7 +188,7 @@ class WaitQueues:
     async def position(self, job_id: str, gates: dict[str, int]) -> Position | None:
         """Where the job stands: the fewest jobs ahead at any gate it waits at, and an ETA
         from that gate's recent task durations and slot count. `gates`: name -> max slots."""
-        fields = await self.redis.hgetall(self.job_key(job_id))
+        fields = await self.redis.hgetall(self.job_key(job_id))  # type: ignore[misc]  # redis-py types one method for its sync and async clients
         names = [_s(k) for k in fields if not _s(k).startswith("_")]
         if not names:
             return None

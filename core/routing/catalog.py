@@ -44,8 +44,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from core.errors import InvalidInput
 from core.billing.pricing import Price
+from core.errors import InvalidInput
 from core.schemas import INPUT_SCHEMAS
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalog.yaml"

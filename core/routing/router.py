@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from core.routing.catalog import Catalog, Deployment, Model, capability_problems
-from core.errors import Fault, ProviderError, ProviderErrorKind
 from core.billing.pricing import estimate_cost, token_estimate
+from core.errors import Fault, ProviderError, ProviderErrorKind
+from core.routing.catalog import Catalog, Deployment, Model, capability_problems
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ Resilience, the same in both:
   rides out an API restart), and falls back to polling where the stream is unavailable.
 """
 
+from core.schemas import AssetPublic, EventPublic, JobList, JobPublic, UsageReport
 from genroute.client.aio import AsyncClient
 from genroute.client.errors import (
     APIConnectionError,
@@ -36,7 +37,6 @@ from genroute.client.errors import (
     WaitTimeoutError,
 )
 from genroute.client.sync import Client
-from core.schemas import AssetPublic, EventPublic, JobList, JobPublic, UsageReport
 
 __all__ = [
     "APIConnectionError", "APIError", "AssetPublic", "AsyncClient", "AuthenticationError", "BudgetExceededError",

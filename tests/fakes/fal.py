@@ -112,8 +112,8 @@ class State:
         self.requests.clear()
         self.files.clear()
         self.seq = 0
-        self.stats = {k: 0 for k in ("creates", "polls", "results", "cancels", "inflight", "peak_inflight",
-                                     "jwks_fetches", "webhook_attempts", "webhooks_delivered", "cdn_gets")}
+        self.stats = dict.fromkeys(("creates", "polls", "results", "cancels", "inflight", "peak_inflight",
+                                    "jwks_fetches", "webhook_attempts", "webhooks_delivered", "cdn_gets"), 0)
 
     def count_inflight(self) -> None:
         n = sum(1 for r in self.requests.values() if r.state != "COMPLETED")

@@ -137,12 +137,14 @@ def create_app(state: VeoState | None = None, cdn_url: str | None = None, **opti
         if "[429]" in prompt:
             return google_error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota, please check your plan and billing details.", [
                 {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
-                    {"quotaMetric": "generativelanguage.googleapis.com/predict_long_running_requests", "quotaId": "PredictLongRunningRequestsPerMinutePerProjectPerModel"}]},
+                    {"quotaMetric": "generativelanguage.googleapis.com/predict_long_running_requests",
+                     "quotaId": "PredictLongRunningRequestsPerMinutePerProjectPerModel"}]},
                 {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}])
         if "[500]" in prompt:
             return google_error(500, "INTERNAL", "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting")
         if "[blocked400]" in prompt:
-            return google_error(400, "INVALID_ARGUMENT", "The prompt could not be submitted. This prompt contains words that violate Vertex AI's usage guidelines (responsible AI / safety).")
+            return google_error(400, "INVALID_ARGUMENT", "The prompt could not be submitted. "
+                                "This prompt contains words that violate Vertex AI's usage guidelines (responsible AI / safety).")
         if (invalid := _validate(model, params, instance)) is not None:
             return google_error(400, "INVALID_ARGUMENT", invalid)
         op_id = uuid.uuid4().hex[:12]

@@ -37,7 +37,7 @@ import secrets
 import struct
 import time
 import wave
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -293,7 +293,7 @@ def create_app(
             return error(400, "We could not parse the JSON body of your request.")
         if not isinstance(f.get("prompt"), str) or not f["prompt"]:
             return error(400, "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
-        st.created("images.generations", {k: v for k, v in f.items()})
+        st.created("images.generations", dict(f.items()))
         model = str(f.get("model") or "dall-e-2")
         if (problem := scripted(f["prompt"], output_moderation_now=True) or image_problem(model, f, edit=False)) is not None:
             return problem
@@ -376,7 +376,7 @@ def create_app(
                  "type": f"video.{v['status']}", "data": {"id": v["id"]}}
         payload = json.dumps(event)
         msg_id = f"wh_{secrets.token_hex(12)}"
-        now = datetime.now(tz=timezone.utc)
+        now = datetime.now(tz=UTC)
         signature = Webhook(str(webhook_secret)).sign(msg_id, now, payload)
         headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": signature,
                    "content-type": "application/json"}

@@ -31,7 +31,7 @@ class Running:
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="off")
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # run in a thread: uvicorn leaves signal handlers alone off the main thread
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self) -> Running:

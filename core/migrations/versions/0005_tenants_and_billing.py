@@ -6,9 +6,8 @@ Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import op
-
 
 revision = "0005"
 down_revision = "0004"

@@ -6,17 +6,19 @@ Revises: 0005
 Create Date: 2026-12-02
 """
 
-import sqlalchemy as sa
-import sqlmodel
-from alembic import op
+from collections.abc import Callable
+from typing import Any
 
+import sqlalchemy as sa
+import sqlmodel.sql.sqltypes
+from alembic import op
 
 revision = "0007"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-_JOB_COLUMNS = [
+_JOB_COLUMNS: list[tuple[str, Callable[[], sa.Column[Any]]]] = [
     ("webhook_format", lambda: sa.Column("webhook_format", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True)),
     ("cancel_after_at", lambda: sa.Column("cancel_after_at", sa.DateTime(timezone=True), nullable=True)),
     ("start_by_at", lambda: sa.Column("start_by_at", sa.DateTime(timezone=True), nullable=True)),

@@ -9,9 +9,14 @@ Revises: 0007
 Create Date: 2026-12-03
 """
 
+from typing import TYPE_CHECKING, Any
+
 import sqlalchemy as sa
-import sqlmodel
+import sqlmodel.sql.sqltypes
 from alembic import context, op
+
+if TYPE_CHECKING:
+    from core.secretbox import SecretBox
 
 revision = "0008"
 down_revision = "0007"
@@ -21,7 +26,7 @@ depends_on = None
 _COLUMNS = (("secret", False), ("previous_secret", True))
 
 
-def _box():  # type: ignore[no-untyped-def]
+def _box() -> "SecretBox | None":
     from core.secretbox import box_for
 
     settings = context.config.attributes.get("genroute_settings")
@@ -35,7 +40,7 @@ def _box():  # type: ignore[no-untyped-def]
     return box_for(settings)
 
 
-def _rows() -> list:  # type: ignore[type-arg]
+def _rows() -> list[Any]:
     return list(op.get_bind().execute(sa.text("SELECT tenant, secret, previous_secret FROM webhook_secrets")).all())
 
 
