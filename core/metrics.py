@@ -42,6 +42,7 @@ from datetime import datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import metrics as pc_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics import exposition as om
 from prometheus_client.process_collector import PROCESS_COLLECTOR
@@ -308,13 +309,16 @@ _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
 class Renderer:
     """prometheus_client's text format (generate_latest's bytes, tests/test_observe.py checks
     it), faster: a series' `name{labels} ` is formatted once and kept, so a scrape formats
-    only the values. Label values are bounded, so the cache is too (and capped anyway)."""
+    only the values, and Counters and Histograms are read from their children directly
+    (collect() would build a Sample per value). Label values are bounded, so the caches are
+    too (and capped anyway)."""
 
     MAX_SERIES = 50_000
 
     def __init__(self) -> None:
         self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         self._values: dict[float, str] = {}  # counts and bucket bounds repeat from scrape to scrape
+        self._series: dict[tuple[str, tuple[str, ...], bool], list[str]] = {}
 
     def _value(self, v: float) -> str:
         text = self._values.get(v)
@@ -343,31 +347,106 @@ class Renderer:
 
     def render(self, collectors: Iterable[Collector]) -> bytes:
         out: list[str] = []
+        for collector in collectors:
+            for c in self._members(collector):
+                if not self._own(c, out):
+                    for metric in c.collect():
+                        self._family(metric, out)
+        return "".join(out).encode("utf-8")
+
+    @staticmethod
+    def _members(collector: Collector) -> list[Any]:
+        """A registry's collectors in its order (what its collect() walks), else the collector."""
+        if type(collector) is CollectorRegistry and not getattr(collector, "_target_info", None):
+            try:
+                with collector._lock:  # noqa: SLF001
+                    return list(collector._collector_to_names)  # noqa: SLF001
+            except AttributeError:  # another prometheus_client: its own collect()
+                pass
+        return [collector]
+
+    def _family(self, metric: Any, out: list[str]) -> None:
+        """One family from collect(), as generate_latest writes it."""
         append = out.append
         esc = om.UNDERSCORES
-        for collector in collectors:
-            for metric in collector.collect():
-                mtype = metric.type
-                mname = metric.name + _SUFFIX.get(mtype, "")
-                doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-                append(f"# HELP {om.escape_metric_name(mname, esc)} {doc}\n")
-                append(f"# TYPE {om.escape_metric_name(mname, esc)} {_TYPES.get(mtype, mtype)}\n")
-                om_names = {metric.name + suffix: suffix for suffix in _OM_SUFFIXES}
-                om_lines: dict[str, list[str]] = {}
-                for sm in metric.samples:
-                    line = self._head(sm.name, sm.labels) + self._value(sm.value)
-                    if sm.timestamp is not None:
-                        line += f" {int(float(sm.timestamp) * 1000):d}"
-                    suffix = om_names.get(sm.name)
-                    if suffix is None:
-                        append(line + "\n")
-                    else:  # OpenMetrics-only samples: a gauge after the family, as generate_latest does
-                        om_lines.setdefault(suffix, []).append(line + "\n")
-                for suffix, lines in sorted(om_lines.items()):
-                    append(f"# HELP {om.escape_metric_name(metric.name + suffix, esc)} {doc}\n")
-                    append(f"# TYPE {om.escape_metric_name(metric.name + suffix, esc)} gauge\n")
-                    out.extend(lines)
-        return "".join(out).encode("utf-8")
+        mtype = metric.type
+        mname = metric.name + _SUFFIX.get(mtype, "")
+        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        append(f"# HELP {om.escape_metric_name(mname, esc)} {doc}\n")
+        append(f"# TYPE {om.escape_metric_name(mname, esc)} {_TYPES.get(mtype, mtype)}\n")
+        om_names = {metric.name + suffix: suffix for suffix in _OM_SUFFIXES}
+        om_lines: dict[str, list[str]] = {}
+        for sm in metric.samples:
+            line = self._head(sm.name, sm.labels) + self._value(sm.value)
+            if sm.timestamp is not None:
+                line += f" {int(float(sm.timestamp) * 1000):d}"
+            suffix = om_names.get(sm.name)
+            if suffix is None:
+                append(line + "\n")
+            else:  # OpenMetrics-only samples: a gauge after the family, as generate_latest does
+                om_lines.setdefault(suffix, []).append(line + "\n")
+        for suffix, lines in sorted(om_lines.items()):
+            append(f"# HELP {om.escape_metric_name(metric.name + suffix, esc)} {doc}\n")
+            append(f"# TYPE {om.escape_metric_name(metric.name + suffix, esc)} gauge\n")
+            out.extend(lines)
+
+    def _own(self, metric: Any, out: list[str]) -> bool:
+        """A prometheus_client Counter or Histogram, read from its children's values without
+        building a Sample (and a labels dict) per value, which is most of collect()'s cost.
+        False when it is not one (or this prometheus_client's insides differ): collect() then."""
+        kind = type(metric)
+        if kind not in (Counter, Histogram) or pc_metrics._use_created:  # noqa: SLF001
+            return False
+        try:
+            if metric._is_parent():  # noqa: SLF001
+                with metric._lock:  # noqa: SLF001
+                    children = list(metric._metrics.items())  # noqa: SLF001
+            else:
+                children = [((), metric)]
+            name, names = metric._name, metric._labelnames  # noqa: SLF001
+            doc = metric._documentation.replace("\\", r"\\").replace("\n", r"\n")  # noqa: SLF001
+            lines: list[str] = []
+            value = self._value
+            if kind is Counter:
+                for values, child in children:
+                    lines.append(self._heads_of(name, names, values, None)[0] + value(child._value.get()) + "\n")  # noqa: SLF001
+                mname = om.escape_metric_name(name + "_total", om.UNDERSCORES)
+                head = f"# HELP {mname} {doc}\n# TYPE {mname} counter\n"
+            else:
+                for values, child in children:
+                    bounds = child._upper_bounds  # noqa: SLF001
+                    heads = self._heads_of(name, names, values, bounds)
+                    acc = 0.0
+                    for h, bucket in zip(heads, child._buckets):  # noqa: SLF001
+                        acc += bucket.get()
+                        lines.append(h + value(acc) + "\n")
+                    lines.append(heads[len(bounds)] + value(acc) + "\n")
+                    if bounds[0] >= 0:
+                        lines.append(heads[len(bounds) + 1] + value(child._sum.get()) + "\n")  # noqa: SLF001
+                mname = om.escape_metric_name(name, om.UNDERSCORES)
+                head = f"# HELP {mname} {doc}\n# TYPE {mname} histogram\n"
+        except AttributeError:
+            return False
+        out.append(head)
+        out.extend(lines)
+        return True
+
+    def _heads_of(self, name: str, names: Sequence[str], values: tuple[str, ...],
+                  bounds: Sequence[float] | None) -> list[str]:
+        """A child's series heads: a counter's `_total`, or a histogram's buckets, `_count`, `_sum`."""
+        key = (name, tuple(values), bounds is None)
+        heads = self._series.get(key)
+        if heads is None:
+            if len(self._series) >= self.MAX_SERIES:
+                self._series.clear()
+            labels = dict(zip(names, values))
+            if bounds is None:
+                heads = [self._format_head(name + "_total", labels)]
+            else:
+                heads = [self._format_head(name + "_bucket", {**labels, "le": floatToGoString(b)}) for b in bounds]
+                heads += [self._format_head(name + "_count", labels), self._format_head(name + "_sum", labels)]
+            self._series[key] = heads
+        return heads
 
 
 class Snapshot(Collector):

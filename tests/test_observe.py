@@ -226,6 +226,8 @@ def test_renderer_writes_what_generate_latest_writes() -> None:
     c = Counter("t_requests", "Requests \\ with a\nnewline", ["route", "status"], registry=reg)
     h = Histogram("t_seconds", "Latency", ["route"], buckets=(0.005, 0.5, 2.5e6), registry=reg)
     g = Gauge("t_open", "Open things", registry=reg)
+    plain, plain_h = Counter("t_plain", "No labels", registry=reg), Histogram("t_plain_seconds", "No labels", registry=reg)
+    Counter("t_unused", "Labels, no series yet", ["x"], registry=reg)
 
     class Fixed:
         def collect(self):
@@ -241,5 +243,7 @@ def test_renderer_writes_what_generate_latest_writes() -> None:
         h.labels("/v1/jobs").observe(i * 0.3)
         h.labels("unmatched").observe(1e7)
         g.set(-i - 0.25)
+        plain.inc(1e21)
+        plain_h.observe(0.1)
         assert r.render([reg]) == generate_latest(reg)
     assert r.render([]) == b""
