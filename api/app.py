@@ -67,7 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await hub.start()
             stack.push_async_callback(hub.close)
             app.state.event_hub = rt.hub = hub
-            app.state.metrics = metrics.Exposition(metrics.probe_for(rt))  # GET /metrics (api/observe.py)
+            app.state.metrics = exposition = metrics.Exposition(  # GET /metrics (api/observe.py)
+                metrics.probe_for(rt), refresh_seconds=s.metrics_refresh_seconds)
+            await exposition.start()
+            stack.push_async_callback(exposition.close)
             yield
 
     app = FastAPI(

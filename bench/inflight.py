@@ -33,6 +33,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -76,6 +79,108 @@ def pg_counters(dsn: str, db: str) -> tuple[int, int]:
     return commits, updates
 
 
+@dataclass
+class Stack:
+    url: str
+    key: str
+    env: dict[str, str]
+    api: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+    root: Path
+    db_dsn: str  # libpq form, for psql
+
+
+@contextmanager
+def stack(exe: str, database_url: str, *, video_deadline_s: int = 3600,
+          worker_args: tuple[str, ...] = ("--queue", "video")) -> Iterator[Stack]:
+    """`genroute api` and ONE `genroute worker` over a fresh PostgreSQL database (made and
+    dropped here) and a private redis-server on a free port."""
+    server = database_url.rsplit("/", 1)[0]
+    admin_dsn = server.replace("+asyncpg", "") + "/postgres"
+    db = f"inflight_{uuid.uuid4().hex[:8]}"
+    psql(admin_dsn, f"CREATE DATABASE {db}")
+    dsn = server + "/" + db
+    root = Path(tempfile.mkdtemp(prefix="inflight-"))
+    redis_port, api_port = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(root)], stdout=subprocess.DEVNULL)
+    procs.append(redis)
+    env = dict(os.environ, GENROUTE_DATA_DIR=str(root / "data"), GENROUTE_DATABASE_URL=dsn,
+               GENROUTE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", GENROUTE_SECRET_KEY="bench",
+               GENROUTE_PUBLIC_URL=f"http://127.0.0.1:{api_port}", GENROUTE_LOG_LEVEL="WARNING",
+               GENROUTE_DEADLINE_VIDEO_SECONDS=str(video_deadline_s))
+    try:
+        time.sleep(0.5)
+        subprocess.run([exe, "migrate"], env=env, check=True, capture_output=True)
+        key = subprocess.run([exe, "keys", "create", "--name", "bench"], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()[0]
+        api = subprocess.Popen([exe, "api", "--host", "127.0.0.1", "--port", str(api_port), "--no-access-log"],
+                               env=env, stdout=(root / "api.log").open("wb"), stderr=subprocess.STDOUT)
+        procs.append(api)
+        worker = subprocess.Popen([exe, "worker", *worker_args], env=env,
+                                  stdout=(root / "worker.log").open("wb"), stderr=subprocess.STDOUT)
+        procs.append(worker)
+        yield Stack(f"http://127.0.0.1:{api_port}", key, env, api, worker, root,
+                    admin_dsn.rsplit("/", 1)[0] + "/" + db)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        try:
+            psql(admin_dsn, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def video_body(latency: float, steps: int, prompt: str = "inflight") -> dict:
+    """A local-video job whose provider task lasts `latency` s, reporting `steps` progress steps."""
+    return {"model": "local-video", "input": {"prompt": prompt, "duration_seconds": 1, "resolution": "360p",
+                                              "fps": 1, "provider_params": {"latency_seconds": latency,
+                                                                             "progress_steps": steps}}}
+
+
+async def wait_ready(c: httpx.AsyncClient) -> None:
+    for _ in range(100):
+        try:
+            if (await c.get("/readyz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit("the API did not become ready")
+
+
+async def submit_jobs(c: httpx.AsyncClient, body: dict, n: int, concurrency: int) -> list[str]:
+    """Submit `n` copies of `body` over `concurrency` connections; the job ids."""
+    ids: list[str] = []
+    remaining = n
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            key = uuid.uuid4().hex  # a dropped answer is retried without a second job
+            for attempt in range(5):
+                try:
+                    r = await c.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+                    if r.status_code == 503 and attempt < 4:  # an overloaded machine: the API says when to retry
+                        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                        continue
+                    r.raise_for_status()
+                    break
+                except httpx.TransportError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.5)
+            ids.append(r.json()["id"])
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return ids
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2000)
@@ -90,68 +195,16 @@ async def main() -> None:
     p.add_argument("--label", default="")
     args = p.parse_args()
 
-    server = args.database_url.rsplit("/", 1)[0]
-    admin_dsn = server.replace("+asyncpg", "") + "/postgres"
-    db = f"inflight_{uuid.uuid4().hex[:8]}"
-    psql(admin_dsn, f"CREATE DATABASE {db}")
-    dsn = server + "/" + db
-    root = Path(tempfile.mkdtemp(prefix="inflight-"))
-    redis_port, api_port = free_port(), free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(root)], stdout=subprocess.DEVNULL)
-    procs.append(redis)
-    env = dict(os.environ, GENROUTE_DATA_DIR=str(root / "data"), GENROUTE_DATABASE_URL=dsn,
-               GENROUTE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", GENROUTE_SECRET_KEY="bench",
-               GENROUTE_PUBLIC_URL=f"http://127.0.0.1:{api_port}", GENROUTE_LOG_LEVEL="WARNING",
-               GENROUTE_DEADLINE_VIDEO_SECONDS=str(int(args.latency * 2 + 600)))
-    exe = args.genroute
-    try:
-        time.sleep(0.5)
-        subprocess.run([exe, "migrate"], env=env, check=True, capture_output=True)
-        key = subprocess.run([exe, "keys", "create", "--name", "bench"], env=env, check=True,
-                             capture_output=True, text=True).stdout.split()[0]
-        api = subprocess.Popen([exe, "api", "--host", "127.0.0.1", "--port", str(api_port), "--no-access-log"],
-                               env=env, stdout=(root / "api.log").open("wb"), stderr=subprocess.STDOUT)
-        worker = subprocess.Popen([exe, "worker", "--queue", "video"], env=env,
-                                  stdout=(root / "worker.log").open("wb"), stderr=subprocess.STDOUT)
-        procs += [api, worker]
-        url = f"http://127.0.0.1:{api_port}"
+    with stack(args.genroute, args.database_url, video_deadline_s=int(args.latency * 2 + 600)) as st:
+        worker = st.worker
         steps = max(1, int(round(args.latency / args.interval)))
-        body = {"model": "local-video", "input": {"prompt": "inflight", "duration_seconds": 1, "resolution": "360p",
-                                                  "fps": 1, "provider_params": {"latency_seconds": args.latency,
-                                                                                 "progress_steps": steps}}}
-        headers = {"Authorization": f"Bearer {key}"}
+        body = video_body(args.latency, steps)
+        headers = {"Authorization": f"Bearer {st.key}"}
         limits = httpx.Limits(max_connections=args.concurrency)
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as c:
-            for _ in range(100):
-                try:
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)
-            ids: list[str] = []
-            remaining = args.jobs
+        async with httpx.AsyncClient(base_url=st.url, headers=headers, timeout=120, limits=limits) as c:
+            await wait_ready(c)
             t0 = time.monotonic()
-
-            async def client() -> None:
-                nonlocal remaining
-                while remaining > 0:
-                    remaining -= 1
-                    key = uuid.uuid4().hex  # a dropped answer is retried without a second job
-                    for attempt in range(5):
-                        try:
-                            r = await c.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
-                            r.raise_for_status()
-                            break
-                        except httpx.TransportError:
-                            if attempt == 4:
-                                raise
-                            await asyncio.sleep(0.5)
-                    ids.append(r.json()["id"])
-
-            await asyncio.gather(*(client() for _ in range(args.concurrency)))
+            ids = await submit_jobs(c, body, args.jobs, args.concurrency)
             submit_s = time.monotonic() - t0
             sample = random.Random(1).sample(ids, min(args.samples, len(ids)))
 
@@ -189,7 +242,7 @@ async def main() -> None:
                 next_step_at = started + (step_of(j) + 1) * args.latency / steps
                 return max(0.0, now - next_step_at)
 
-            pg0 = pg_counters(admin_dsn.rsplit("/", 1)[0] + "/" + db, db)
+            pg0 = pg_counters(st.db_dsn, st.db_dsn.rsplit("/", 1)[1])
             cpu0, w0 = cpu_seconds(worker.pid), time.monotonic()
             def started(j: dict) -> float:
                 return datetime.fromisoformat(j["started_at"].replace("Z", "+00:00")).timestamp()
@@ -216,7 +269,7 @@ async def main() -> None:
             owed1 = {j["id"]: provider_step(j, t_last) for j in last_jobs}
             elapsed = time.monotonic() - w0
             cpu = (cpu_seconds(worker.pid) - cpu0) / elapsed
-            pg1 = pg_counters(admin_dsn.rsplit("/", 1)[0] + "/" + db, db)
+            pg1 = pg_counters(st.db_dsn, st.db_dsn.rsplit("/", 1)[1])
             advanced = sum(last[j] - first[j] for j in sample)
             expected = sum(owed1[j] - owed0[j] for j in sample)  # steps the provider made meanwhile
             result = {
@@ -233,16 +286,6 @@ async def main() -> None:
                 "submit_s": round(submit_s, 1), "steady_s": round(elapsed, 1),
             }
             print(json.dumps(result))
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        try:
-            psql(admin_dsn, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -351,7 +351,7 @@ async def announce_change(redis: Any, redis_prefix: str, what: str = "*") -> boo
     try:
         await redis.publish(changed_channel(redis_prefix), what)
         return True
-    except Exception:
-        log.warning("could not announce a key change on Redis; API caches catch up within key_cache_seconds",
-                    exc_info=True)
+    except Exception as exc:  # one line: an expected outage (or dev's embedded Redis, seen from the CLI)
+        log.warning("could not announce a key change on Redis (%s: %s); API caches catch up within "
+                    "key_cache_seconds", type(exc).__name__, exc)
         return False

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     worker_poll_delay: float = 0.05  # ARQ's pickup latency; its default 0.5 s is too slow
     task_timeout_seconds: int = 120
     reconcile_every_seconds: int = 10
+    metrics_refresh_seconds: float = Field(default=1.0, gt=0)  # Redis-held gauges of /metrics are at most this old
     reconcile_grace_seconds: float = 30.0  # how stale a queued/running job must be
     max_output_bytes: int = 2 * 1024 * 1024 * 1024
     # storing outputs: a download stalls after the deployment's `timeouts.download` without a

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -48,7 +50,13 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
                 await stack.wait_job(c, j["id"])
             got = await c.get(f"/v1/jobs/{ok[0]['id']}")
             assert got.headers["x-request-id"].startswith("req_")
-        api = samples(httpx.get(f"{stack.api_url}/metrics", timeout=10).text)
+        # the Redis-held gauges are refreshed each GENROUTE_METRICS_REFRESH_SECONDS (1 s)
+        deadline = time.monotonic() + 20
+        while True:
+            api = samples(httpx.get(f"{stack.api_url}/metrics", timeout=10).text)
+            if value(api, "genroute_jobs_in_flight", deployment="local-image") == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         # the worker's counters may land a moment after the job's terminal event
         deadline = time.monotonic() + 20
         while True:
@@ -66,7 +74,7 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
     b = buckets(api, "genroute_http_request_duration_seconds", method="POST", route="/v1/jobs")
     assert b[-1] == (float("inf"), 5) and [v for _, v in b] == sorted(v for _, v in b)
     assert value(api, "genroute_jobs_submitted_total", model="local-image", modality="image") == 4
-    # gauges read from Redis at scrape time: nothing left in flight, the queues exist
+    # gauges read from Redis: nothing left in flight, the queues exist
     assert value(api, "genroute_jobs_in_flight", deployment="local-image") == 0
     assert any(n == "genroute_queue_depth" and dict(ls)["queue"] == "media" for n, ls in api)
 
@@ -125,3 +133,117 @@ async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str
     for secret in (stack.keys["alice"], stack.keys["bob"], stack.env["GENROUTE_SECRET_KEY"]):
         assert secret not in everything
     assert "sig=" not in everything.replace("sig=[redacted]", "")
+
+
+def label_values(ss: dict) -> dict[str, set[str]]:
+    """Per label name (histogram `le` aside), every value it takes."""
+    out: dict[str, set[str]] = {}
+    for _, ls in ss:
+        for k, v in ls:
+            if k != "le":
+                out.setdefault(k, set()).add(v)
+    return out
+
+
+async def test_metric_labels_are_bounded_and_carry_no_ids_or_prompts(tmp_path: Path, redis_url: str) -> None:
+    """Two rounds of the same workload, each with its own distinctive prompts, job ids, unknown
+    paths, model names and keys: no id, prompt or path of either round is anywhere in /metrics
+    (API or worker), and the second round adds no label value the first had not made."""
+    stack = await make_stack(tmp_path, redis_url=redis_url)
+    port = free_port()
+    worker_url = f"http://127.0.0.1:{port}/metrics"
+    never: list[str] = []  # strings of the workload that must not reach the exposition
+
+    async def workload(c: httpx.AsyncClient, rounds_done: int) -> None:
+        tag = uuid.uuid4().hex[:12]
+        prompts = [f"quokka-{tag}-{i} on a unicycle" for i in range(3)]
+        never.extend([tag, *prompts])
+        jobs = [(await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": p, "size": "256x256"}})).json()
+                for p in prompts]
+        slow = (await c.post("/v1/jobs", json={"model": "local-video", "input": {
+            "prompt": f"heron-{tag}", "duration_seconds": 1, "fps": 1, "resolution": "360p",
+            "provider_params": {"latency_seconds": 30}}})).json()
+        never.extend([j["id"] for j in [*jobs, slow]] + [f"heron-{tag}"])
+        for j in jobs:
+            assert (await stack.wait_job(c, j["id"]))["status"] == "succeeded"
+            assert (await c.get(f"/v1/jobs/{j['id']}/outputs/0")).status_code == 307
+        deadline = time.monotonic() + 30
+        while (await c.get(f"/v1/jobs/{slow['id']}")).json()["status"] != "running":  # canceled at the provider
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert (await c.post(f"/v1/jobs/{slow['id']}/cancel")).status_code == 200
+        chat = await c.post("/v1/chat/completions", json={"model": "local-text", "messages": [
+            {"role": "user", "content": f"tell me about wombat-{tag}"}]})
+        assert chat.status_code == 200, chat.text
+        never.append(f"wombat-{tag}")
+        # answers that name things a client made up: paths, ids, models, keys
+        for path in (f"/v1/jobs/job_{tag}", f"/v1/nothing-{tag}", f"/replicate/v1/predictions/{tag}",
+                     f"/v1/files/x/{tag}.png?exp=1&sig=00", f"/v1/jobs/{jobs[0]['id']}/outputs/{tag}"):
+            assert (await c.get(path)).status_code in (400, 403, 404, 410, 422), path
+        assert (await c.post("/v1/jobs", json={"model": f"model-{tag}", "input": {"prompt": "x"}})).status_code == 404
+        bad_key = f"gr_{tag}{'0' * 20}"
+        assert (await c.get("/v1/jobs", headers={"Authorization": f"Bearer {bad_key}"})).status_code == 401
+        never.append(bad_key)
+        # a job's end is counted by the process that ended it (the cancel: the API's): wait for all four
+        deadline = time.monotonic() + 20
+        while sum(value(samples(httpx.get(url, timeout=10).text), "genroute_jobs_finished_total")
+                  for url in (worker_url, f"{stack.api_url}/metrics")) < 4 * (rounds_done + 1):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+
+    async with running(stack, ("worker", "--metrics-port", str(port))):
+        async with stack.client() as c:
+            await workload(c, 0)
+            first = {name: httpx.get(url, timeout=10).text for name, url in
+                     (("api", f"{stack.api_url}/metrics"), ("worker", worker_url))}
+            await workload(c, 1)
+            second = {name: httpx.get(url, timeout=10).text for name, url in
+                      (("api", f"{stack.api_url}/metrics"), ("worker", worker_url))}
+
+    never += list(stack.keys.values())
+    for name, text in second.items():
+        for s in never:
+            assert s not in text, (name, s)
+        before, after = label_values(samples(first[name])), label_values(samples(text))
+        grown = {k: sorted(after[k] - before.get(k, set())) for k in after if after[k] - before.get(k, set())}
+        assert not grown, (name, grown)  # a second round of new ids and prompts made no new label value
+        assert all(len(v) <= 40 for v in after.values()), (name, {k: len(v) for k, v in after.items()})
+    # the workload was seen (the test reads real figures, not an empty page)
+    api = samples(second["api"])
+    assert value(api, "genroute_http_requests_total", method="GET", route="/v1/jobs/{job_id}") >= 8
+    assert value(api, "genroute_chat_requests_total", model="local-text") == 2
+
+
+def test_renderer_writes_what_generate_latest_writes() -> None:
+    """core.metrics.Renderer caches each series' formatted name and labels; its bytes are
+    prometheus_client's own, escapes, OpenMetrics-only samples and timestamps included."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    from core.metrics import Renderer
+
+    reg = CollectorRegistry()
+    c = Counter("t_requests", "Requests \\ with a\nnewline", ["route", "status"], registry=reg)
+    h = Histogram("t_seconds", "Latency", ["route"], buckets=(0.005, 0.5, 2.5e6), registry=reg)
+    g = Gauge("t_open", "Open things", registry=reg)
+    plain, plain_h = Counter("t_plain", "No labels", registry=reg), Histogram("t_plain_seconds", "No labels", registry=reg)
+    Counter("t_unused", "Labels, no series yet", ["x"], registry=reg)
+
+    class Fixed:
+        def collect(self):
+            fam = GaugeMetricFamily("t_fixed", "With a timestamp", labels=["k"])
+            fam.add_metric(['quote " backslash \\ newline \n'], 1.5e9, timestamp=1700000000.25)
+            return [fam]
+
+    reg.register(Fixed())  # type: ignore[arg-type]
+    r = Renderer()
+    for i in range(3):  # the second and third renders come from the cache
+        c.labels("/v1/jobs/{job_id}", "200").inc(i + 0.5)
+        c.labels('we"ird\\', "404").inc()
+        h.labels("/v1/jobs").observe(i * 0.3)
+        h.labels("unmatched").observe(1e7)
+        g.set(-i - 0.25)
+        plain.inc(1e21)
+        plain_h.observe(0.1)
+        assert r.render([reg]) == generate_latest(reg)
+    assert r.render([]) == b""

@@ -135,7 +135,10 @@ async def serve_workers(
         stack.callback(unwatch_sighup, rt)
         workers = build_workers(rt, queues)
         if metrics_port is not None:
-            server = await serve_metrics(metrics_port, Exposition(probe_for(rt)), healthy=lambda: polling(workers))
+            exposition = Exposition(probe_for(rt), refresh_seconds=settings.metrics_refresh_seconds)
+            await exposition.start()
+            stack.push_async_callback(exposition.close)
+            server = await serve_metrics(metrics_port, exposition, healthy=lambda: polling(workers))
             stack.callback(server.close)
             log.info("metrics on http://0.0.0.0:%d/metrics, health at /healthz", metrics_port)
         log.info("worker listening on %s (max_jobs=%d)", [w.queue_name for w in workers], settings.worker_max_jobs)
