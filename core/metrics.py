@@ -418,7 +418,7 @@ class Renderer:
                     bounds = child._upper_bounds  # noqa: SLF001
                     heads = self._heads_of(name, names, values, bounds)
                     acc = 0.0
-                    for h, bucket in zip(heads, child._buckets, strict=True):  # noqa: SLF001
+                    for h, bucket in zip(heads, child._buckets, strict=False):  # noqa: SLF001
                         acc += bucket.get()
                         lines.append(h + value(acc) + "\n")
                     lines.append(heads[len(bounds)] + value(acc) + "\n")
@@ -440,7 +440,7 @@ class Renderer:
         if heads is None:
             if len(self._series) >= self.MAX_SERIES:
                 self._series.clear()
-            labels = dict(zip(names, values, strict=True))
+            labels = dict(zip(names, values, strict=False))
             if bounds is None:
                 heads = [self._format_head(name + "_total", labels)]
             else:
