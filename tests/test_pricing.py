@@ -199,9 +199,6 @@ def test_estimate_bounds_units_priced_work() -> None:
 
 
 def test_chat_cost() -> None:
-    from core.billing.usage import chat_cost as via_usage
-
-    assert via_usage is chat_cost
     assert chat_cost(None, 10, 10) is None
     # 1000 × $0.15/M + 10 × $0.60/M = $0.000156, plus a flat 3 micro-USD
     assert chat_cost(Price(per_request=3, per_1k_input_tokens=150, per_1k_output_tokens=600), 1000, 10) == 159
