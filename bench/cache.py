@@ -18,9 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,16 +26,8 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], p: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))] if v else float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from priorities import free_port, pct, stop, wait_ready  # noqa: E402
 
 
 async def main() -> None:
@@ -79,13 +68,7 @@ async def main() -> None:
         hits: list[float] = []
         plain: list[float] = []
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
-            for _ in range(150):
-                try:
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)
+            await wait_ready(c)
             for i in range(args.prompts):
                 first = (await c.post("/v1/jobs", json=body(i), headers={"Prefer": "wait=60"})).json()
                 if first["status"] != "succeeded" or first["cached"]:
@@ -111,14 +94,7 @@ async def main() -> None:
             "hit_ms_max": round(max(hits), 1), "plain_submit_ms_p50": round(pct(plain, 50), 1),
         }))
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        if not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print("kept", root, file=sys.stderr)
+        stop(procs, root)
 
 
 if __name__ == "__main__":

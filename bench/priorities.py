@@ -55,6 +55,29 @@ def pct(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))] if v else float("nan")
 
 
+async def wait_ready(c: httpx.AsyncClient) -> None:
+    """Until the API answers /readyz (30 s at most; the first request then says what is wrong)."""
+    for _ in range(150):
+        try:
+            if (await c.get("/readyz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.2)
+
+
+def stop(procs: list[subprocess.Popen], root: Path) -> None:
+    """Kill what a bench started, then remove its directory (BENCH_KEEP=1 keeps it)."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    if not os.environ.get("BENCH_KEEP"):
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print("kept", root, file=sys.stderr)
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--low", type=int, default=500)
@@ -98,13 +121,7 @@ async def main() -> None:
 
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                                      limits=httpx.Limits(max_connections=args.concurrency)) as c:
-            for _ in range(150):
-                try:
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)
+            await wait_ready(c)
 
             async def call(method: str, path: str, **kw: object) -> httpx.Response:
                 for attempt in range(5):  # a dropped connection is retried (submits are idempotent by key)
@@ -179,14 +196,7 @@ async def main() -> None:
             "low_submit_s": round(low_submit_s, 1),
         }))
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        if not os.environ.get("BENCH_KEEP"):
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print("kept", root, file=sys.stderr)
+        stop(procs, root)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +36,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from priorities import free_port, pct, ts  # noqa: E402
+from priorities import free_port, pct, stop, ts, wait_ready  # noqa: E402
 
 
 def waiting_runs(text: str) -> float:
@@ -85,13 +83,7 @@ async def main() -> None:
                                            "provider_params": {"latency_seconds": args.latency}}}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {key}"},
                                      timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as c:
-            for _ in range(150):
-                try:
-                    if (await c.get("/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.2)
+            await wait_ready(c)
 
             async def call(method: str, url: str, **kw: object) -> httpx.Response:
                 for attempt in range(5):
@@ -185,11 +177,7 @@ async def main() -> None:
             "queue_position_worst_miss": worst,
         }))
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
+        stop(procs, root)
 
 
 if __name__ == "__main__":
