@@ -131,8 +131,8 @@ async def redis_restart(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         st = await make_stack(root / "stack", redis_url=redis.url, database_url=db, worker_max_jobs="20")
         try:
             st.start_api()
-            st.start_worker("w1")
-            st.start_worker("w2")
+            st.start_worker("w1", ready=True)
+            st.start_worker("w2", ready=True)
             rnd = random.Random(11)
             async with st.client() as c:
                 ids = await submit_all(c, [job_body(i, rnd.uniform(1, 6)) for i in range(args.jobs)])

@@ -102,11 +102,18 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not start:\n{self.log(name)}")
 
-    def start_worker(self, name: str = "worker", *args: str, **env: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str = "worker", *args: str, ready: bool = False, **env: str) -> subprocess.Popen[bytes]:
+        """`ready`: return once the worker serves its queues (its start-up checks passed),
+        for tests that break Redis or the database right after."""
+        if ready:
+            env.setdefault("GENROUTE_LOG_LEVEL", "INFO")
         proc = self._spawn(name, "worker", *args, extra_env=env)
         time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker died at start:\n{self.log(name)}")
+        deadline = time.monotonic() + 60
+        while ready and "worker listening on" not in self.log(name) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is not None or (ready and "worker listening on" not in self.log(name)):
+            raise RuntimeError(f"worker died at start (or never served):\n{self.log(name)}")
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -51,8 +51,8 @@ async def test_redis_killed_and_back_empty_workers_ride_it_out_and_every_job_end
     st = await make_stack(tmp_path / "stack", redis_url=redis.url, worker_max_jobs="4")
     try:
         st.start_api()
-        st.start_worker("worker1")
-        st.start_worker("worker2")
+        st.start_worker("worker1", ready=True)  # serving before Redis goes, not still starting
+        st.start_worker("worker2", ready=True)
         body = {"model": "local-image", "input": {"prompt": "ride it out", "size": "256x256",
                                                   "provider_params": {"latency_seconds": 4, "progress_steps": 4}}}
         async with st.client() as c:
