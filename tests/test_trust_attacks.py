@@ -459,7 +459,10 @@ def _refused_in(job_or_response: dict[str, Any], reason: str) -> str | None:
     return None if reason.lower() in message.lower() else f"{job_or_response.get('status')}: {err}"
 
 
-async def _check_all(stack: Stack, servers: dict[str, Any], body_for: Any, expect_code: str, prefix: str) -> None:
+async def _check_all(stack: Stack, servers: dict[str, Any], body_for: Any, expect_code: str, prefix: str,
+                     redirects: str | None = None) -> None:
+    """Every form of the table through `body_for`; `redirects`: the message a redirecting
+    form must end with instead, where the caller follows no redirect at all."""
     sentinel: Sentinel = servers["sentinel"]
     before = sentinel.connections
     forms = _all_forms(servers)
@@ -479,6 +482,8 @@ async def _check_all(stack: Stack, servers: dict[str, Any], body_for: Any, expec
                 job = await stack.wait_job(c, job["id"])
         if job["status"] != "failed" or job["error"]["code"] != expect_code:
             return f"{name}: {job['status']} {job.get('error')}"
+        if redirects is not None and name.startswith("redirect to"):
+            return None if redirects in job["error"]["message"] else f"{name}: the redirect was not refused: {job['error']}"
         if prefix not in job["error"]["message"]:
             return f"{name}: the fetcher's reason is missing: {job['error']}"
         why = _refused_in(job, reason)
@@ -506,6 +511,15 @@ async def test_mask_urls_to_unsafe_addresses_are_refused(stack: Stack, servers: 
 async def test_provider_output_urls_to_unsafe_addresses_are_refused(stack: Stack, servers: dict[str, Any]) -> None:
     await _check_all(stack, servers, lambda url: {"model": "evil", "input": {"prompt": f"OUT {url}"}},
                      "provider_error", "output URL was not fetched: ")
+
+
+async def test_provider_polling_urls_to_unsafe_addresses_are_refused(stack: Stack, servers: dict[str, Any]) -> None:
+    """A provider whose create answers with a polling URL into our network (the whole table):
+    the follow-up is refused before a byte is sent, and the deployment's key never leaves.
+    Provider API calls follow no redirect: a polling URL that redirects ends as the
+    provider's own 302, the sentinel untouched."""
+    await _check_all(stack, servers, lambda url: {"model": "evil", "input": {"prompt": f"POLL {url}"}},
+                     "provider_error", "not fetched: ", redirects="answered 302")
 
 
 async def test_webhook_urls_to_unsafe_addresses_are_refused_at_submit(stack: Stack, servers: dict[str, Any]) -> None:
@@ -548,17 +562,6 @@ async def test_a_webhook_receiver_that_redirects_into_our_network_is_not_followe
     assert public.hits.count("/redirect") >= hits + len(hooks), public.hits[-20:]
     await asyncio.sleep(1.0)
     assert sentinel.connections == before, "a webhook redirect was followed into our network"
-
-
-async def test_a_provider_polling_url_into_our_network_is_refused_and_gets_no_key(stack: Stack, servers: dict[str, Any]) -> None:
-    sentinel: Sentinel = servers["sentinel"]
-    before = sentinel.connections
-    for target in (f"http://127.0.0.1:{sentinel.port}/v1/get_result", "http://169.254.169.254/latest/meta-data/",
-                   f"http://[::ffff:127.0.0.1]:{sentinel.port}/x"):
-        job = await _finished(stack, {"model": "evil", "input": {"prompt": f"POLL {target}"}})
-        assert job["status"] == "failed", job
-        assert "not fetched" in job["error"]["message"] or "refused" in job["error"]["message"], job["error"]
-    assert sentinel.connections == before
 
 
 async def test_the_safe_forms_do_work(stack: Stack, servers: dict[str, Any]) -> None:
