@@ -38,6 +38,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from inflight import wait_ready  # one readiness wait for the benches (cache and waiting import it from here)
 
 
 def free_port() -> int:
@@ -53,17 +54,6 @@ def ts(value: str | None) -> float | None:
 def pct(values: list[float], p: float) -> float:
     v = sorted(values)
     return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))] if v else float("nan")
-
-
-async def wait_ready(c: httpx.AsyncClient) -> None:
-    """Until the API answers /readyz (30 s at most; the first request then says what is wrong)."""
-    for _ in range(150):
-        try:
-            if (await c.get("/readyz")).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        await asyncio.sleep(0.2)
 
 
 def stop(procs: list[subprocess.Popen], root: Path) -> None:
