@@ -129,9 +129,12 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.kill(name, signal.SIGKILL)
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int | None = 6000) -> str:
+        """A process's log: its last `tail` characters (enough for an assertion message), or
+        all of it with tail=None (for a test that looks for a line anywhere in it)."""
         p = self.root / f"{name}.log"
-        return p.read_text()[-6000:] if p.exists() else ""
+        text = p.read_text() if p.exists() else ""
+        return text if tail is None else text[-tail:]
 
     # clients ---------------------------------------------------------------------------
     def client(self, tenant: str = "alice", **kw: Any) -> httpx.AsyncClient:

@@ -393,4 +393,4 @@ async def test_cli_submit_wait_follows_the_event_stream(stack: Stack) -> None:
 
 def test_api_logs_have_no_tracebacks(stack: Stack) -> None:
     for name in ("api", "worker"):
-        assert "Traceback" not in stack.log(name), stack.log(name)
+        assert "Traceback" not in stack.log(name, tail=None), stack.log(name)

@@ -68,7 +68,7 @@ async def test_redis_killed_and_back_empty_workers_ride_it_out_and_every_job_end
             i: (j["status"], j["error"]) for i, j in jobs.items() if j["status"] != "succeeded"}
         for name in ("worker1", "worker2"):
             assert st.procs[name].poll() is None, f"{name} exited:\n{st.log(name)[-3000:]}"
-        assert "Redis is back" in st.log("worker1") + st.log("worker2")
+        assert "Redis is back" in st.log("worker1", tail=None) + st.log("worker2", tail=None)
     finally:
         st.stop()
         redis.kill()

@@ -327,4 +327,4 @@ async def test_migration_0002_upgrades_downgrades_and_matches_the_models(db: str
 
 def test_logs_have_no_tracebacks(stack: Stack) -> None:
     for name in ("api", "worker"):
-        assert "Traceback" not in stack.log(name), stack.log(name)
+        assert "Traceback" not in stack.log(name, tail=None), stack.log(name)
