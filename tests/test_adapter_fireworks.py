@@ -64,6 +64,7 @@ class TestFireworks(AdapterContract):
     adapter = "fireworks"
     api_key_env = "GENROUTE_TEST_FIREWORKS_KEY"
     supports_cancel = False  # no cancel on either workflow: canceled on our side
+    task_id_key = "id"
     slow = Case("image", KONTEXT, {"prompt": "a slow one [slow]"})  # Kontext reports progress
     success = [
         # first: Kontext, whose sample is a URL on another host (the expiry test needs one)

@@ -120,9 +120,10 @@ class TestOpenRouterVideos(AdapterContract):
     adapter = "openrouter"
     api_key_env = KEY_ENV
     supports_cancel = False  # OpenRouter documents no cancel for videos
+    task_id_key = "video_id"
     success = [
         Case("video", "google/veo-3.1", {"prompt": "waves", "duration_seconds": 8, "resolution": "720p", "aspect_ratio": "16:9"},
-             "video/mp4"),
+             "video/mp4", duration=8),
         Case("video", "openai/sora-2", {"prompt": "a cat", "image": png_uri(64, 36), "provider_params": {"generate_audio": True}},
              "video/mp4"),
     ]
