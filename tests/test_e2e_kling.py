@@ -100,7 +100,7 @@ async def test_failed_tasks_fail_the_job_with_klings_reason(stack: Stack, prompt
     assert job["status"] == "failed" and job["error"]["code"] == code, job
     if stage:
         assert job["error"]["details"]["stage"] == stage, job["error"]
-    assert job["outputs"] == []
+    assert job["outputs"] == [] and job["cost"]["status"] == "released" and job["cost"]["settled"] == 0, job["cost"]
 
 
 async def test_expired_result_url_fails_clearly_and_stores_nothing(stack: Stack) -> None:
