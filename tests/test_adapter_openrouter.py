@@ -181,6 +181,17 @@ class TestOpenRouterVideos(AdapterContract):
         assert (await fake.stats())["polls"] == before, "the poll reached the fake past the guard"
         assert isinstance(await adapter.poll(first.handle), Pending)
 
+    async def test_every_video_status_maps(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        """pending and in_progress poll on; completed, failed, cancelled and expired end it."""
+        ends = {"waves": (Done, None), "boom [fail]": (Failed, ErrorCode.provider_error),
+                "stop [cancelled]": (Failed, ErrorCode.canceled), "late [expired]": (Failed, ErrorCode.provider_error)}
+        for prompt, (kind, code) in ends.items():
+            case = Case("video", "google/veo-3.1", {"prompt": prompt, "duration_seconds": 8})
+            result, seen = await drive(make(fake, http, monkeypatch, "google/veo-3.1"), self.request(case))
+            assert {p.message for p in seen} == {"pending", "in_progress"}, (prompt, [p.message for p in seen])
+            assert isinstance(result, kind) and getattr(result, "code", None) == code, (prompt, result)
+        assert isinstance(result, Failed) and "expired" in result.message
+
     async def test_unknown_video_id_fails_cleanly(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
         adapter = make(fake, http, monkeypatch, "google/veo-3.1")
         handle = {"kind": "video", "video_id": "vgen_nope", "polling_url": f"{fake.url}/videos/vgen_nope"}
