@@ -77,16 +77,10 @@ async def test_job_succeeds_with_the_video_stored_and_the_cost_settled(stack: St
 
 
 async def test_openai_videos_route_runs_a_kling_job(stack: Stack) -> None:
-    async with stack.client() as c:
-        r = await c.post("/v1/videos", json={"model": "kling-video", "prompt": "waves at dusk", "seconds": "5", "size": "1280x720"})
-        assert r.status_code == 200, r.text
-        video = r.json()
-        job = await stack.wait_job(c, video["id"])
-        assert job["status"] == "succeeded", job["error"]
-        got = (await c.get(f"/v1/videos/{video['id']}")).json()
-        assert got["status"] == "completed" and got["seconds"] == "5" and got["size"] == "1280x720", got
-        content = await c.get(f"/v1/videos/{video['id']}/content")
-        assert content.status_code == 200 and content.headers["content-type"] == "video/mp4" and content.content[4:8] == b"ftyp"
+    job, got, content = await stack.openai_video({"model": "kling-video", "prompt": "waves at dusk", "seconds": "5",
+                                                  "size": "1280x720"})
+    assert got["status"] == "completed" and got["seconds"] == "5" and got["size"] == "1280x720", got
+    assert content.status_code == 200 and content.headers["content-type"] == "video/mp4" and content.content[4:8] == b"ftyp"
     assert job["cost"]["settled"] == PER_SECOND["default"] * 5
 
 
