@@ -11,8 +11,8 @@ moderation with their stage among them) as job error codes; a bad key as provide
 a 429 carrying a wait; a 5xx on a create retryable but never resent nor fallen back; a 5xx
 on a poll retried with exactly one task created upstream; an unknown task id as
 provider_error; refused parameters never sent; progress rising; cancel (or, where the
-provider has none, `supports_cancel = False` and a local cancel tested by the provider's
-own module); an expired result URL never stored.
+provider has none, `supports_cancel = False`: `cancel()` sends nothing, and the job is
+canceled on our side); an expired result URL never stored.
 
 Fakes are scripted by keywords in the prompt (or `text` for speech), the same for all:
 
@@ -296,6 +296,27 @@ class AdapterContract:
         await adapter.cancel(first.handle)
         result = await adapter.poll(first.handle)
         assert isinstance(result, Failed) and result.code == ErrorCode.canceled, result
+
+    async def test_cancel_without_a_provider_cancel_sends_nothing(self, fake: Fake, http: httpx.AsyncClient,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where the provider has no cancel, `cancel()` returns quietly and the provider hears
+        nothing: the job is canceled on our side (the worker's poller drops it)."""
+        if self.supports_cancel:
+            pytest.skip("this provider has a cancel: test_cancel")
+        adapter, first, _ = await self._first_pending(fake, http, monkeypatch)
+        before = await fake.stats()
+        sent: list[str] = []
+
+        async def record(request: httpx.Request) -> None:
+            sent.append(f"{request.method} {request.url}")
+
+        http.event_hooks["request"].append(record)
+        try:
+            await adapter.cancel(first.handle)
+        finally:
+            http.event_hooks["request"].remove(record)
+        assert not sent, f"a local cancel sent {sent}"
+        assert await fake.stats() == before, "a local cancel reached the provider"
 
     async def test_expired_result_url_is_never_stored_as_output(self,
             fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
