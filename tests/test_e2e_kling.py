@@ -129,3 +129,33 @@ async def test_cancel_is_local_and_the_polls_stop(stack: Stack, fake: str) -> No
     finally:
         async with httpx.AsyncClient() as c:
             await c.post(f"{fake}/_control/config", json={"slow_polls": 12})
+
+
+async def test_a_429_is_waited_out_and_the_job_then_runs_once(stack: Stack, fake: str) -> None:
+    """Kling's 1303 (too many tasks for the resource pack) is a 429 with no Retry-After: the
+    adapter names a 10 s wait, the worker keeps the job and tries again no sooner, and once a
+    slot is free the job runs, with one task created upstream."""
+    async with httpx.AsyncClient() as c:
+        await c.post(f"{fake}/_control/config", json={"max_concurrency": 0})  # every create answers 1303
+    try:
+        before = await _stats(fake)
+        async with stack.client() as c:
+            job = (await c.post("/v1/jobs", json={"model": "kling-video", "input": {"prompt": "a busy day"}})).json()
+            for _ in range(200):  # the first create is refused
+                if (await _stats(fake))["creates"] > before["creates"]:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(4.0)  # well inside the 10 s the adapter asked for
+            waiting = (await c.get(f"/v1/jobs/{job['id']}")).json()
+            tried = (await _stats(fake))["creates"] - before["creates"]
+            assert waiting["status"] in ("queued", "running") and tried == 1, (waiting["status"], tried, stack.log("worker")[-2000:])
+            async with httpx.AsyncClient() as f:
+                await f.post(f"{fake}/_control/config", json={"max_concurrency": None})
+            done = await stack.wait_job(c, job["id"], timeout=60)
+    finally:
+        async with httpx.AsyncClient() as c:
+            await c.post(f"{fake}/_control/config", json={"max_concurrency": None})
+    assert done["status"] == "succeeded", (done["error"], stack.log("worker")[-2000:])
+    after = await _stats(fake)
+    assert after["accepted"] - before["accepted"] == 1, "one task upstream"
+    assert 2 <= after["creates"] - before["creates"] <= 4, (after["creates"] - before["creates"])
