@@ -50,6 +50,12 @@ def unknown_adapter_catalog(tmp_path: Path) -> Path:
     return path
 
 
+REFUSED = {  # other refusals than the unknown adapter: what the check says, at which line
+    "modality": (UNKNOWN.replace("modality: image", "modality: smell").replace("no_such_adapter", "local"), 3, "modality"),
+    "price": (UNKNOWN.replace("no_such_adapter", "local") + "        price: {per_image: -5}\n", 8, "per_image"),
+}
+
+
 def test_catalog_check_names_the_unknown_adapter_and_its_line(unknown_adapter_catalog: Path) -> None:
     got = _run("catalog", "check", str(unknown_adapter_catalog))
     assert got.returncode == 1
@@ -121,3 +127,15 @@ def test_readme_lists_every_adapter_with_its_mapping_doc_and_every_ready_catalog
     # what is not covered is said where a reader looks for it
     assert "Midjourney-proxy routes are not covered" in readme
     assert "Midjourney-proxy routes" in (ROOT / "docs/adapters/grsai.md").read_text()
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_the_worker_refuses_at_start_any_catalog_that_catalog_check_refuses(kind: str, tmp_path: Path) -> None:
+    text, line, word = REFUSED[kind]
+    path = tmp_path / "catalog.yaml"
+    path.write_text(text)
+    checked = _run("catalog", "check", str(path))
+    assert checked.returncode == 1 and f"{path}:{line}:" in checked.stderr and word in checked.stderr, checked.stderr
+    env = {"GENROUTE_CATALOG": str(path), "GENROUTE_SECRET_KEY": "x" * 32, "GENROUTE_DATA_DIR": str(tmp_path / "data")}
+    got = _run("worker", env=env, timeout=90)
+    assert got.returncode == 2 and f"{path}:{line}" in got.stderr and word in got.stderr, (got.returncode, got.stderr[-2000:])
