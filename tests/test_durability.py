@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -239,3 +240,46 @@ async def test_worker_killed_mid_store_resumes_and_succeeds_once(tmp_path, redis
         stats = _fake_stats(fake)
         assert stats["creates"] == 1  # resumed from the provider's result, never created again
         assert stats["file_fetches"] == 2  # the cut download, then the whole one
+
+
+async def _stored_bytes(c: httpx.AsyncClient, job: dict) -> bytes:
+    r = await c.get(job["outputs"][0]["url"])
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+async def test_our_blob_directory_failing_is_waited_on_then_stored_once(tmp_path, redis_base: str) -> None:
+    """The local blob store's own directory fails (we run as root, where chmod does not
+    stop a write, so the directory is replaced by a plain file: every put raises
+    NotADirectoryError, as a full or read-only disk raises its OSError): the job waits,
+    running, and is stored once the directory is back; one prediction, the right bytes."""
+    import shutil
+
+    async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}) as (st, fake):
+        st.start_worker(ready=True)
+        blobs = st.settings().resolved_storage_dir()
+        assert blobs.is_dir()
+        shutil.rmtree(blobs)
+        blobs.write_text("not a directory")  # our own storage fails
+        async with st.client() as c:
+            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "a store that fails"}})
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            deadline = time.monotonic() + 30
+            while "blob store away" not in st.log("worker", tail=None) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert "blob store away" in st.log("worker", tail=None), st.log("worker")
+            await asyncio.sleep(4)  # several failed puts (and reconciler passes) later
+            job = (await c.get(f"/v1/jobs/{job_id}")).json()
+            assert job["status"] == "running", job  # waited on, never ended for it
+            blobs.unlink()
+            blobs.mkdir()  # the disk is fixed
+            job = await st.wait_job(c, job_id, timeout=30)
+            assert job["status"] == "succeeded", job
+            assert len(job["outputs"]) == 1, job["outputs"]
+            stored = await _stored_bytes(c, job)
+        stats = _fake_stats(fake)
+        assert stats["creates"] == 1
+        assert hashlib.sha256(stored).hexdigest() in stats["file_digests"].values()
+        assert "Traceback" not in st.log("worker", tail=None)
+
