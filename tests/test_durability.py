@@ -283,3 +283,22 @@ async def test_our_blob_directory_failing_is_waited_on_then_stored_once(tmp_path
         assert hashlib.sha256(stored).hexdigest() in stats["file_digests"].values()
         assert "Traceback" not in st.log("worker", tail=None)
 
+
+async def test_output_dropped_mid_body_is_resumed_with_range(tmp_path, redis_base: str) -> None:
+    """The provider's output URL drops the connection a third of the way into the body: the
+    store resumes with `Range: bytes=N-`, the job succeeds with the whole, correct file, and
+    the prediction was created once."""
+    async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}) as (st, fake):
+        st.start_worker()
+        async with st.client() as c:
+            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[drop-file] a cut download"}})
+            assert r.status_code == 201, r.text
+            job = await st.wait_job(c, r.json()["id"], timeout=45)
+            assert job["status"] == "succeeded", job
+            stored = await _stored_bytes(c, job)
+        stats = _fake_stats(fake)
+        assert stats["creates"] == 1
+        assert stats["file_fetches"] == 2, stats  # the cut fetch, then the resumed rest
+        assert len(stats["file_ranges"]) == 1 and stats["file_ranges"][0] != "bytes=0-", stats["file_ranges"]
+        assert list(stats["file_digests"].values()) == [hashlib.sha256(stored).hexdigest()]
+        assert job["outputs"][0]["bytes"] == len(stored)
