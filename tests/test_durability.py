@@ -187,6 +187,20 @@ def _fake_stats(url: str) -> dict:
     return httpx.get(f"{url}/_control/stats").json()
 
 
+async def _submit_held(c: httpx.AsyncClient, prompt: str) -> str:
+    r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": prompt}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def _until_stat(fake: str, stat: str, at_least: int, timeout: float) -> int:
+    """Wait until the fake's counter `stat` reaches `at_least` (or `timeout`); its value."""
+    deadline = time.monotonic() + timeout
+    while (n := _fake_stats(fake)[stat]) < at_least and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return int(n)
+
+
 async def test_worker_killed_mid_submit_ends_the_job_without_a_second_create(tmp_path, redis_base: str) -> None:
     """SIGKILL while a create call is in flight (a Replicate create held by Prefer: wait):
     Replicate cannot dedupe a resent create, so the next worker ends the job clearly within
@@ -195,13 +209,8 @@ async def test_worker_killed_mid_submit_ends_the_job_without_a_second_create(tmp
                                 slow_polls=400, wait_step=0.1) as (st, fake):
         st.start_worker()
         async with st.client() as c:
-            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow] a held create"}})
-            assert r.status_code == 201, r.text
-            job_id = r.json()["id"]
-            deadline = time.monotonic() + 20
-            while _fake_stats(fake)["creates"] < 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _fake_stats(fake)["creates"] == 1
+            job_id = await _submit_held(c, "[slow] a held create")
+            assert await _until_stat(fake, "creates", 1, 20) == 1
             st.kill("worker")  # SIGKILL while the create is held open
             killed = time.monotonic()
             st.start_worker("worker2")
@@ -220,13 +229,8 @@ async def test_worker_killed_mid_store_resumes_and_succeeds_once(tmp_path, redis
     async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}, slow_file_seconds=8.0) as (st, fake):
         st.start_worker()
         async with st.client() as c:
-            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow-file] stored slowly"}})
-            assert r.status_code == 201, r.text
-            job_id = r.json()["id"]
-            deadline = time.monotonic() + 30
-            while _fake_stats(fake)["file_fetches"] < 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _fake_stats(fake)["file_fetches"] == 1, "the result download never started"
+            job_id = await _submit_held(c, "[slow-file] stored slowly")
+            assert await _until_stat(fake, "file_fetches", 1, 30) == 1, "the result download never started"
             await asyncio.sleep(1.0)  # well into the 8 s download
             assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
             st.kill("worker")  # SIGKILL mid-store
@@ -262,9 +266,7 @@ async def test_our_blob_directory_failing_is_waited_on_then_stored_once(tmp_path
         shutil.rmtree(blobs)
         blobs.write_text("not a directory")  # our own storage fails
         async with st.client() as c:
-            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "a store that fails"}})
-            assert r.status_code == 201, r.text
-            job_id = r.json()["id"]
+            job_id = await _submit_held(c, "a store that fails")
             deadline = time.monotonic() + 30
             while "blob store away" not in st.log("worker", tail=None) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
@@ -291,9 +293,7 @@ async def test_output_dropped_mid_body_is_resumed_with_range(tmp_path, redis_bas
     async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}) as (st, fake):
         st.start_worker()
         async with st.client() as c:
-            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[drop-file] a cut download"}})
-            assert r.status_code == 201, r.text
-            job = await st.wait_job(c, r.json()["id"], timeout=45)
+            job = await st.wait_job(c, await _submit_held(c, "[drop-file] a cut download"), timeout=45)
             assert job["status"] == "succeeded", job
             stored = await _stored_bytes(c, job)
         stats = _fake_stats(fake)
@@ -302,3 +302,32 @@ async def test_output_dropped_mid_body_is_resumed_with_range(tmp_path, redis_bas
         assert len(stats["file_ranges"]) == 1 and stats["file_ranges"][0] != "bytes=0-", stats["file_ranges"]
         assert list(stats["file_digests"].values()) == [hashlib.sha256(stored).hexdigest()]
         assert job["outputs"][0]["bytes"] == len(stored)
+
+
+async def test_worker_killed_mid_cancel_the_provider_cancel_is_sent_again_promptly(tmp_path, redis_base: str) -> None:
+    """SIGKILL while the provider cancel of a canceled job is in flight: ARQ would retry
+    the task only when its in-progress key lapses (the longest task timeout, about an hour),
+    the prediction running on meanwhile. The cancel's marker lapses instead, and the
+    reconciler queues it again: the prediction is canceled within seconds, once more only."""
+    async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}, slow_polls=400, cancel_delay=60) as (st, fake):
+        st.start_worker(ready=True)
+        async with st.client() as c:
+            job_id = await _submit_held(c, "[slow] to be canceled")
+            await _until_stat(fake, "polls", 1, 30)  # polled: the handle is saved
+            r = await c.post(f"/v1/jobs/{job_id}/cancel")
+            assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+            assert await _until_stat(fake, "cancels", 1, 20) == 1 and _fake_stats(fake)["inflight"] == 1
+            st.kill("worker")  # SIGKILL while the provider holds the cancel call
+            killed = time.monotonic()
+            httpx.post(f"{fake}/_control/config", json={"cancel_delay": 0})
+            st.start_worker("worker2")
+            while _fake_stats(fake)["inflight"] and time.monotonic() - killed < 40:
+                await asyncio.sleep(0.1)
+            took = time.monotonic() - killed
+            assert _fake_stats(fake)["inflight"] == 0, "the prediction runs on: the cancel was never sent again"
+            assert took < 30, took
+            await asyncio.sleep(4)  # several reconciler passes: the cancel is done, not sent again
+            stats = _fake_stats(fake)
+            assert stats["cancels"] == 2 and stats["creates"] == 1, stats
+            assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "canceled"
+        assert "Traceback" not in st.log("worker2", tail=None)

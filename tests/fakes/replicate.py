@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "processing_polls": 3,
     "slow_polls": 30,
     "slow_file_seconds": 8.0,  # how long a [slow-file] result takes to download
+    "cancel_delay": 0.0,  # seconds a cancel call is held before the prediction is canceled
     "retry_after": 2,
     "data_ttl": None,  # seconds after completion until data_removed; None: never
     "wait_step": 0.05,  # seconds per script step while a Prefer: wait create is held
@@ -433,6 +434,7 @@ def create_app(**options: Any) -> Starlette:
         p = find(request)
         if not isinstance(p, Prediction):
             return p
+        await asyncio.sleep(float(state.options["cancel_delay"]))
         p.cancel()  # a terminal prediction comes back unchanged
         return JSONResponse(p.body())
 
