@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import shutil
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -159,8 +160,10 @@ async def test_reconciler_requeues_3000_lost_runs_past_its_page_size(tmp_path, r
 
 
 @contextlib.asynccontextmanager
-async def _replicate_stack(tmp_path, redis_base: str, options: dict, **fake: Any) -> AsyncIterator[tuple[Stack, str]]:
-    """A stack whose one model `held-replicate` is served by the Replicate fake."""
+async def _replicate_stack(tmp_path, redis_base: str, options: dict, *, env: dict[str, str] | None = None,
+                           **fake: Any) -> AsyncIterator[tuple[Stack, str]]:
+    """A stack whose one model `held-replicate` is served by the Replicate fake (`env`: more
+    GENROUTE_* settings, lower-case names)."""
     import yaml
 
     from core.routing.catalog import DEFAULT_CATALOG
@@ -175,7 +178,7 @@ async def _replicate_stack(tmp_path, redis_base: str, options: dict, **fake: Any
         catalog = tmp_path / "catalog.yaml"
         catalog.write_text(yaml.safe_dump(data))
         st = await make_stack(tmp_path / "stack", redis_url=f"{redis_base}/0", catalog=catalog,
-                              env={"DURABLE_REPLICATE_KEY": "r8_durable"}, submit_marker_seconds="3")
+                              env={"DURABLE_REPLICATE_KEY": "r8_durable"}, submit_marker_seconds="3", **(env or {}))
         st.start_api()
         try:
             yield st, url
@@ -331,3 +334,37 @@ async def test_worker_killed_mid_cancel_the_provider_cancel_is_sent_again_prompt
             assert stats["cancels"] == 2 and stats["creates"] == 1, stats
             assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "canceled"
         assert "Traceback" not in st.log("worker2", tail=None)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary to kill and restart")
+async def test_a_cancel_while_redis_is_down_is_answered_and_sent_once_redis_is_back(tmp_path, redis_base: str) -> None:
+    """Redis killed, then a running job canceled: the row says canceled, so the answer is
+    200 (not a 5xx a client would retry into a 409), and the provider cancel, which could
+    not be queued, is queued by the reconciler once Redis is back: the prediction stops."""
+    from tests.stack import PrivateRedis
+
+    redis = PrivateRedis(tmp_path / "redis")
+    redis.start()
+    try:
+        async with _replicate_stack(tmp_path, redis.url.removesuffix("/0"), {"poll_interval": 0.5}, slow_polls=400,
+                                    env={"key_cache_seconds": "60"}) as (st, fake):
+            st.start_worker(ready=True)
+            async with st.client() as c:
+                job_id = await _submit_held(c, "[slow] canceled while Redis is away")
+                await _until_stat(fake, "polls", 1, 30)  # polled: the handle is saved
+                redis.kill()
+                r = await c.post(f"/v1/jobs/{job_id}/cancel")
+                assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+                assert _fake_stats(fake)["cancels"] == 0 and _fake_stats(fake)["inflight"] == 1
+                redis.start()  # back empty: no cancel task, no marker
+                back = time.monotonic()
+                while _fake_stats(fake)["inflight"] and time.monotonic() - back < 40:
+                    await asyncio.sleep(0.1)
+                assert _fake_stats(fake)["inflight"] == 0, "the prediction runs on: its cancel was never sent"
+                await asyncio.sleep(3)
+                stats = _fake_stats(fake)
+                assert stats["cancels"] == 1 and stats["creates"] == 1, stats
+                assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "canceled"
+            assert st.procs["worker"].poll() is None, st.log("worker")
+    finally:
+        redis.kill()
