@@ -184,7 +184,7 @@ async def create_batch(body: BatchCreate, rt: RuntimeDep, principal: PrincipalDe
 
     async def run(job: Job) -> None:
         async with sem:  # enqueue after the commit: a worker never sees a job the DB does not have
-            await enqueue_run(rt.redis, rt.settings, job.id, job.modality, priority=job.priority)
+            await enqueue_run(rt.redis, rt.settings, job.id, rt.catalog.lane(job.model, job.modality), priority=job.priority)
 
     await asyncio.gather(*(run(it.job) for it in done if it.refused is None))
     counts = Counter(it.job.status for it in done if it.refused is None)

@@ -107,7 +107,7 @@ async def _position(rt: Runtime, job: Job) -> tuple[int | None, float | None]:
             pos = await rt.waits.ahead_of(job.priority, job.created_at, limited) or Position(0, None)
         if pos is not None:
             return pos.ahead, pos.eta_seconds
-        return await queue_position(rt.redis, rt.settings, job.id, job.modality), None
+        return await queue_position(rt.redis, rt.settings, job.id, rt.catalog.lane(job.model, job.modality)), None
     except REDIS_DOWN:  # a hint only: the job itself is read from the database
         return None, None
 
@@ -397,7 +397,7 @@ async def _enqueue_created(rt: Runtime, job: Job) -> Job:
     Redis is back. The client still gets its 201 (a 5xx here made clients retry into a
     second job and a second charge)."""
     try:
-        await enqueue_run(rt.redis, rt.settings, job.id, job.modality, priority=job.priority)
+        await enqueue_run(rt.redis, rt.settings, job.id, rt.catalog.lane(job.model, job.modality), priority=job.priority)
         return job
     except REDIS_DOWN as exc:
         log.warning("job %s committed but not enqueued (%s: %s); the reconciler enqueues it when Redis is back",

@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_api)
 
     w = sub.add_parser("worker", help="run ARQ workers")
-    w.add_argument("--queue", action="append", choices=["media", "video", "webhooks"], help="queue(s) to serve (default: all)")
+    w.add_argument("--queue", action="append", choices=["media", "video", "sync", "webhooks"], help="queue(s) to serve (default: all)")
     w.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics")
     w.add_argument("--healthcheck", action="store_true",
                    help="do not run: check a running worker (its /healthz with --metrics-port, else ARQ's keys "

@@ -151,7 +151,13 @@ class Settings(BaseSettings):
         return int(getattr(self, f"deadline_{modality}_seconds", self.deadline_image_seconds))
 
     def queue_for(self, modality: str) -> str:
+        """The queue of a job's stores and cancels, by modality."""
         return queue_name(self.redis_prefix, "video" if modality == "video" else "media")
+
+    def run_queue(self, lane: str) -> str:
+        """The queue of a job's runs: its lane (core.routing.catalog.Catalog.lane) is its
+        modality, or "sync" for models whose creates are long synchronous calls."""
+        return queue_name(self.redis_prefix, "sync") if lane == "sync" else self.queue_for(lane)
 
     @property
     def queues(self) -> list[str]:
@@ -161,7 +167,9 @@ class Settings(BaseSettings):
         return f"{self.redis_prefix}:job:{job_id}"
 
 
-QUEUES = ("media", "video", "webhooks")  # slow video never starves images, audio or webhooks
+# slow video never starves images, audio or webhooks; long synchronous creates ("sync":
+# a minute or more inside one HTTP call) never take the slots of short runs
+QUEUES = ("media", "video", "sync", "webhooks")
 
 
 def queue_name(prefix: str, queue: str) -> str:

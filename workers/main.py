@@ -19,6 +19,7 @@ from arq.worker import Worker
 from adapters.registry import AdapterCache, longest_timeout
 from core.metrics import Exposition, probe_for, serve_metrics
 from core.outages import REDIS_DOWN, redis_lost
+from core.routing.catalog import Deployment
 from core.runtime import Runtime, open_runtime, unwatch_sighup, watch_sighup
 from core.settings import QUEUES, Settings, queue_name
 from storage import build_store
@@ -45,21 +46,37 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     names = [queue_name(s.redis_prefix, q) for q in queues] if queues else s.queues
     timeout = s.task_timeout_seconds
     # A run makes create calls (a fallback perhaps a second one): its task outlasts the
-    # catalog's longest create timeout (a catalog reload that raises it takes effect for this
-    # task limit at the worker's next start). A store's downloads are cut by stalls
-    # (`timeouts.download`, an idle timeout), not by their length: its task outlasts the
-    # store ceiling (store_max_seconds, or the longest job deadline) so a slow healthy
-    # download is never cut by ARQ.
-    deployments = [d for m in rt.catalog.models for d in m.deployments]
-    run_timeout = max(timeout, int(2 * longest_timeout(deployments, "create")) + 30)
+    # longest create timeout of the deployments its queue's jobs may call (a catalog reload
+    # that raises it takes effect for this task limit at the worker's next start). Long
+    # synchronous creates run on the "sync" queue (Catalog.lane), so the other queues keep
+    # short run limits. A store's downloads are cut by stalls (`timeouts.download`, an idle
+    # timeout), not by their length: its task outlasts the store ceiling (store_max_seconds,
+    # or the longest job deadline) so a slow healthy download is never cut by ARQ.
+    lanes: dict[str, list[Deployment]] = {}
+    for m in rt.catalog.models:
+        lane = rt.catalog.lane(m.id, m.modality)
+        lanes.setdefault("video" if lane == "video" else "sync" if lane == "sync" else "media", []).extend(
+            rt.catalog.reachable(m.id))
     deadlines = max(s.deadline_seconds(m) for m in ("image", "audio", "video", "text"))
     store_timeout = max(timeout, s.store_max_seconds, deadlines) + 120
-    functions = [
-        func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
-        func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
-        func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
-        func(deliver_webhook, name="deliver_webhook", keep_result=0, timeout=int(s.webhook_timeout_seconds) * 3 + 30, max_tries=5),
-    ]
+
+    def run(queue: str) -> Any:
+        run_timeout = max(timeout, int(2 * longest_timeout(lanes.get(queue, []), "create")) + 30)
+        return func(run_job, name="run_job", keep_result=0, timeout=run_timeout, max_tries=20)  # type: ignore[arg-type]  # arq types ctx as dict[Any, Any]; our tasks take the Ctx TypedDict
+
+    webhook = func(deliver_webhook, name="deliver_webhook", keep_result=0,
+                   timeout=int(s.webhook_timeout_seconds) * 3 + 30, max_tries=5)
+    # Each queue's worker knows only the tasks put on its queue, so ARQ's in-progress key (the
+    # longest of them + 10 s) is as short as that queue's work allows.
+    functions: dict[str, list[Any]] = {
+        "sync": [run("sync")],
+        "webhooks": [webhook],
+        **{q: [
+            run(q),
+            func(store_outputs, name="store_outputs", keep_result=0, timeout=store_timeout, max_tries=20),  # type: ignore[arg-type]  # as above
+            func(cancel_job, name="cancel_job", keep_result=0, timeout=60, max_tries=3),  # type: ignore[arg-type]  # as above
+        ] for q in ("media", "video")},
+    }
     every = max(1, s.reconcile_every_seconds)
     crons = [cron(reconcile, name=f"{s.redis_prefix}:reconcile", second=set(range(0, 60, every)),  # type: ignore[arg-type]  # as above
                   run_at_startup=True, keep_result=0, timeout=timeout)]
@@ -72,7 +89,7 @@ def build_workers(rt: Runtime, queues: list[str] | None = None) -> list[Worker]:
     for i, q in enumerate(names):
         workers.append(
             Worker(
-                functions=functions,
+                functions=functions[q.rsplit(":", 1)[-1]],
                 cron_jobs=crons if i == 0 else None,
                 queue_name=q,
                 redis_pool=rt.redis,
@@ -147,7 +164,7 @@ async def serve_workers(
         tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(ride_out_redis(rt, f"worker {w.queue_name}", w.async_run)) for w in workers
         ]
-        poll_queues = [q for q in (queues or list(QUEUES)) if q != "webhooks"]
+        poll_queues = [q for q in (queues or list(QUEUES)) if q in ("media", "video")]  # the poll schedules
         if poll_queues:
             tasks.append(asyncio.create_task(ride_out_redis(rt, "poller", lambda: Poller(rt, poll_queues).run()), name="poller"))
         try:

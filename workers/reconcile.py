@@ -37,7 +37,7 @@ from workers.webhooks import due_deliveries
 log = logging.getLogger("genroute.reconciler")
 
 PAGE = 2000
-_COLS = tuple(col(c) for c in (Job.id, Job.modality, Job.next_poll_at, Job.updated_at, Job.deadline_at, Job.progress_message, Job.priority))
+_COLS = tuple(col(c) for c in (Job.id, Job.model, Job.modality, Job.next_poll_at, Job.updated_at, Job.deadline_at, Job.progress_message, Job.priority))
 
 
 async def reconcile(ctx: Ctx) -> dict[str, int]:
@@ -124,7 +124,7 @@ async def _queued(rt: Runtime, rows: list[Any], now: datetime, stale: datetime, 
         if live_run:
             continue  # a run is routing or submitting it right now (its marker is beating)
         # no run at all, or one held by a dead worker (its in-progress key outlives it)
-        if await enqueue_run(rt.redis, rt.settings, r.id, r.modality, suffix=tag if run_in_progress else "", priority=r.priority):
+        if await enqueue_run(rt.redis, rt.settings, r.id, rt.catalog.lane(r.model, r.modality), suffix=tag if run_in_progress else "", priority=r.priority):
             counts["requeued"] += 1
 
 
@@ -153,7 +153,7 @@ async def _running(rt: Runtime, rows: list[Any], stale: datetime, tag: str, coun
             counts["repolled"] += 1
         else:
             # a submit that never reported back: run_job decides whether it may be resent
-            await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=tag, priority=job.priority)
+            await enqueue_run(rt.redis, rt.settings, job.id, rt.catalog.lane(job.model, job.modality), suffix=tag, priority=job.priority)
             counts["resubmitted"] += 1
 
 

@@ -87,7 +87,7 @@ async def _key_slot(ctx: Ctx, job: Job) -> bool:
     if limit is None or await rt.ledger.quotas.take(job.key_id, job.id, limit) is None:
         return True
     gate = _key_gate(rt, job.key_id, limit)
-    woken = await rt.waits.enter(job.id, job.modality, [gate], job.priority, job.created_at)
+    woken = await rt.waits.enter(job.id, rt.catalog.lane(job.model, job.modality), [gate], job.priority, job.created_at)
     if (gate.name, job.id) in woken:  # a slot freed meanwhile and is ours
         return True
     for name, other in woken:
@@ -196,7 +196,7 @@ async def _requeue_after_outage(rt: Runtime, job: Job, exc: Exception) -> None:
                 progress_message=f"waiting: {unavailable(exc) or 'our network'} was unreachable; retrying")
             if back is None:
                 return  # canceled, or another run moved it on
-        await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=f":outage{time.time_ns()}", delay=2.0,
+        await enqueue_run(rt.redis, rt.settings, job.id, rt.catalog.lane(job.model, job.modality), suffix=f":outage{time.time_ns()}", delay=2.0,
                           priority=job.priority)
     except Exception as again:
         if not infra_down(again):
@@ -213,7 +213,7 @@ async def _wait(rt: Runtime, job: Job, out: Unplaced) -> None:
         if dep is not None and dep.limits.max_concurrency:
             gates.append(deployment_gate(rt, dep))
     if gates:
-        woken = await rt.waits.enter(job.id, job.modality, gates, job.priority, job.created_at)
+        woken = await rt.waits.enter(job.id, rt.catalog.lane(job.model, job.modality), gates, job.priority, job.created_at)
         for name, other in woken:  # this job too, when a slot freed meanwhile: its run takes it
             await enqueue_woken(rt.redis, rt.settings, rt.waits, other, name)
         if not any(other == job.id for _, other in woken):
@@ -222,7 +222,7 @@ async def _wait(rt: Runtime, job: Job, out: Unplaced) -> None:
     if job.progress_message != out.plan.message():
         await rt.ledger.transition(job.id, JobStatus.queued, expect_version=job.version, progress_message=out.plan.message())
     await rt.redis.set(waiting_key(rt, job.id), "t", px=int((out.retry_in() + rt.settings.reconcile_grace_seconds) * 1000))
-    await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=f":t{time.time_ns()}", delay=out.retry_in(),
+    await enqueue_run(rt.redis, rt.settings, job.id, rt.catalog.lane(job.model, job.modality), suffix=f":t{time.time_ns()}", delay=out.retry_in(),
                       priority=job.priority)
 
 
@@ -358,7 +358,7 @@ async def _submit_failed(
             **extra,
         )
         if waiting is not None:
-            await enqueue_run(rt.redis, s, job.id, job.modality, suffix=f":retry{job.attempt}", delay=delay, priority=job.priority)
+            await enqueue_run(rt.redis, s, job.id, rt.catalog.lane(job.model, job.modality), suffix=f":retry{job.attempt}", delay=delay, priority=job.priority)
         return
     await fail(rt, job, exc.code, told.message, told.detail, **extra)
 

@@ -34,16 +34,17 @@ def _due(head_start: timedelta) -> dict[str, Any]:
 
 
 async def enqueue_run(
-    redis: ArqRedis, settings: Settings, job_id: str, modality: str, *, suffix: str = "", delay: float = 0.0,
+    redis: ArqRedis, settings: Settings, job_id: str, lane: str, *, suffix: str = "", delay: float = 0.0,
     priority: str | None = None,
 ) -> bool:
-    """Run the job now (ahead of lower priorities' runs) or, with `delay`, at that time."""
+    """Run the job now (ahead of lower priorities' runs) or, with `delay`, at that time, on
+    its lane's queue (`Catalog.lane`: its modality, or "sync" for long synchronous creates)."""
     timing = {"_defer_by": delay} if delay else _due(HEAD_START[priorities.rank(priority)])
     job = await redis.enqueue_job(
         "run_job",
         job_id,
         _job_id=f"run:{job_id}{suffix}",
-        _queue_name=settings.queue_for(modality),
+        _queue_name=settings.run_queue(lane),
         **timing,
     )
     return job is not None
@@ -79,13 +80,13 @@ async def enqueue_woken(redis: ArqRedis, settings: Settings, waits: Any, job_id:
     mod = modality.decode() if isinstance(modality, bytes) else (modality or "image")
     prefer = gate[2:] if gate.startswith("d:") else None
     job = await redis.enqueue_job(
-        "run_job", job_id, prefer, _job_id=f"run:{job_id}:w{time.time_ns()}", _queue_name=settings.queue_for(mod),
+        "run_job", job_id, prefer, _job_id=f"run:{job_id}:w{time.time_ns()}", _queue_name=settings.run_queue(mod),
         **_due(WOKEN_HEAD_START),
     )
     return job is not None
 
 
-async def queue_position(redis: ArqRedis, settings: Settings, job_id: str, modality: str) -> int | None:
+async def queue_position(redis: ArqRedis, settings: Settings, job_id: str, lane: str) -> int | None:
     """0-based place of a queued job's run in its queue (ARQ keeps a sorted set by time)."""
-    rank = await redis.zrank(settings.queue_for(modality), f"run:{job_id}")
+    rank = await redis.zrank(settings.run_queue(lane), f"run:{job_id}")
     return None if rank is None else int(rank)

@@ -7,7 +7,7 @@ it first and the order is kept; the woken job's run finds the slot already its o
 
     P:wq:{gate}     ZSET  job id -> order: priority rank * 1e13 + ticket (lower goes first:
                           high before normal before low; FIFO by submission within one)
-    P:wj:{job}      HASH  gate -> slots key (the gates it waits at), _m modality, _t ticket
+    P:wj:{job}      HASH  gate -> slots key (the gates it waits at), _m lane (run queue), _t ticket
                           (the job's submit time in ms, kept from its first wait)
     P:dur:{gate}    STR   recent task duration (s), a moving average, for ETAs
 
@@ -142,7 +142,7 @@ class WaitQueues:
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:wj:{job_id}"
 
-    async def enter(self, job_id: str, modality: str, gates: list[Gate], priority: str | None = None,
+    async def enter(self, job_id: str, lane: str, gates: list[Gate], priority: str | None = None,
                     submitted: datetime | None = None) -> list[tuple[str, str]]:
         """Wait at these gates, behind every job of a higher priority and every one of the
         same submitted before it (runs start concurrently, so the order they reach a gate
@@ -151,7 +151,7 @@ class WaitQueues:
         job perhaps among them: the caller runs each of them now."""
         keys = [self.job_key(job_id)]
         since = submitted.timestamp() if submitted is not None else time.time()
-        args: list[Any] = [job_id, modality, self.handoff_ms, int(since * 1000), f"{self.prefix}:wj:",
+        args: list[Any] = [job_id, lane, self.handoff_ms, int(since * 1000), f"{self.prefix}:wj:",
                            priorities.rank(priority)]
         for g in gates:
             keys += [self.queue_key(g.name), g.slots_key]

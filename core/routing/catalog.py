@@ -49,6 +49,9 @@ from core.errors import InvalidInput
 from core.schemas import INPUT_SCHEMAS
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalog.yaml"
+# A create that may take longer than this is a long synchronous call: its jobs run on the
+# "sync" queue (Catalog.lane). The adapters' default create timeout.
+SYNC_CREATE_SECONDS = 60.0
 ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 Modality = Literal["image", "video", "audio", "text"]
 Strategy = Literal["priority", "weighted", "least_busy", "lowest_cost"]
@@ -132,11 +135,17 @@ class Deployment(BaseModel):
         ones such as `poll_backoff`, and its own), so a catalog with a bad one is refused at
         load, with its path. The adapter's module is
         imported by name from ADAPTERS (as adapters/registry.py does), only when named."""
-        module, _, attr = ADAPTERS[self.adapter].partition(":")
-        check = getattr(getattr(importlib.import_module(module), attr), "check_options", None)
+        check = getattr(_adapter_class(self.adapter), "check_options", None)
         if check is not None:
             check(self.options)  # ValueError: "options.<path>: what to fix"
         return self
+
+    @property
+    def create_seconds(self) -> float:
+        """How long one create call may take here: its `timeouts.create`, else its adapter's."""
+        if self.timeouts.create is not None:
+            return float(self.timeouts.create)
+        return float(_adapter_class(self.adapter).default_timeouts["create"])
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -327,6 +336,30 @@ class Catalog(BaseModel):
         """A model by id or by one of its aliases."""
         return self._by_id.get(model_id)
 
+    def reachable(self, model_id: str) -> list[Deployment]:
+        """Every deployment a job of this model may call: its own and its fallbacks'."""
+        out: list[Deployment] = []
+        seen: set[str] = set()
+        todo = [model_id]
+        while todo:
+            model = self.get(todo.pop())
+            if model is None or model.id in seen:
+                continue
+            seen.add(model.id)
+            out += model.deployments
+            todo += model.fallback_models
+        return out
+
+    def lane(self, model_id: str, modality: str) -> str:
+        """Which run queue a job of this model goes on: "sync" when a create it may make
+        can hold the call longer than SYNC_CREATE_SECONDS (a synchronous image host, GPT
+        Image at high quality), so those calls neither take the slots of short runs nor
+        stretch their task timeout; else its modality's (video's creates are all short
+        task submissions, so video stays on its own queue)."""
+        if modality != "video" and any(d.create_seconds > SYNC_CREATE_SECONDS for d in self.reachable(model_id)):
+            return "sync"
+        return modality
+
     def validate_input(self, model: Model, raw: dict[str, Any]) -> dict[str, Any]:
         """Validate a job's input against the modality schema and the model's capabilities.
         Returns the normalized input; raises InvalidInput with field paths."""
@@ -408,6 +441,13 @@ def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
             break
         line = node.start_mark.line + 1
     return line
+
+
+def _adapter_class(name: str) -> Any:
+    """The adapter class a deployment names, imported by name from ADAPTERS (as
+    adapters/registry.py does: core imports no adapter module by itself)."""
+    module, _, attr = ADAPTERS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_catalog(path: Path | None = None) -> Catalog:
