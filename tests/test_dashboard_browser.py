@@ -380,3 +380,55 @@ async def test_every_page_fits_a_phone(browser: Any, stack: Stack, shots: Path) 
         await s.shot(name)
     assert not s.errors, s.errors
     await page.context.close()
+
+
+async def test_the_api_docs_load_offline_and_authorize_with_a_key(chromium_path: str, stack: Stack, shots: Path) -> None:
+    """/docs as a user far from localhost meets it: the page is opened under a host name (the
+    validator badge and other Swagger UI extras only reach out for non-local hosts), every
+    request to any other host is refused and recorded, then Authorize takes the API key and
+    "Try it out" on GET /v1/models answers 200."""
+    from playwright.async_api import async_playwright
+
+    port = stack.api_url.rsplit(":", 1)[1]
+    host = "genroute.example"
+    base = f"http://{host}:{port}"
+    outside: list[str] = []
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=chromium_path, args=[
+            "--disable-gpu", "--disable-dev-shm-usage", f"--host-resolver-rules=MAP {host} 127.0.0.1"])
+        try:
+            context = await b.new_context(viewport=DESKTOP, device_scale_factor=1)
+
+            async def only_ours(route: Any) -> None:
+                if route.request.url.startswith(base + "/"):
+                    await route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    await route.abort()
+
+            await context.route("**/*", only_ours)
+            page = await context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(f"{base}/docs")
+            await page.wait_for_selector(".swagger-ui .information-container .title", timeout=20_000)
+            await page.click(".swagger-ui .auth-wrapper .btn.authorize")
+            await page.fill(".swagger-ui .modal-ux input", stack.keys["alice"])
+            await page.click(".swagger-ui .modal-ux .auth-btn-wrapper .btn.authorize")
+            await page.wait_for_selector(".swagger-ui .modal-ux .btn-done")
+            await page.click(".swagger-ui .modal-ux .btn-done")
+            op = page.locator(".opblock-get", has=page.locator(".opblock-summary-path[data-path='/v1/models']")).first
+            await op.locator(".opblock-summary").click()
+            await op.locator(".try-out__btn").click()
+            await op.locator(".execute").click()
+            status = op.locator(".live-responses-table tr.response .response-col_status").first
+            await status.wait_for(timeout=20_000)
+            assert (await status.inner_text()).strip() == "200", await op.inner_text()
+            assert "local-image" in await op.locator(".live-responses-table").inner_text()
+            await page.evaluate("() => window.scrollTo(0, 0)")
+            await page.screenshot(path=str(shots / "api-docs-desktop.png"))
+            assert not errors, errors
+            await context.close()
+        finally:
+            await b.close()
+    assert not outside, f"/docs reached outside genroute: {outside}"
