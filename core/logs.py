@@ -101,7 +101,8 @@ class Redact(logging.Filter):
 
 # --- formats ---------------------------------------------------------------------------------
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+# color_message: uvicorn's copy of its message with terminal colour codes, not for a log file
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName", "color_message"}
 
 
 def _extra(record: logging.LogRecord) -> dict[str, Any]:

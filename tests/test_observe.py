@@ -91,7 +91,12 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
 
 
 async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str) -> None:
-    stack = await make_stack(tmp_path, redis_url=redis_url, log_format="json", log_level="INFO")
+    from tests.test_webhooks import Receiver
+
+    receiver = Receiver()
+    await receiver.start()
+    stack = await make_stack(tmp_path, redis_url=redis_url, log_format="json", log_level="INFO",
+                             webhook_allowlist='["127.0.0.1/32"]')
     port = int(stack.api_url.rsplit(":", 1)[1])
     stack._spawn("api", "api", "--host", "127.0.0.1", "--port", str(port))  # with its access log
     stack.start_worker()
@@ -108,15 +113,20 @@ async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str
         rid = "trace-7f3a9c"
         headers = {"Authorization": f"Bearer {stack.keys['alice']}", "X-Request-Id": rid}
         async with httpx.AsyncClient(base_url=stack.api_url, headers=headers, timeout=90) as c:
-            r = await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": "logs", "size": "256x256"}})
+            r = await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": "logs", "size": "256x256"},
+                                               "webhook_url": receiver.url()})
             assert r.headers["x-request-id"] == rid
             job = await stack.wait_job(c, r.json()["id"])
             assert job["status"] == "succeeded"
+            deadline = time.monotonic() + 30
+            while not receiver.received and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             # an insane request id is replaced, not echoed
             bad = await c.get("/healthz", headers={"X-Request-Id": "x" * 500})
             assert bad.headers["x-request-id"].startswith("req_")
     finally:
         stack.stop()
+        await receiver.stop()
     texts = {name: (tmp_path / f"{name}.log").read_text() for name in ("api", "worker")}
     lines = [(name, line) for name, text in texts.items() for line in text.splitlines() if line.strip()]
     assert lines
@@ -129,6 +139,13 @@ async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str
     assert mine, texts["api"][-2000:]
     assert all(o["request_id"] == rid and o["tenant"] == "alice" for o in mine)
     assert any("POST /v1/jobs" in o["message"] for o in mine)
+    # the worker's lines of the job carry the ids too (bound per task from the job's row), its
+    # end among them; the webhook receiver was sent the request id
+    theirs = [o for n, o in parsed if n == "worker" and o.get("job_id") == job["id"]]
+    assert any(o["message"] == f"job {job['id']} succeeded" for o in theirs), texts["worker"][-3000:]
+    assert all(o["request_id"] == rid and o["tenant"] == "alice" for o in theirs), theirs
+    assert [h.get("x-request-id") for h, _ in receiver.received] == [rid]
+    assert "\x1b" not in "".join(texts.values()) and "color_message" not in texts["api"]  # no terminal colours
     everything = "\n".join(texts.values())
     for secret in (stack.keys["alice"], stack.keys["bob"], stack.env["GENROUTE_SECRET_KEY"]):
         assert secret not in everything
