@@ -115,9 +115,11 @@ def _follow(client: Client, job: JobPublic) -> JobPublic:
     """Show a progress bar until the job ends (client.wait reports each state and event)."""
     from rich.console import Console
 
-    with progress_bar(Console(stderr=True)) as bar, logs_above(bar):
+    console = Console(stderr=True)
+    console.print(f"{job.id} ({job.model})", markup=False, highlight=False)  # once: the bar has no room for it
+    with progress_bar(console) as bar, logs_above(bar):
         width = bar.console.width
-        task = bar.add_task(describe(f"{job.id} {job.status}", width), total=1.0)
+        task = bar.add_task(describe(job.status, width), total=1.0)
         state: dict[str, Any] = {"status": job.status, "fraction": job.progress.fraction}
 
         def show(item: JobPublic | EventPublic) -> None:
@@ -130,10 +132,10 @@ def _follow(client: Client, job: JobPublic) -> JobPublic:
                 state["fraction"] = data.get("progress", state["fraction"])
                 message, position = data.get("message"), data.get("queue_position")
             pos = f" #{position} in queue" if position is not None else ""
-            text = f"{job.id} {state['status']}{pos} {message or ''}"
+            text = f"{state['status']}{pos} {message or ''}"
             bar.update(task, completed=state["fraction"], description=describe(text, width))
 
         job = client.wait(job.id, on_update=show)
         bar.update(task, completed=1.0 if job.status == "succeeded" else job.progress.fraction,
-                   description=describe(f"{job.id} {job.status}", width))
+                   description=describe(job.status, width))
     return job
