@@ -264,3 +264,40 @@ def test_renderer_writes_what_generate_latest_writes() -> None:
         plain_h.observe(0.1)
         assert r.render([reg]) == generate_latest(reg)
     assert r.render([]) == b""
+
+
+async def test_the_worker_healthcheck_notices_a_hung_worker(tmp_path: Path, redis_url: str) -> None:
+    """docker-compose.yml's worker healthcheck (`genroute worker --healthcheck --metrics-port`):
+    0 while the worker serves, 1 with one line once it hangs (here: SIGSTOP, a process that
+    answers nothing), 0 again when it comes back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / "genroute")
+    stack = await make_stack(tmp_path, redis_url=redis_url)
+    port = free_port()
+    env = {**os.environ, **stack.env}
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, "worker", "--healthcheck", "--metrics-port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    async with running(stack, ("worker", "--metrics-port", str(port))):
+        deadline = time.monotonic() + 30
+        while (ok := check()).returncode != 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert ok.returncode == 0, ok.stderr
+        worker = stack.procs["worker"]
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            hung = check()
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        lines = [x for x in hung.stderr.splitlines() if x.strip()]
+        assert hung.returncode == 1 and len(lines) == 1 and "unhealthy" in lines[0], hung.stderr
+        deadline = time.monotonic() + 30
+        while (back := check()).returncode != 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert back.returncode == 0, back.stderr
