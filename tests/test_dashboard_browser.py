@@ -432,3 +432,51 @@ async def test_the_api_docs_load_offline_and_authorize_with_a_key(chromium_path:
         finally:
             await b.close()
     assert not outside, f"/docs reached outside genroute: {outside}"
+
+
+async def test_a_job_page_tells_the_whole_story_and_plays_video_and_audio(browser: Any, stack: Stack, shots: Path) -> None:
+    """A finished job's page: its input, a timeline of its events, the attempts with their
+    deployment, the cost held and settled, output previews with download links (an image,
+    the local video's animated WebP with its pause button, an audio player), and "Submit
+    again", which makes a new job and opens it."""
+    async with stack.client() as c:
+        made = {}
+        for model, inp in (("local-image", {"prompt": "story of a fox", "size": "256x256"}),
+                           ("local-video", {"prompt": "story of a boat", "duration_seconds": 1, "fps": 4, "resolution": "360p"}),
+                           ("local-audio", {"text": "story time"})):
+            r = await c.post("/v1/jobs", json={"model": model, "input": inp}, headers={"Prefer": "wait=40"})
+            assert r.json()["status"] == "succeeded", r.json()
+            made[model] = r.json()
+    s = await new_session(browser, stack, DESKTOP, "desktop", shots)
+    page = s.page
+    await s.sign_in(stack.keys["alice"])
+    image = made["local-image"]
+    await s.open(f"#/jobs/{image['id']}", "#outputs img.media")
+    assert "story of a fox" in await page.inner_text("#job-input")
+    timeline = await page.inner_text("#timeline")
+    assert "Queued" in timeline and "Started" in timeline and "Succeeded" in timeline, timeline
+    attempts = await page.inner_text("#attempts")
+    assert "local-image" in attempts and "accepted" in attempts, attempts
+    cost = await page.inner_text("#cost")
+    assert "Held at submit" in cost and "Settled" in cost and "not yet" not in cost, cost
+    href = await page.get_attribute("#outputs a[download]", "href") or ""
+    assert href.split("?")[0] == image["outputs"][0]["url"].split("?")[0]  # signed afresh on each read
+    await s.shot("job-story")
+
+    await s.open(f"#/jobs/{made['local-video']['id']}", "#outputs .media-wrap img.media")
+    await page.click("#outputs .play-toggle")  # pauses: the first frame stands in
+    await page.wait_for_function("() => document.querySelector('#outputs .play-toggle').textContent === 'Play'")
+    await s.open(f"#/jobs/{made['local-audio']['id']}", "#outputs audio.media-audio")
+    await page.wait_for_function("() => document.querySelector('#outputs audio').readyState >= 1")  # the player read the file
+    assert await page.evaluate("() => document.querySelector('#outputs audio').duration") > 0
+    await s.shot("job-audio")
+
+    await s.open(f"#/jobs/{image['id']}", "#resubmit")
+    await page.click("#resubmit")
+    await page.wait_for_function("id => location.hash.startsWith('#/jobs/job_') && !location.hash.endsWith(id)", arg=image["id"])
+    again = page.url.rsplit("/", 1)[1]
+    async with stack.client() as c:
+        job = (await c.get(f"/v1/jobs/{again}")).json()
+    assert job["input"]["prompt"] == "story of a fox" and job["id"] != image["id"], job
+    assert not s.errors, s.errors
+    await page.context.close()
