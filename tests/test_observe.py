@@ -36,12 +36,21 @@ def buckets(ss: dict, name: str, **labels: str) -> list[tuple[float, float]]:
 
 
 async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> None:
-    stack = await make_stack(tmp_path, redis_url=redis_url)
+    from tests.test_webhooks import Receiver
+
+    receiver = Receiver()
+    await receiver.start()
+    stack = await make_stack(tmp_path, redis_url=redis_url, webhook_allowlist='["127.0.0.1/32"]')
     port = free_port()
     async with running(stack, ("worker", "--metrics-port", str(port))):
         async with stack.client() as c:
-            ok = [(await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": f"p{i}", "size": "256x256"}})).json()
+            ok = [(await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": f"p{i}", "size": "256x256"},
+                                                  **({"webhook_url": receiver.url()} if i == 0 else {})})).json()
                   for i in range(3)]
+            chat = await c.post("/v1/chat/completions", json={"model": "local-text", "messages": [
+                {"role": "user", "content": "count these four words"}]})
+            assert chat.status_code == 200, chat.text
+            usage = chat.json()["usage"]
             bad = (await c.post("/v1/jobs", json={"model": "local-image", "input": {
                 "prompt": "x", "size": "256x256", "provider_params": {"fail": "provider_error", "latency_seconds": 0.2}}})).json()
             refused = await c.post("/v1/jobs", json={"model": "no-such-model", "input": {}})
@@ -65,6 +74,11 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
                 break
             time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        deadline = time.monotonic() + 20
+        while value(worker, "genroute_webhook_deliveries_total", outcome="delivered") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            worker = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    await receiver.stop()
 
     # API: requests by route template (never a job id) and status, with a latency histogram
     assert value(api, "genroute_http_requests_total", method="POST", route="/v1/jobs", status="201") == 4
@@ -88,6 +102,19 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
     assert value(worker, "genroute_provider_calls_total", deployment="local-image", call="submit") == 4
     assert value(worker, "genroute_provider_calls_total", deployment="local-image", call="poll", outcome="failed") == 1
     assert value(worker, "genroute_provider_call_duration_seconds_count", deployment="local-image", call="submit") == 4
+    # time at the provider for each job that started there; polls of the one that took 0.2 s
+    assert value(worker, "genroute_job_provider_seconds_count", deployment="local-image") == 4
+    assert value(worker, "genroute_poll_lateness_seconds_count") >= 1
+    # one webhook, delivered once, timed
+    assert value(worker, "genroute_webhook_deliveries_total", outcome="delivered") == 1
+    assert value(worker, "genroute_webhook_delivery_duration_seconds_count") == 1
+    # the chat call, its tokens as the answer counted them, by model and deployment
+    assert value(api, "genroute_chat_requests_total", model="local-text", deployment="local-text") == 1
+    assert value(api, "genroute_chat_tokens_total", model="local-text", kind="prompt") == usage["prompt_tokens"]
+    assert value(api, "genroute_chat_tokens_total", model="local-text", kind="completion") == usage["completion_tokens"]
+    assert value(api, "genroute_chat_duration_seconds_count", model="local-text") == 1
+    # a scrape times itself
+    assert value(api, "genroute_metrics_scrape_duration_seconds_count") >= 1
 
 
 async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str) -> None:
