@@ -74,10 +74,12 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
                 break
             time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
-        deadline = time.monotonic() + 20
-        while value(worker, "genroute_webhook_deliveries_total", outcome="delivered") < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            worker = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+        # the receiver answers from this event loop: wait without blocking it
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(timeout=10) as h:
+            while value(worker, "genroute_webhook_deliveries_total", outcome="delivered") < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                worker = samples((await h.get(f"http://127.0.0.1:{port}/metrics")).text)
         again = samples(httpx.get(f"{stack.api_url}/metrics", timeout=10).text)  # shows the scrapes before it
     await receiver.stop()
 
@@ -106,9 +108,11 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
     # time at the provider for each job that started there; polls of the one that took 0.2 s
     assert value(worker, "genroute_job_provider_seconds_count", deployment="local-image") == 4
     assert value(worker, "genroute_poll_lateness_seconds_count") >= 1
-    # one webhook, delivered once, timed
+    # one webhook, delivered once; every attempt timed (a first one may fail while this
+    # test's blocking loops hold up the receiver's event loop)
     assert value(worker, "genroute_webhook_deliveries_total", outcome="delivered") == 1
-    assert value(worker, "genroute_webhook_delivery_duration_seconds_count") == 1
+    attempts = value(worker, "genroute_webhook_deliveries_total")
+    assert value(worker, "genroute_webhook_delivery_duration_seconds_count") == attempts >= 1
     # the chat call, its tokens as the answer counted them, by model and deployment
     assert value(api, "genroute_chat_requests_total", model="local-text", deployment="local-text") == 1
     assert value(api, "genroute_chat_tokens_total", model="local-text", kind="prompt") == usage["prompt_tokens"]
