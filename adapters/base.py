@@ -11,7 +11,8 @@ httpx.AsyncClient from the process and borrow it: they never close it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
 
 import httpx
@@ -24,8 +25,51 @@ from core.types import PollNow, PollResult, ProviderRequest, SubmitResult
 INPUT_FETCH_SECONDS = 60.0  # one input file, every redirect and byte included
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """How polls slow as a provider task ages: for the first `hold` seconds the adapter's
+    own interval, then at least `start` seconds, doubling every `double_every` seconds, up
+    to `cap` (a short image task is seen done at once; an hour-long video is not asked
+    about every second). A longer interval asked by the adapter or the provider is kept;
+    the poller keeps the result within the job's deadline and the slot lease."""
+
+    hold: float
+    start: float
+    double_every: float
+    cap: float
+
+    def at(self, interval: float, age: float) -> float:
+        if age <= self.hold:
+            return interval
+        floor = min(self.cap, self.start * float(2.0 ** ((age - self.hold) / self.double_every)))
+        return max(interval, floor)
+
+    @classmethod
+    def from_option(cls, value: Any, default: Backoff | None) -> Backoff | None:
+        """The deployment option `poll_backoff`: false (a steady cadence), or a mapping of
+        hold / start / double_every / cap (seconds) over the adapter's (or 30 / 1 / 60 /
+        10). ValueError names what to fix (the catalog refuses the file)."""
+        if value is None or value is False:
+            return default if value is None else None
+        if not isinstance(value, dict) or not value or set(value) - {"hold", "start", "double_every", "cap"}:
+            raise ValueError("options.poll_backoff: false, or a mapping of hold, start, double_every and cap (seconds)")
+        base = default or cls(hold=30.0, start=1.0, double_every=60.0, cap=10.0)
+        fields = {"hold": base.hold, "start": base.start, "double_every": base.double_every, "cap": base.cap}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0 or (k != "hold" and v <= 0):
+                raise ValueError(f"options.poll_backoff.{k}: a number of seconds{'' if k == 'hold' else ' above 0'}")
+            fields[k] = float(v)
+        if fields["start"] > fields["cap"]:
+            raise ValueError("options.poll_backoff.start: at most its cap")
+        return cls(**fields)
+
+
 class Adapter:
     name: ClassVar[str]
+    # How the adapter's polls slow as a task ages (None: a steady cadence). The deployment
+    # option `poll_backoff` overrides it (false, or hold / start / double_every / cap); a
+    # deployment that sets a steady `poll_interval` and no `poll_backoff` is not slowed.
+    backoff: ClassVar[Backoff | None] = None
     # Which provider parameters a request may set, per modality (core/params.py). Every
     # adapter declares its own (tests/test_trust_params.py fails for one that does not);
     # the default lets a request set nothing. Catalog-controlled names (model, URLs, auth,
@@ -45,6 +89,12 @@ class Adapter:
             raise TypeError(f"{cls.__name__}.provider_params declares catalog-controlled names: {bad}")
         if "submit" in cls.__dict__:
             cls.submit = _checking_params(cls.__dict__["submit"])  # type: ignore[method-assign]  # wrapped on purpose, once per class
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Called when a catalog loads (core/routing/catalog.py): a bad option refuses the
+        catalog, with its path. Adapters with options of their own extend this."""
+        Backoff.from_option(options.get("poll_backoff"), cls.backoff)
 
     @classmethod
     def settable(cls, deployment: Deployment, modality: str) -> frozenset[str]:
@@ -90,6 +140,16 @@ class Adapter:
         """The adapter's cadence, or the deployment's `poll_interval` option (tests use 0.05)."""
         value = self.deployment.options.get("poll_interval")
         return float(value) if isinstance(value, int | float) and value > 0 else default
+
+    def paced(self, interval: float, age: float) -> float:
+        """The next poll's delay for a task `age` seconds old that asked for `interval`
+        (its adapter's cadence, or a provider's hint): slower as the task ages, by the
+        adapter's backoff or the deployment's `poll_backoff`. A deployment's own steady
+        `poll_interval` without a `poll_backoff` is kept as it is."""
+        options = self.deployment.options
+        default = None if "poll_interval" in options else self.backoff
+        backoff = Backoff.from_option(options.get("poll_backoff"), default)
+        return backoff.at(interval, age) if backoff is not None else interval
 
     def headers(self) -> dict[str, str]:
         """Extra headers from the deployment's `headers` option (gateways, org ids)."""

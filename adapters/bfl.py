@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from adapters.base import Adapter
+from adapters.base import Adapter, Backoff
 from adapters.http import body_json, error_from_response, follow_up, send, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
@@ -103,6 +103,9 @@ class BFLAdapter(Adapter):
     """FLUX image generation. Stateless: everything poll needs is in the handle."""
 
     name = "bfl"
+    # 0.5 s (BFL's examples) for the first 20 s, then 1 s doubling every 30 s up to 5 s
+    # (clients back off to 5 s too).
+    backoff = Backoff(hold=20.0, start=1.0, double_every=30.0, cap=5.0)
     # width/height override the size mapping; the gated ones are checked per model below
     provider_params = {
         "image": frozenset({"width", "height", "steps", "guidance", "interval", "raw", "image_prompt_strength",

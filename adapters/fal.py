@@ -41,7 +41,7 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from adapters.base import Adapter
+from adapters.base import Adapter, Backoff
 from adapters.http import body_json, error_from_response, error_message, follow_up, moderated, send, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
@@ -131,6 +131,8 @@ class _Jwks:
 
 class FalAdapter(Adapter):
     name = "fal"
+    # 1 s for the first 30 s (fal suggests 0.5-2 s), then from 1 s doubling every 60 s to 5 s.
+    backoff = Backoff(hold=30.0, start=1.0, double_every=60.0, cap=5.0)
     provider_params = {
         "image": frozenset({"num_inference_steps", "guidance_scale", "acceleration", "negative_prompt", "strength",
                             "safety_tolerance", "raw", "enhance_prompt", "expand_prompt", "seed"}),

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import httpx
 
 from adapters.base import Adapter
-from adapters.bfl import STANDARD_RATIOS, task_result
+from adapters.bfl import STANDARD_RATIOS, BFLAdapter, task_result
 from adapters.http import body_json, error_from_response, moderated, send, unsupported
 from core.errors import ErrorCode, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
@@ -61,6 +61,8 @@ class FireworksAdapter(Adapter):
     default_timeouts: ClassVar[dict[str, float]] = {**Adapter.default_timeouts, "create": 180.0}
 
     name = "fireworks"
+    # Kontext tasks are BFL's: the same slowing as the bfl adapter.
+    backoff = BFLAdapter.backoff
     provider_params = {
         "image": frozenset({"guidance_scale", "num_inference_steps", "safety_check", "safety_tolerance",
                             "prompt_upsampling"}),

@@ -86,6 +86,7 @@ class OpenRouterAdapter(OpenAICompatibleAdapter):
     def check_options(cls, options: Mapping[str, Any]) -> None:
         """Called when a catalog loads (core/routing/catalog.py): a bad routing option
         refuses the catalog, with its path."""
+        super().check_options(options)
         routing_of(options)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from adapters.base import Adapter
+from adapters.base import Adapter, Backoff
 from adapters.http import body_json, error_from_response, moderated, send, unsupported
 from core.errors import ErrorCode, Fault, ProviderError, ProviderErrorKind
 from core.types import Done, Failed, OutputRef, Pending, PollResult, ProviderRequest, SubmitResult
@@ -350,6 +350,9 @@ class ReplicateAdapter(Adapter):
     # a create with Prefer: wait holds the answer up to 60 s, then the output may follow
     default_timeouts: ClassVar[dict[str, float]] = {**Adapter.default_timeouts, "create": 120.0}
     name = "replicate"
+    # 1 s while a prediction is young (most images), then slower: a 10-minute video is not
+    # asked about every second. 30 s at 1 s, 2 s by 90 s, 5 s from about 170 s.
+    backoff = Backoff(hold=30.0, start=1.0, double_every=60.0, cap=5.0)
     # common inputs of Replicate's image/video/audio models; an operator adds a model's own
     # with the deployment option `provider_params`
     provider_params = {

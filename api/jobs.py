@@ -505,7 +505,11 @@ async def cancel(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobPub
         )
         if moved is not None:
             if job.status == JobStatus.running:
-                await enqueue_cancel(rt.redis, rt.settings, job.id, job.modality)
+                try:
+                    await enqueue_cancel(rt.redis, rt.settings, job.id, job.modality)
+                except REDIS_DOWN as exc:  # the row says canceled: the reconciler sends the provider cancel
+                    log.warning("job %s canceled but its provider cancel not enqueued (%s); the reconciler "
+                                "enqueues it when Redis is back", job.id, type(exc).__name__)
             return await _public(rt, moved)
         job = await _load(rt, principal, job_id)
     raise Conflict(f"job {job.id} kept changing; try the cancel again", code="job_busy")

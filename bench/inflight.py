@@ -209,13 +209,20 @@ async def main() -> None:
             sample = random.Random(1).sample(ids, min(args.samples, len(ids)))
 
             async def get(j: str) -> dict:
-                for attempt in range(5):  # an overloaded API (an older commit) may drop a connection
+                # an overloaded API (an older commit) may drop a connection or answer 503/429
+                for attempt in range(10):
                     try:
-                        return (await c.get(f"/v1/jobs/{j}")).json()
+                        r = await c.get(f"/v1/jobs/{j}")
                     except httpx.TransportError:
-                        if attempt == 4:
+                        if attempt == 9:
                             raise
                         await asyncio.sleep(0.5)
+                        continue
+                    if r.status_code in (429, 503) and attempt < 9:
+                        await asyncio.sleep(min(5.0, float(r.headers.get("retry-after", "1"))))
+                        continue
+                    r.raise_for_status()
+                    return r.json()
                 raise AssertionError("unreachable")
 
             async def read(ids_: list[str]) -> list[dict]:

@@ -30,7 +30,6 @@ import httpx
 from core import netguard
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-CHUNK_BYTES = 64 * 1024
 
 
 class FetchFailure(StrEnum):
@@ -64,7 +63,10 @@ class Fetched:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        it = self.response.aiter_bytes(CHUNK_BYTES).__aiter__()
+        # as the bytes arrive (httpx reads at most 64 KiB at a time), never gathered into
+        # fixed-size chunks: a chunker holds back what a broken connection delivered before it
+        # broke, and a resumed download (storage.ingest: `Range: bytes=N-`) would ask for it again
+        it = self.response.aiter_bytes().__aiter__()
         total = 0
         while True:
             remaining = self.deadline - loop.time()

@@ -9,6 +9,7 @@ most one write buffer (WRITE_BUFFER_BYTES) is held at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -66,53 +67,86 @@ async def store_output(
     `idle_timeout` the longest stall, `timeout` the ceiling for the whole download, broken
     attempts resumed (see _download). Every failure is a StorageError; a provider URL that
     answers 401/403/404/410, or that the guard refuses, has code provider_error.
+
+    Our own disks failing are waited on, not blamed on the output: the blob store's (see
+    _put_waiting) and the temporary file's (OSError: full, read-only, gone), after which the
+    output is fetched again, with backoff to PUT_BACKOFF_MAX, until max(timeout, 60 s) have
+    passed; an adapter's own file (`ref.path`) can be read once only, so it is not retried.
     """
     with metrics.storing():  # the job's storing time, told apart from its time at the provider
         validate_key(f"{key_base}/{index}.bin")  # fail before downloading anything
-        sink: _TempSink | None = None
-        try:
-            sink = await asyncio.to_thread(_TempSink, max_bytes, tmp_dir)
-            if ref.data is not None:
-                await sink.write(ref.data)
-            elif ref.path is not None:
-                await _copy_from_file(Path(ref.path), sink)
-            else:
-                await _download(http, ref, sink, timeout, idle_timeout, tries)
-            await sink.finish()
-
-            # the bytes decide, never the provider's hint: a hint of text/html or SVG would make
-            # a stored file active content on the download origin
-            content_type = sniff_content_type(sink.head[:SNIFF_BYTES])
-            stem = f"{key_base}/{sink.sha256[:2]}/{sink.sha256}" if by_hash else f"{key_base}/{index}"
-            key = f"{stem}.{extension_for(content_type)}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        until = loop.time() + max(timeout, 60.0)
+        pause = 0.5
+        while True:
             try:
-                probe = await asyncio.to_thread(
-                    probe_file, sink.path, content_type, max_image_pixels=max_image_pixels
-                )
-            except ProbeError as exc:
-                raise StorageError(f"output {index} refused: {exc}") from exc
+                return await _store_once(store, http, ref, key_base=key_base, index=index, max_bytes=max_bytes,
+                                         max_image_pixels=max_image_pixels, tmp_dir=tmp_dir,
+                                         timeout=max(1.0, deadline - loop.time()), idle_timeout=idle_timeout,
+                                         tries=tries, by_hash=by_hash)
+            except _TempDiskFailed as exc:
+                cause = exc.__cause__
+                if ref.path is not None or loop.time() + pause >= until:
+                    raise StorageError(f"output {index}: cannot write a temporary file: {cause}") from cause
+                log.warning("temporary file for output %d failed (%s); trying again in %.1f s", index, cause, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PUT_BACKOFF_MAX)
 
-            put_by = asyncio.get_running_loop().time() + max(timeout, 60.0)
-            await _put_waiting(store, key, sink.path, content_type, put_by)
-            thumbnail_key = None
-            if probe.thumbnail is not None:
-                thumbnail_key = f"{stem}.thumb.webp"
-                await _put_bytes(store, thumbnail_key, probe.thumbnail, "image/webp", tmp_dir, put_by)
-            return StoredAsset(
-                key=key,
-                content_type=content_type,
-                bytes=sink.size,
-                sha256=sink.sha256,
-                width=probe.width,
-                height=probe.height,
-                duration_seconds=probe.duration_seconds,
-                thumbnail_key=thumbnail_key,
+
+class _TempDiskFailed(Exception):
+    """Our temporary file could not be written or read (its cause: the OSError)."""
+
+
+async def _store_once(
+    store: BlobStore, http: httpx.AsyncClient, ref: OutputRef, *, key_base: str, index: int, max_bytes: int,
+    max_image_pixels: int, tmp_dir: Path | None, timeout: float, idle_timeout: float, tries: int, by_hash: bool,
+) -> StoredAsset:
+    """One try of store_output."""
+    sink: _TempSink | None = None
+    try:
+        sink = await asyncio.to_thread(_TempSink, max_bytes, tmp_dir)
+        if ref.data is not None:
+            await sink.write(ref.data)
+        elif ref.path is not None:
+            await _copy_from_file(Path(ref.path), sink)
+        else:
+            await _download(http, ref, sink, timeout, idle_timeout, tries)
+        await sink.finish()
+
+        # the bytes decide, never the provider's hint: a hint of text/html or SVG would make
+        # a stored file active content on the download origin
+        content_type = sniff_content_type(sink.head[:SNIFF_BYTES])
+        stem = f"{key_base}/{sink.sha256[:2]}/{sink.sha256}" if by_hash else f"{key_base}/{index}"
+        key = f"{stem}.{extension_for(content_type)}"
+        try:
+            probe = await asyncio.to_thread(
+                probe_file, sink.path, content_type, max_image_pixels=max_image_pixels
             )
-        except OSError as exc:  # the temp file: disk full, permissions
-            raise StorageError(f"output {index}: cannot write a temporary file: {exc}") from exc
-        finally:
-            if sink is not None:
-                await sink.discard()
+        except ProbeError as exc:
+            raise StorageError(f"output {index} refused: {exc}") from exc
+
+        put_by = asyncio.get_running_loop().time() + max(timeout, 60.0)
+        await _put_waiting(store, key, sink.path, content_type, put_by)
+        thumbnail_key = None
+        if probe.thumbnail is not None:
+            thumbnail_key = f"{stem}.thumb.webp"
+            await _put_bytes(store, thumbnail_key, probe.thumbnail, "image/webp", tmp_dir, put_by)
+        return StoredAsset(
+            key=key,
+            content_type=content_type,
+            bytes=sink.size,
+            sha256=sink.sha256,
+            width=probe.width,
+            height=probe.height,
+            duration_seconds=probe.duration_seconds,
+            thumbnail_key=thumbnail_key,
+        )
+    except OSError as exc:  # the temp file: disk full, permissions
+        raise _TempDiskFailed(str(exc)) from exc
+    finally:
+        if sink is not None:
+            await sink.discard()
 
 
 async def _copy_from_file(path: Path, sink: _TempSink) -> None:
@@ -325,7 +359,9 @@ class _TempSink:
 
     async def discard(self) -> None:
         def discard() -> None:
-            self._file.close()
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a temp file left behind fails no output
+                self._file.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
 
         await asyncio.to_thread(discard)

@@ -57,11 +57,15 @@ class LocalBlobStore:
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         # content_type is not kept: the serving route derives it from the key's extension.
+        # Every OSError here is this store's own directory failing (disk full, read-only,
+        # EIO, permissions, the directory gone or replaced): our infrastructure, not the
+        # output's fault, so it is `unavailable` and waited on like an S3 outage
+        # (storage.ingest._put_waiting), never a reason to end the job at once.
         dest = self.path_for(key)
         try:
             await asyncio.to_thread(_copy_atomically, Path(path), dest)
         except OSError as exc:
-            raise StorageError(f"cannot write {key}: {exc}") from exc
+            raise StorageError(f"cannot write {key} under {self.root}: {exc}", unavailable=True) from exc
 
     async def url(self, key: str, *, expires_in: int) -> str:
         validate_key(key)

@@ -3,7 +3,16 @@
 A provider's test module subclasses `AdapterContract`, provides the fixture `fake`
 (module-scoped: the running fake and its settings) and the class attributes below, and
 inherits every test. Adapters are driven directly (submit, then poll until the end, as the
-worker does) with a real httpx client, and outputs are stored in a real S3 bucket.
+worker does) with a real httpx client, and outputs are stored in a real S3 bucket, where
+image sizes and MP4 durations are read back from the stored file.
+
+What every adapter must show: success with stored media; failures (input and output
+moderation with their stage among them) as job error codes; a bad key as provider_auth;
+a 429 carrying a wait; a 5xx on a create retryable but never resent nor fallen back; a 5xx
+on a poll retried with exactly one task created upstream; an unknown task id as
+provider_error; refused parameters never sent; progress rising; cancel (or, where the
+provider has none, `supports_cancel = False`: `cancel()` sends nothing, and the job is
+canceled on our side); an expired result URL never stored.
 
 Fakes are scripted by keywords in the prompt (or `text` for speech), the same for all:
 
@@ -31,6 +40,7 @@ from adapters.base import Adapter
 from adapters.registry import build_adapter
 from core.errors import ErrorCode, Fault, ProviderError
 from core.routing.catalog import Deployment
+from core.routing.router import can_fall_back
 from core.types import Done, Failed, Pending, PollResult, ProviderRequest
 from storage import S3BlobStore, StorageError, store_output
 
@@ -57,14 +67,17 @@ class Case:
     input: dict[str, Any]
     content_type: str | None = None  # of the first stored output
     size: tuple[int, int] | None = None  # width, height of the first output, if an image
+    duration: float | None = None  # seconds of the first output, if a video (read from the stored file)
     outputs: int = 1
     code: ErrorCode | None = None  # for failure cases: the job error code
     stage: str | None = None  # for moderation: "input" or "output"
     options: dict[str, Any] = field(default_factory=dict)  # extra deployment options
 
 
-async def drive(adapter: Adapter, request: ProviderRequest, *, max_polls: int = 200) -> tuple[PollResult, list[Pending]]:
-    """Submit, then poll until the result is final, as the worker would (fast cadence)."""
+async def drive(adapter: Adapter, request: ProviderRequest, *, max_polls: int = 200,
+                retried: list[ProviderError] | None = None) -> tuple[PollResult, list[Pending]]:
+    """Submit, then poll until the result is final, as the worker would (fast cadence).
+    Retryable poll errors are re-polled, as the worker re-schedules them (and kept in `retried`)."""
     result: PollResult = await adapter.submit(request)
     seen: list[Pending] = []
     polls = 0
@@ -77,6 +90,8 @@ async def drive(adapter: Adapter, request: ProviderRequest, *, max_polls: int = 
             result = await adapter.poll(result.handle)
         except ProviderError as exc:
             if exc.retryable:  # the worker re-schedules the poll
+                if retried is not None:
+                    retried.append(exc)
                 continue
             raise
     return result, seen
@@ -90,6 +105,8 @@ class AdapterContract:
     slow: ClassVar[Case | None] = None  # a case whose prompt has [slow]; None: no cancel/progress test
     supports_cancel: ClassVar[bool] = True
     unsupported: ClassVar[list[Case]] = []  # inputs the adapter must refuse before sending
+    # the handle key naming the provider's task id (None: every task finishes inside submit)
+    task_id_key: ClassVar[str | None] = None
 
     # -- plumbing ----------------------------------------------------------------------
     @pytest.fixture
@@ -122,6 +139,20 @@ class AdapterContract:
         )
         return build_adapter(dep, http)
 
+    async def _first_pending(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+                             keyword: str = "") -> tuple[Adapter, Pending, int]:
+        """Submit the first success case (with `keyword` in its prompt) that leaves a task to
+        poll: its adapter, its Pending, and the fake's count of creates before it was sent."""
+        for case in self.success:
+            asked = Case(case.modality, case.model, _with_keyword(case.input, keyword) if keyword else case.input,
+                         options=case.options)
+            adapter = self.make(fake, asked, http, monkeypatch)
+            before = (await fake.stats()).get("creates", 0)
+            first = await adapter.submit(self.request(asked))
+            if isinstance(first, Pending):
+                return adapter, first, before
+        pytest.skip("every task finishes inside submit: there is no task to poll")
+
     @staticmethod
     def request(case: Case) -> ProviderRequest:
         return ProviderRequest(
@@ -150,6 +181,10 @@ class AdapterContract:
                 assert first.content_type == case.content_type, (case.model, first)
             if case.size:
                 assert (first.width, first.height) == case.size, (case.model, first)
+            if first.content_type == "video/mp4":  # a playable video (the probe reads MP4 durations)
+                assert first.duration_seconds is not None and first.duration_seconds > 0, (case.model, first)
+            if case.duration is not None:
+                assert first.duration_seconds == pytest.approx(case.duration, abs=0.1), (case.model, first)
 
     async def test_failures_map_to_error_codes(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
         for case in self.failures:
@@ -189,6 +224,49 @@ class AdapterContract:
         with pytest.raises(ProviderError) as exc:
             await adapter.submit(self.request(broken))
         assert exc.value.retryable and not exc.value.resend_safe and exc.value.fault is Fault.provider
+        assert not can_fall_back(exc.value), "a second create elsewhere could run (and bill) the task twice"
+
+    async def test_transient_5xx_on_a_poll_is_retried_without_a_second_task(self, fake: Fake, http: httpx.AsyncClient,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+        """The first poll answers 500: the poll is retried (the worker re-schedules it), the job
+        finishes, and the provider saw exactly one create."""
+        adapter, first, before = await self._first_pending(fake, http, monkeypatch, "[poll500]")
+        retried: list[ProviderError] = []
+        result: PollResult = first
+        for _ in range(200):
+            if not isinstance(result, Pending):
+                break
+            await asyncio.sleep(min(result.poll_after, 0.02))
+            try:
+                result = await adapter.poll(result.handle)
+            except ProviderError as exc:
+                assert exc.retryable and exc.fault is Fault.provider, exc
+                retried.append(exc)
+        assert isinstance(result, Done), result
+        assert retried, "the fake's first poll answers 500: the adapter must have seen it"
+        assert (await fake.stats()).get("creates", 0) - before == 1, "a poll error must never create a second task"
+
+    async def test_unknown_task_fails_cleanly(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A task the provider does not know (expired, deleted, another account's) ends the job
+        as provider_error, after any grace the adapter gives a task it has just created."""
+        if self.task_id_key is None:
+            pytest.skip("every task finishes inside submit: there is no task to lose")
+        adapter, first, _ = await self._first_pending(fake, http, monkeypatch)
+        task_id = str(first.handle[self.task_id_key])
+        ghost = f"no-such-task-{uuid.uuid4().hex[:8]}"
+        handle = {k: v.replace(task_id, ghost) if isinstance(v, str) else v for k, v in first.handle.items()}
+        result: PollResult | None = None
+        for _ in range(50):  # past any short grace for a task the provider has not registered yet
+            try:
+                result = await adapter.poll(handle)
+            except ProviderError as exc:
+                assert not exc.retryable and exc.code == ErrorCode.provider_error, exc
+                return
+            if not isinstance(result, Pending):
+                break
+            handle = result.handle
+            await asyncio.sleep(0.01)
+        assert isinstance(result, Failed) and result.code == ErrorCode.provider_error, result
 
     async def test_unsupported_parameters_are_refused_before_sending(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
         for case in self.unsupported:
@@ -218,6 +296,27 @@ class AdapterContract:
         await adapter.cancel(first.handle)
         result = await adapter.poll(first.handle)
         assert isinstance(result, Failed) and result.code == ErrorCode.canceled, result
+
+    async def test_cancel_without_a_provider_cancel_sends_nothing(self, fake: Fake, http: httpx.AsyncClient,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where the provider has no cancel, `cancel()` returns quietly and the provider hears
+        nothing: the job is canceled on our side (the worker's poller drops it)."""
+        if self.supports_cancel:
+            pytest.skip("this provider has a cancel: test_cancel")
+        adapter, first, _ = await self._first_pending(fake, http, monkeypatch)
+        before = await fake.stats()
+        sent: list[str] = []
+
+        async def record(request: httpx.Request) -> None:
+            sent.append(f"{request.method} {request.url}")
+
+        http.event_hooks["request"].append(record)
+        try:
+            await adapter.cancel(first.handle)
+        finally:
+            http.event_hooks["request"].remove(record)
+        assert not sent, f"a local cancel sent {sent}"
+        assert await fake.stats() == before, "a local cancel reached the provider"
 
     async def test_expired_result_url_is_never_stored_as_output(self,
             fake: Fake, http: httpx.AsyncClient, bucket: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -149,6 +149,17 @@ class Stack:
             if job["status"] in TERMINAL or time.monotonic() > deadline:
                 return job
 
+    async def openai_video(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], httpx.Response]:
+        """POST /v1/videos, wait for its job: (the job, GET /v1/videos/{id}, GET .../content)."""
+        async with self.client() as c:
+            r = await c.post("/v1/videos", json=body)
+            assert r.status_code == 200, r.text
+            video = r.json()
+            job = await self.wait_job(c, video["id"])
+            assert job["status"] == "succeeded", job["error"]
+            got = (await c.get(f"/v1/videos/{video['id']}")).json()
+            return job, got, await c.get(f"/v1/videos/{video['id']}/content")
+
 
 async def make_stack(root: Path, *, redis_url: str, database_url: str = "", storage: str = "local",
                      s3: Any = None, tenants: tuple[str, ...] = ("alice", "bob"), catalog: Path | None = None,

@@ -72,6 +72,7 @@ class TestBFL(AdapterContract):
     adapter = "bfl"
     api_key_env = "GENROUTE_TEST_BFL_KEY"
     supports_cancel = False  # BFL has no cancel endpoint
+    task_id_key = "id"
     success = [
         Case("image", "flux-pro-1.1", {"prompt": "a lighthouse at dusk", "size": "1024x768", "output_format": "jpeg", "seed": 7},
              content_type="image/jpeg", size=(1024, 768)),

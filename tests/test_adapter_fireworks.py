@@ -64,6 +64,7 @@ class TestFireworks(AdapterContract):
     adapter = "fireworks"
     api_key_env = "GENROUTE_TEST_FIREWORKS_KEY"
     supports_cancel = False  # no cancel on either workflow: canceled on our side
+    task_id_key = "id"
     slow = Case("image", KONTEXT, {"prompt": "a slow one [slow]"})  # Kontext reports progress
     success = [
         # first: Kontext, whose sample is a URL on another host (the expiry test needs one)
@@ -223,3 +224,21 @@ def test_text_to_image_ratio(inp: dict[str, Any], expected: str | None) -> None:
 def test_kontext_takes_any_ratio_in_range() -> None:
     assert kontext_body(KONTEXT, {"prompt": "p", "aspect_ratio": "7:5"})["aspect_ratio"] == "7:5"
     assert workflow_path(DEV) == DEV and workflow_path(KONTEXT) == "accounts/fireworks/models/flux-kontext-pro"
+
+
+def test_bfl_statuses_have_one_home() -> None:
+    """Kontext's get_result is BFL's task API: its statuses are mapped in adapters/bfl.py only,
+    so a status BFL adds (or renames) is handled for both hosts in one place."""
+    import ast
+    from pathlib import Path
+
+    import adapters.bfl
+    import adapters.fireworks
+
+    assert adapters.fireworks.task_result is adapters.bfl.task_result
+    statuses = {"Request Moderated", "Content Moderated", "Task not found"}  # BFL's own words
+    for path in Path(adapters.bfl.__file__).parent.glob("*.py"):
+        if path.name == "bfl.py":
+            continue
+        found = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and n.value in statuses}
+        assert not found, (path.name, found)

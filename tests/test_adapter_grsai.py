@@ -69,6 +69,7 @@ class TestGrsAi(AdapterContract):
     adapter = "grsai"
     api_key_env = "GENROUTE_TEST_GRSAI_KEY"
     supports_cancel = False  # GrsAi has no cancel endpoint
+    task_id_key = "id"
     success = [
         Case("image", "nano-banana-fast", {"prompt": "a lighthouse", "aspect_ratio": "16:9"},
              content_type="image/png", size=(1024, 576)),
@@ -83,9 +84,9 @@ class TestGrsAi(AdapterContract):
                                            "input_images": [IMAGE_URL], "provider_params": {"safetyTolerance": 2}},
              content_type="image/jpeg", size=(1024, 1024)),
         Case("video", "veo3.1-fast", {"prompt": "waves at dusk", "aspect_ratio": "16:9", "duration_seconds": 8},
-             content_type="video/mp4"),
+             content_type="video/mp4", duration=8),
         Case("video", "sora-2", {"prompt": "a cat surfing", "aspect_ratio": "9:16", "duration_seconds": 15,
-                                 "resolution": "720p", "image": DATA_URI}, content_type="video/mp4"),
+                                 "resolution": "720p", "image": DATA_URI}, content_type="video/mp4", duration=15),
         # the newer API, chosen by the deployment
         Case("image", "nano-banana-2", {"prompt": "a cabin", "aspect_ratio": "4:1", "input_images": [IMAGE_URL]},
              content_type="image/png", size=(1024, 256), options=GENERATE),

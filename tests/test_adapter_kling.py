@@ -64,9 +64,10 @@ class TestKling(AdapterContract):
     adapter = "kling"
     api_key_env = "GENROUTE_TEST_KLING_KEY"
     supports_cancel = False  # Kling has no cancel endpoint: cancel is local (see the test below)
+    task_id_key = "task_id"
     success = [
         Case("video", "kling-v2-1-master", {"prompt": "a paper boat on a river", "duration_seconds": 5, "aspect_ratio": "16:9"},
-             content_type="video/mp4"),
+             content_type="video/mp4", duration=5),
         Case("video", "kling-v1-6", {"prompt": "a fox in snow", "duration_seconds": 10, "aspect_ratio": "9:16",
                                      "resolution": "1080p", "negative_prompt": "blurry",
                                      "provider_params": {"cfg_scale": 0.7}}, content_type="video/mp4"),

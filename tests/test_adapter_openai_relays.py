@@ -67,6 +67,7 @@ class RelayContract(AdapterContract):
     adapter = "openai"
     api_key_env = KEY_ENV
     supports_cancel = False  # the Videos API cannot stop a render (nor can the relays)
+    task_id_key = "video_id"
 
 
 class TestCometAPISora(RelayContract):
@@ -75,7 +76,7 @@ class TestCometAPISora(RelayContract):
         return Fake(comet.url, comet.api_key, extra={"options": COMET_SORA})  # every case, rebuilt ones too
 
     success = [Case("video", "sora-2", {"prompt": "a cat surfing", "duration_seconds": 8, "aspect_ratio": "16:9"},
-                    content_type="video/mp4", options=COMET_SORA)]
+                    content_type="video/mp4", duration=8, options=COMET_SORA)]
     failures = failing("sora-2", COMET_SORA)
     slow = video("sora-2", "a slow one [slow]", options=COMET_SORA)
     unsupported = [video("sora-2", "five seconds", duration_seconds=5, options=COMET_SORA)]
@@ -98,7 +99,7 @@ class TestDMXAPISora(RelayContract):
         return Fake(dmx.url, dmx.api_key, extra={"options": DMX_SORA})  # every case, rebuilt ones too
 
     success = [Case("video", "sora-2", {"prompt": "a paper boat", "duration_seconds": 4, "aspect_ratio": "9:16"},
-                    content_type="video/mp4", options=DMX_SORA)]
+                    content_type="video/mp4", duration=4, options=DMX_SORA)]
     failures = failing("sora-2", DMX_SORA)
     slow = video("sora-2", "a slow one [slow]", options=DMX_SORA)
     unsupported = [video("sora-2", "1080p on sora-2", resolution="1024p", options=DMX_SORA)]
@@ -110,7 +111,8 @@ class TestPoloAPIVeo(RelayContract):
         return Fake(polo.url, polo.api_key, extra={"options": POLO_VEO})  # every case, rebuilt ones too
 
     success = [
-        Case("video", "veo3.1-fast", {"prompt": "a lighthouse", "duration_seconds": 8}, content_type="video/mp4", options=POLO_VEO),
+        Case("video", "veo3.1-fast", {"prompt": "a lighthouse", "duration_seconds": 8}, content_type="video/mp4", duration=8,
+             options=POLO_VEO),
         # the link only at /content, which answers JSON
         Case("video", "veo3.1", {"prompt": "the link is at content [no-url-in-poll]"}, content_type="video/mp4", options=POLO_VEO),
     ]

@@ -120,9 +120,10 @@ class TestOpenRouterVideos(AdapterContract):
     adapter = "openrouter"
     api_key_env = KEY_ENV
     supports_cancel = False  # OpenRouter documents no cancel for videos
+    task_id_key = "video_id"
     success = [
         Case("video", "google/veo-3.1", {"prompt": "waves", "duration_seconds": 8, "resolution": "720p", "aspect_ratio": "16:9"},
-             "video/mp4"),
+             "video/mp4", duration=8),
         Case("video", "openai/sora-2", {"prompt": "a cat", "image": png_uri(64, 36), "provider_params": {"generate_audio": True}},
              "video/mp4"),
     ]
@@ -179,6 +180,17 @@ class TestOpenRouterVideos(AdapterContract):
         assert "polling failed" in exc.value.message
         assert (await fake.stats())["polls"] == before, "the poll reached the fake past the guard"
         assert isinstance(await adapter.poll(first.handle), Pending)
+
+    async def test_every_video_status_maps(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        """pending and in_progress poll on; completed, failed, cancelled and expired end it."""
+        ends = {"waves": (Done, None), "boom [fail]": (Failed, ErrorCode.provider_error),
+                "stop [cancelled]": (Failed, ErrorCode.canceled), "late [expired]": (Failed, ErrorCode.provider_error)}
+        for prompt, (kind, code) in ends.items():
+            case = Case("video", "google/veo-3.1", {"prompt": prompt, "duration_seconds": 8})
+            result, seen = await drive(make(fake, http, monkeypatch, "google/veo-3.1"), self.request(case))
+            assert {p.message for p in seen} == {"pending", "in_progress"}, (prompt, [p.message for p in seen])
+            assert isinstance(result, kind) and getattr(result, "code", None) == code, (prompt, result)
+        assert isinstance(result, Failed) and "expired" in result.message
 
     async def test_unknown_video_id_fails_cleanly(self, fake: Fake, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
         adapter = make(fake, http, monkeypatch, "google/veo-3.1")

@@ -65,6 +65,7 @@ class TestSiliconFlow(AdapterContract):
     adapter = "siliconflow"
     api_key_env = KEY_ENV
     supports_cancel = False  # SiliconFlow has no cancel
+    task_id_key = "request_id"
     slow = None  # no progress figure: InQueue (with a position) then InProgress; see the queue test
     success = [
         Case("image", KOLORS, {"prompt": "a lighthouse at dusk", "size": "1024x1024", "seed": 7},
@@ -83,6 +84,7 @@ class TestSiliconFlow(AdapterContract):
         Case("video", T2V, {"prompt": "waves at dusk", "seed": 3}, content_type="video/mp4"),
         _video(I2V, "the frame comes alive", image=IMAGE_URL, aspect_ratio="9:16"),
         _video(T2V, "square", aspect_ratio="1:1", duration_seconds=5.0),
+        Case("video", T2V, {"prompt": "five seconds", "duration_seconds": 5.0}, content_type="video/mp4", duration=5.0),
     ]
     failures = [
         Case("image", KOLORS, {"prompt": "something [moderated]"}, code=ErrorCode.moderated, stage="input"),

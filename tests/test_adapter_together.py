@@ -73,10 +73,11 @@ class TestTogether(AdapterContract):
     adapter = "together"
     api_key_env = "GENROUTE_TEST_TOGETHER_KEY"
     supports_cancel = False  # no cancel for /v2/videos: the job is canceled on our side
+    task_id_key = "id"
     success = [
         # first: a video, its file on the other host (the expiry test needs a URL)
         Case("video", HAILUO, {"prompt": "a paper boat on a pond", "duration_seconds": 5, "aspect_ratio": "16:9"},
-             content_type="video/mp4"),
+             content_type="video/mp4", duration=5),
         Case("image", SCHNELL, {"prompt": "a lighthouse", "size": "1024x768", "output_format": "jpeg", "seed": 3},
              content_type="image/jpeg", size=(1024, 768)),
         # an aspect ratio: ~1 MP on the 16 px grid

@@ -124,5 +124,17 @@ async def test_a_catalog_naming_an_unknown_adapter_is_refused_on_reload(stack: S
             assert "ghost" not in await _models(c)
             r = await c.post("/v1/jobs", json={"model": "ghost", "input": {"prompt": "x"}})
             assert r.status_code in (400, 404, 422) and r.json()["error"]["code"] == "model_not_found", r.text
+            # the worker, told to reload the same file, refuses it too and goes on with the old one
+            os.kill(stack.procs["worker"].pid, signal.SIGHUP)
+            for _ in range(100):
+                if "unknown adapter 'no_such_adapter'" in stack.log("worker", tail=None):
+                    break
+                await asyncio.sleep(0.1)
+            log = stack.log("worker", tail=None)
+            assert "catalog reload refused" in log and "unknown adapter 'no_such_adapter'" in log, log[-3000:]
+            assert stack.procs["worker"].poll() is None, log[-3000:]
+            r = await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": "old catalog"}},
+                             headers={"Prefer": "wait=20"})
+            assert r.json()["status"] == "succeeded", r.text
     finally:
         catalog.write_text(good)

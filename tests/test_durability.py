@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import shutil
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -158,8 +160,10 @@ async def test_reconciler_requeues_3000_lost_runs_past_its_page_size(tmp_path, r
 
 
 @contextlib.asynccontextmanager
-async def _replicate_stack(tmp_path, redis_base: str, options: dict, **fake: Any) -> AsyncIterator[tuple[Stack, str]]:
-    """A stack whose one model `held-replicate` is served by the Replicate fake."""
+async def _replicate_stack(tmp_path, redis_base: str, options: dict, *, env: dict[str, str] | None = None,
+                           **fake: Any) -> AsyncIterator[tuple[Stack, str]]:
+    """A stack whose one model `held-replicate` is served by the Replicate fake (`env`: more
+    GENROUTE_* settings, lower-case names)."""
     import yaml
 
     from core.routing.catalog import DEFAULT_CATALOG
@@ -174,7 +178,7 @@ async def _replicate_stack(tmp_path, redis_base: str, options: dict, **fake: Any
         catalog = tmp_path / "catalog.yaml"
         catalog.write_text(yaml.safe_dump(data))
         st = await make_stack(tmp_path / "stack", redis_url=f"{redis_base}/0", catalog=catalog,
-                              env={"DURABLE_REPLICATE_KEY": "r8_durable"}, submit_marker_seconds="3")
+                              env={"DURABLE_REPLICATE_KEY": "r8_durable"}, submit_marker_seconds="3", **(env or {}))
         st.start_api()
         try:
             yield st, url
@@ -186,6 +190,20 @@ def _fake_stats(url: str) -> dict:
     return httpx.get(f"{url}/_control/stats").json()
 
 
+async def _submit_held(c: httpx.AsyncClient, prompt: str) -> str:
+    r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": prompt}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def _until_stat(fake: str, stat: str, at_least: int, timeout: float) -> int:
+    """Wait until the fake's counter `stat` reaches `at_least` (or `timeout`); its value."""
+    deadline = time.monotonic() + timeout
+    while (n := _fake_stats(fake)[stat]) < at_least and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return int(n)
+
+
 async def test_worker_killed_mid_submit_ends_the_job_without_a_second_create(tmp_path, redis_base: str) -> None:
     """SIGKILL while a create call is in flight (a Replicate create held by Prefer: wait):
     Replicate cannot dedupe a resent create, so the next worker ends the job clearly within
@@ -194,13 +212,8 @@ async def test_worker_killed_mid_submit_ends_the_job_without_a_second_create(tmp
                                 slow_polls=400, wait_step=0.1) as (st, fake):
         st.start_worker()
         async with st.client() as c:
-            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow] a held create"}})
-            assert r.status_code == 201, r.text
-            job_id = r.json()["id"]
-            deadline = time.monotonic() + 20
-            while _fake_stats(fake)["creates"] < 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _fake_stats(fake)["creates"] == 1
+            job_id = await _submit_held(c, "[slow] a held create")
+            assert await _until_stat(fake, "creates", 1, 20) == 1
             st.kill("worker")  # SIGKILL while the create is held open
             killed = time.monotonic()
             st.start_worker("worker2")
@@ -219,13 +232,8 @@ async def test_worker_killed_mid_store_resumes_and_succeeds_once(tmp_path, redis
     async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}, slow_file_seconds=8.0) as (st, fake):
         st.start_worker()
         async with st.client() as c:
-            r = await c.post("/v1/jobs", json={"model": "held-replicate", "input": {"prompt": "[slow-file] stored slowly"}})
-            assert r.status_code == 201, r.text
-            job_id = r.json()["id"]
-            deadline = time.monotonic() + 30
-            while _fake_stats(fake)["file_fetches"] < 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _fake_stats(fake)["file_fetches"] == 1, "the result download never started"
+            job_id = await _submit_held(c, "[slow-file] stored slowly")
+            assert await _until_stat(fake, "file_fetches", 1, 30) == 1, "the result download never started"
             await asyncio.sleep(1.0)  # well into the 8 s download
             assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
             st.kill("worker")  # SIGKILL mid-store
@@ -239,3 +247,124 @@ async def test_worker_killed_mid_store_resumes_and_succeeds_once(tmp_path, redis
         stats = _fake_stats(fake)
         assert stats["creates"] == 1  # resumed from the provider's result, never created again
         assert stats["file_fetches"] == 2  # the cut download, then the whole one
+
+
+async def _stored_bytes(c: httpx.AsyncClient, job: dict) -> bytes:
+    r = await c.get(job["outputs"][0]["url"])
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+async def test_our_blob_directory_failing_is_waited_on_then_stored_once(tmp_path, redis_base: str) -> None:
+    """The local blob store's own directory fails (we run as root, where chmod does not
+    stop a write, so the directory is replaced by a plain file: every put raises
+    NotADirectoryError, as a full or read-only disk raises its OSError): the job waits,
+    running, and is stored once the directory is back; one prediction, the right bytes."""
+    import shutil
+
+    async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}) as (st, fake):
+        st.start_worker(ready=True)
+        blobs = st.settings().resolved_storage_dir()
+        assert blobs.is_dir()
+        shutil.rmtree(blobs)
+        blobs.write_text("not a directory")  # our own storage fails
+        async with st.client() as c:
+            job_id = await _submit_held(c, "a store that fails")
+            deadline = time.monotonic() + 30
+            while "blob store away" not in st.log("worker", tail=None) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert "blob store away" in st.log("worker", tail=None), st.log("worker")
+            await asyncio.sleep(4)  # several failed puts (and reconciler passes) later
+            job = (await c.get(f"/v1/jobs/{job_id}")).json()
+            assert job["status"] == "running", job  # waited on, never ended for it
+            blobs.unlink()
+            blobs.mkdir()  # the disk is fixed
+            job = await st.wait_job(c, job_id, timeout=30)
+            assert job["status"] == "succeeded", job
+            assert len(job["outputs"]) == 1, job["outputs"]
+            stored = await _stored_bytes(c, job)
+        stats = _fake_stats(fake)
+        assert stats["creates"] == 1
+        assert hashlib.sha256(stored).hexdigest() in stats["file_digests"].values()
+        assert "Traceback" not in st.log("worker", tail=None)
+
+
+async def test_output_dropped_mid_body_is_resumed_with_range(tmp_path, redis_base: str) -> None:
+    """The provider's output URL drops the connection a third of the way into the body: the
+    store resumes with `Range: bytes=N-`, the job succeeds with the whole, correct file, and
+    the prediction was created once."""
+    async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}) as (st, fake):
+        st.start_worker()
+        async with st.client() as c:
+            job = await st.wait_job(c, await _submit_held(c, "[drop-file] a cut download"), timeout=45)
+            assert job["status"] == "succeeded", job
+            stored = await _stored_bytes(c, job)
+        stats = _fake_stats(fake)
+        assert stats["creates"] == 1
+        assert stats["file_fetches"] == 2, stats  # the cut fetch, then the resumed rest
+        assert len(stats["file_ranges"]) == 1 and stats["file_ranges"][0] != "bytes=0-", stats["file_ranges"]
+        assert list(stats["file_digests"].values()) == [hashlib.sha256(stored).hexdigest()]
+        assert job["outputs"][0]["bytes"] == len(stored)
+
+
+async def test_worker_killed_mid_cancel_the_provider_cancel_is_sent_again_promptly(tmp_path, redis_base: str) -> None:
+    """SIGKILL while the provider cancel of a canceled job is in flight: ARQ would retry
+    the task only when its in-progress key lapses (the longest task timeout, about an hour),
+    the prediction running on meanwhile. The cancel's marker lapses instead, and the
+    reconciler queues it again: the prediction is canceled within seconds, once more only."""
+    async with _replicate_stack(tmp_path, redis_base, {"poll_interval": 0.5}, slow_polls=400, cancel_delay=60) as (st, fake):
+        st.start_worker(ready=True)
+        async with st.client() as c:
+            job_id = await _submit_held(c, "[slow] to be canceled")
+            await _until_stat(fake, "polls", 1, 30)  # polled: the handle is saved
+            r = await c.post(f"/v1/jobs/{job_id}/cancel")
+            assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+            assert await _until_stat(fake, "cancels", 1, 20) == 1 and _fake_stats(fake)["inflight"] == 1
+            st.kill("worker")  # SIGKILL while the provider holds the cancel call
+            killed = time.monotonic()
+            httpx.post(f"{fake}/_control/config", json={"cancel_delay": 0})
+            st.start_worker("worker2")
+            while _fake_stats(fake)["inflight"] and time.monotonic() - killed < 40:
+                await asyncio.sleep(0.1)
+            took = time.monotonic() - killed
+            assert _fake_stats(fake)["inflight"] == 0, "the prediction runs on: the cancel was never sent again"
+            assert took < 30, took
+            await asyncio.sleep(4)  # several reconciler passes: the cancel is done, not sent again
+            stats = _fake_stats(fake)
+            assert stats["cancels"] == 2 and stats["creates"] == 1, stats
+            assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "canceled"
+        assert "Traceback" not in st.log("worker2", tail=None)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary to kill and restart")
+async def test_a_cancel_while_redis_is_down_is_answered_and_sent_once_redis_is_back(tmp_path, redis_base: str) -> None:
+    """Redis killed, then a running job canceled: the row says canceled, so the answer is
+    200 (not a 5xx a client would retry into a 409), and the provider cancel, which could
+    not be queued, is queued by the reconciler once Redis is back: the prediction stops."""
+    from tests.stack import PrivateRedis
+
+    redis = PrivateRedis(tmp_path / "redis")
+    redis.start()
+    try:
+        async with _replicate_stack(tmp_path, redis.url.removesuffix("/0"), {"poll_interval": 0.5}, slow_polls=400,
+                                    env={"key_cache_seconds": "60"}) as (st, fake):
+            st.start_worker(ready=True)
+            async with st.client() as c:
+                job_id = await _submit_held(c, "[slow] canceled while Redis is away")
+                await _until_stat(fake, "polls", 1, 30)  # polled: the handle is saved
+                redis.kill()
+                r = await c.post(f"/v1/jobs/{job_id}/cancel")
+                assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+                assert _fake_stats(fake)["cancels"] == 0 and _fake_stats(fake)["inflight"] == 1
+                redis.start()  # back empty: no cancel task, no marker
+                back = time.monotonic()
+                while _fake_stats(fake)["inflight"] and time.monotonic() - back < 40:
+                    await asyncio.sleep(0.1)
+                assert _fake_stats(fake)["inflight"] == 0, "the prediction runs on: its cancel was never sent"
+                await asyncio.sleep(3)
+                stats = _fake_stats(fake)
+                assert stats["cancels"] == 1 and stats["creates"] == 1, stats
+                assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "canceled"
+            assert st.procs["worker"].poll() is None, st.log("worker")
+    finally:
+        redis.kill()

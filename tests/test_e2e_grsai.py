@@ -117,6 +117,8 @@ async def test_each_grsai_model_succeeds_stored_and_settled(stack: Stack, model:
     assert len(data) == out["bytes"]
     if size:
         assert Image.open(io.BytesIO(data)).size == size == (out["width"], out["height"])
+    if content_type == "video/mp4":  # the stored file's own length: Veo's fixed 8 s, Sora's asked 15 s
+        assert out["duration_seconds"] == {"veo3.1-fast": 8, "sora-2": 15}[model], out
     assert job["cost"]["status"] == "settled" and job["cost"]["settled"] == cost, job["cost"]
 
 

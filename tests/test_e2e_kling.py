@@ -77,16 +77,10 @@ async def test_job_succeeds_with_the_video_stored_and_the_cost_settled(stack: St
 
 
 async def test_openai_videos_route_runs_a_kling_job(stack: Stack) -> None:
-    async with stack.client() as c:
-        r = await c.post("/v1/videos", json={"model": "kling-video", "prompt": "waves at dusk", "seconds": "5", "size": "1280x720"})
-        assert r.status_code == 200, r.text
-        video = r.json()
-        job = await stack.wait_job(c, video["id"])
-        assert job["status"] == "succeeded", job["error"]
-        got = (await c.get(f"/v1/videos/{video['id']}")).json()
-        assert got["status"] == "completed" and got["seconds"] == "5" and got["size"] == "1280x720", got
-        content = await c.get(f"/v1/videos/{video['id']}/content")
-        assert content.status_code == 200 and content.headers["content-type"] == "video/mp4" and content.content[4:8] == b"ftyp"
+    job, got, content = await stack.openai_video({"model": "kling-video", "prompt": "waves at dusk", "seconds": "5",
+                                                  "size": "1280x720"})
+    assert got["status"] == "completed" and got["seconds"] == "5" and got["size"] == "1280x720", got
+    assert content.status_code == 200 and content.headers["content-type"] == "video/mp4" and content.content[4:8] == b"ftyp"
     assert job["cost"]["settled"] == PER_SECOND["default"] * 5
 
 
@@ -100,7 +94,7 @@ async def test_failed_tasks_fail_the_job_with_klings_reason(stack: Stack, prompt
     assert job["status"] == "failed" and job["error"]["code"] == code, job
     if stage:
         assert job["error"]["details"]["stage"] == stage, job["error"]
-    assert job["outputs"] == []
+    assert job["outputs"] == [] and job["cost"]["status"] == "released" and job["cost"]["settled"] == 0, job["cost"]
 
 
 async def test_expired_result_url_fails_clearly_and_stores_nothing(stack: Stack) -> None:
@@ -135,3 +129,33 @@ async def test_cancel_is_local_and_the_polls_stop(stack: Stack, fake: str) -> No
     finally:
         async with httpx.AsyncClient() as c:
             await c.post(f"{fake}/_control/config", json={"slow_polls": 12})
+
+
+async def test_a_429_is_waited_out_and_the_job_then_runs_once(stack: Stack, fake: str) -> None:
+    """Kling's 1303 (too many tasks for the resource pack) is a 429 with no Retry-After: the
+    adapter names a 10 s wait, the worker keeps the job and tries again no sooner, and once a
+    slot is free the job runs, with one task created upstream."""
+    async with httpx.AsyncClient() as c:
+        await c.post(f"{fake}/_control/config", json={"max_concurrency": 0})  # every create answers 1303
+    try:
+        before = await _stats(fake)
+        async with stack.client() as c:
+            job = (await c.post("/v1/jobs", json={"model": "kling-video", "input": {"prompt": "a busy day"}})).json()
+            for _ in range(200):  # the first create is refused
+                if (await _stats(fake))["creates"] > before["creates"]:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(4.0)  # well inside the 10 s the adapter asked for
+            waiting = (await c.get(f"/v1/jobs/{job['id']}")).json()
+            tried = (await _stats(fake))["creates"] - before["creates"]
+            assert waiting["status"] in ("queued", "running") and tried == 1, (waiting["status"], tried, stack.log("worker")[-2000:])
+            async with httpx.AsyncClient() as f:
+                await f.post(f"{fake}/_control/config", json={"max_concurrency": None})
+            done = await stack.wait_job(c, job["id"], timeout=60)
+    finally:
+        async with httpx.AsyncClient() as c:
+            await c.post(f"{fake}/_control/config", json={"max_concurrency": None})
+    assert done["status"] == "succeeded", (done["error"], stack.log("worker")[-2000:])
+    after = await _stats(fake)
+    assert after["accepted"] - before["accepted"] == 1, "one task upstream"
+    assert 2 <= after["creates"] - before["creates"] <= 4, (after["creates"] - before["creates"])

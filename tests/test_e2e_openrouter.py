@@ -157,6 +157,7 @@ async def test_video_job_polls_downloads_with_the_key_and_settles_usage_cost(sta
     assert job["status"] == "succeeded", (job["error"], stack.log("worker")[-2000:])
     out = job["outputs"][0]
     assert out["content_type"] == "video/mp4" and len(await _stored(out["url"])) == out["bytes"] > 0
+    assert out["duration_seconds"] == 8.0, out  # read from the stored file
     assert (await _last(fake, "videos"))["duration"] == 8
     # OpenRouter's usage.cost ($0.40 x 8 s), not the catalog's 500000 per second
     assert job["cost"] == {"unit": "micro_usd", "status": "settled", "held": 4_000_000, "settled": 3_200_000}
@@ -165,9 +166,12 @@ async def test_video_job_polls_downloads_with_the_key_and_settles_usage_cost(sta
 async def test_video_failure_and_moderation_map_to_job_errors(stack: Stack) -> None:
     failed = await _job(stack, {"model": "or-video", "input": {"prompt": "boom [fail]"}}, wait=50)
     assert failed["status"] == "failed" and failed["error"]["code"] == "provider_error", failed["error"]
-    flagged = await _job(stack, {"model": "or-video", "input": {"prompt": "bad [moderated]"}}, wait=50)
-    assert flagged["status"] == "failed" and flagged["error"]["code"] == "moderated", flagged["error"]
-    assert failed["cost"]["status"] == flagged["cost"]["status"] == "released"
+    assert failed["cost"]["status"] == "released" and failed["cost"]["settled"] == 0, failed["cost"]
+    for prompt, stage in (("bad [moderated]", "input"), ("bad [moderated-output]", "output")):
+        flagged = await _job(stack, {"model": "or-video", "input": {"prompt": prompt}}, wait=50)
+        assert flagged["status"] == "failed" and flagged["error"]["code"] == "moderated", flagged["error"]
+        assert flagged["error"]["details"]["stage"] == stage, flagged["error"]
+        assert flagged["cost"]["status"] == "released" and flagged["cost"]["settled"] == 0, flagged["cost"]
 
 
 # -- /v1/chat/completions -----------------------------------------------------------

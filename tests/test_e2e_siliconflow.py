@@ -87,6 +87,7 @@ async def test_wan_video_job_succeeds_and_settles_per_video(stack: Stack) -> Non
     assert job["status"] == "succeeded", (job["error"], stack.log("worker"))
     out = job["outputs"][0]
     assert out["content_type"] == "video/mp4" and len(await _bytes(out["url"])) == out["bytes"] > 0
+    assert out["duration_seconds"] == 5.0, out  # Wan2.2 renders 5 s clips, read from the stored file
     assert job["cost"]["status"] == "settled" and job["cost"]["settled"] == PER_VIDEO, job["cost"]
 
 
@@ -113,6 +114,10 @@ async def test_moderated_and_unknown_model_fail_with_stable_codes(stack: Stack) 
     job = await _job(stack, {"model": "kolors", "input": {"prompt": "bad words [moderated]"}})
     assert job["status"] == "failed" and job["error"]["code"] == "moderated", job["error"]
     assert job["error"]["details"]["stage"] == "input"
+    assert job["cost"]["status"] == "released" and job["cost"]["settled"] == 0, job["cost"]
+    job = await _job(stack, {"model": "wan-t2v", "input": {"prompt": "render [moderated-output]"}})
+    assert job["status"] == "failed" and job["error"]["code"] == "moderated", job["error"]
+    assert job["error"]["details"]["stage"] == "output" and job["outputs"] == []
     assert job["cost"]["status"] == "released" and job["cost"]["settled"] == 0, job["cost"]
 
 

@@ -109,6 +109,8 @@ async def test_job_succeeds_with_stored_outputs_and_settled_cost(env: tuple[Stac
     assert len(data) == out["bytes"]
     if size:
         assert Image.open(io.BytesIO(data)).size == size == (out["width"], out["height"])
+    if content_type == "video/mp4":  # the stored file's own length
+        assert out["duration_seconds"] == inp["duration_seconds"], out
     expected = cost(prices[model])
     assert job["cost"]["status"] == "settled" and job["cost"]["settled"] == expected, job["cost"]
     if model == "hailuo-02-together":
@@ -126,7 +128,7 @@ async def test_moderation_fails_the_job_moderated_and_charges_nothing(env: tuple
     job = await _job(stack, {"model": model, "input": inp})
     assert job["status"] == "failed" and job["error"]["code"] == "moderated", job
     assert job["error"]["details"]["stage"] == stage, job["error"]
-    assert job["outputs"] == [] and job["cost"]["settled"] in (0, None), job["cost"]
+    assert job["outputs"] == [] and job["cost"]["status"] == "released" and job["cost"]["settled"] == 0, job["cost"]
 
 
 async def test_expired_sample_fails_clearly_and_stores_nothing(env: tuple[Stack, dict[str, Any]]) -> None:

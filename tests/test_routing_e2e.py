@@ -1,6 +1,8 @@
 """The router in the running system: fallback on a failing deployment with the attempt
-history on the job, priority keeping traffic on a healthy primary, and a concurrency limit
-that holds across two worker processes (the provider's fake records its peak)."""
+history on the job, priority keeping traffic on a healthy primary, a concurrency limit
+that holds across two worker processes (the provider's fake records its peak), and whose
+fault an error is (a user's unreachable input image or flagged prompt: no fallback, no
+health effect)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import pytest
 import yaml
 
 from tests.fakes import bfl
+from tests.fakes import openai as openai_fake
 from tests.fakes.server import free_port, serve
 from tests.stack import Stack, make_stack, running
 
 KEY = "bfl-routing"
+OPENAI_KEY = "sk-routing"
 SENT: list[tuple[str, str, str | None]] = []  # (method, path, X-Request-Id) of each request the fake got
 
 
@@ -41,7 +45,13 @@ def fake() -> Iterator[str]:
         yield url
 
 
-def _catalog(path: Path, bfl_url: str, submit_log: Path) -> Path:
+@pytest.fixture(scope="module")
+def openai_url() -> Iterator[str]:
+    with serve(openai_fake.create_app(api_key=OPENAI_KEY)) as url:
+        yield f"{url}/v1"
+
+
+def _catalog(path: Path, bfl_url: str, submit_log: Path, openai_url: str) -> Path:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connect refused, provably not sent
     local = {"adapter": "local", "options": {"submit_log": str(submit_log)}}
     fast = {"poll_interval": 0.05}
@@ -58,6 +68,16 @@ def _catalog(path: Path, bfl_url: str, submit_log: Path) -> Path:
             {"name": "local-primary", "model": "image", "priority": 0, **local},
             {"name": "local-secondary", "model": "image", "priority": 1, **local},
         ]},
+        # a user's mistake must not fall back to (or count against) anything
+        {"id": "edit-image", "modality": "image", "deployments": [
+            {"name": "openai-edit", "adapter": "openai", "model": "gpt-image-1", "base_url": openai_url,
+             "api_key_env": "E2E_OPENAI_KEY"},
+            {"name": "edit-backup", "model": "image", **local},
+        ]},
+        {"id": "routing-chat", "modality": "text", "deployments": [
+            {"name": "openai-chat", "adapter": "openai", "model": "gpt-4o-mini", "base_url": openai_url,
+             "api_key_env": "E2E_OPENAI_KEY"},
+        ]},
         {"id": "limited-flux", "modality": "image", "deployments": [
             {"name": "bfl-limited", "adapter": "bfl", "model": "flux-pro-1.1", "base_url": bfl_url,
              "api_key_env": "E2E_BFL_KEY", "limits": {"max_concurrency": 3}, "options": fast},
@@ -68,10 +88,10 @@ def _catalog(path: Path, bfl_url: str, submit_log: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def stack(fake: str, tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> AsyncIterator[Stack]:
+async def stack(fake: str, openai_url: str, tmp_path_factory: pytest.TempPathFactory, redis_base: str) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("routing")
-    st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=_catalog(root / "catalog.yaml", fake, root / "submits.log"),
-                          env={"E2E_BFL_KEY": KEY})
+    catalog = _catalog(root / "catalog.yaml", fake, root / "submits.log", openai_url)
+    st = await make_stack(root, redis_url=f"{redis_base}/0", catalog=catalog, env={"E2E_BFL_KEY": KEY, "E2E_OPENAI_KEY": OPENAI_KEY})
     async with running(st, ("worker1",), ("worker2",)):
         yield st
 
@@ -135,3 +155,37 @@ async def test_the_submit_to_the_provider_carries_the_request_id(stack: Stack) -
         assert r.json()["status"] == "succeeded", r.json()
     creates = [sent for sent in SENT if sent[0] == "POST" and not sent[1].startswith("/_control")]
     assert creates and creates[-1][2] == rid, SENT[-5:]
+
+
+async def test_unreachable_input_images_are_the_users_fault_through_the_api(stack: Stack) -> None:
+    """Four jobs whose input image URL nothing listens on (three once opened the breaker for
+    every tenant): each fails invalid_input at the OpenAI deployment, none falls back to the
+    backup, and the next good job is still served by the OpenAI deployment."""
+    dead = f"http://127.0.0.1:{free_port()}/in.png"
+    async with stack.client() as c:
+        for i in range(4):
+            r = await c.post("/v1/jobs", json={"model": "edit-image", "input": {"prompt": f"edit {i}", "input_images": [dead]}},
+                             headers={"Prefer": "wait=40"})
+            job = r.json()
+            assert job["status"] == "failed" and job["error"]["code"] == "invalid_input", job
+            assert [a["deployment"] for a in job["attempts"]] == ["openai-edit"], job["attempts"]
+        r = await c.post("/v1/jobs", json={"model": "edit-image", "input": {"prompt": "a good one", "size": "1024x1024"}},
+                         headers={"Prefer": "wait=40"})
+        job = r.json()
+    assert job["status"] == "succeeded" and job["deployment"] == "openai-edit", (job["error"], job["attempts"])
+    assert "edit-backup" not in stack.submits()
+
+
+async def test_a_flagged_chat_prompt_is_moderated_through_the_api(stack: Stack) -> None:
+    """OpenAI's 400 invalid_prompt (a flagged prompt) is `moderated`, not invalid_input: a
+    text job fails `moderated`; /v1/chat/completions answers it in OpenAI's own words,
+    `content_policy_violation`, streamed or not."""
+    messages = [{"role": "user", "content": "something bad [flagged]"}]
+    async with stack.client() as c:
+        r = await c.post("/v1/jobs", json={"model": "routing-chat", "input": {"messages": messages}}, headers={"Prefer": "wait=40"})
+        job = r.json()
+        assert job["status"] == "failed" and job["error"]["code"] == "moderated", job
+        r = await c.post("/v1/chat/completions", json={"model": "routing-chat", "messages": messages})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation", r.text
+        r = await c.post("/v1/chat/completions", json={"model": "routing-chat", "messages": messages, "stream": True})
+        assert r.status_code < 500 and "content_policy_violation" in r.text, r.text

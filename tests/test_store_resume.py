@@ -178,3 +178,42 @@ async def test_an_unreachable_s3_endpoint_counts_as_away(tmp_path: Path) -> None
         await s3.put_file("t/j/0.bin", blob, "application/octet-stream")
     assert info.value.unavailable
     await s3.close()
+
+
+async def test_our_temp_disk_failing_is_waited_on_then_fetched_once(store: LocalBlobStore, cdn: Cdn, tmp_path: Path) -> None:
+    """The temporary directory fails (a plain file where it should be: every temp file
+    raises NotADirectoryError, as a full disk raises ENOSPC) and is fixed 1.5 s later: the
+    output is stored, fetched once (nothing is downloaded while no temp file can be made)."""
+    cdn.drops = 0
+    tmp = tmp_path / "tmp"
+    tmp.write_text("not a directory")
+
+    def fixed() -> None:
+        tmp.unlink()
+        tmp.mkdir()
+
+    timer = threading.Timer(1.5, fixed)
+    timer.start()
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=10) as http:
+        got = await store_output(store, http, OutputRef(url=cdn.url), key_base="t/j", index=0, max_bytes=10 * 1024 * 1024,
+                                 max_image_pixels=64_000_000, tmp_dir=tmp, idle_timeout=5)
+    timer.join()
+    assert got.sha256 == SHA and (store.root / got.key).read_bytes() == BODY
+    assert cdn.answers == 1 and time.monotonic() - t0 >= 1.5
+
+
+async def test_an_adapters_file_is_not_retried_when_our_temp_disk_fails(store: LocalBlobStore, tmp_path: Path) -> None:
+    """An adapter's own output file is read (and removed) once: with no temp file to copy it
+    into, the output fails storage_error at once rather than waiting for a file it lost."""
+    src = tmp_path / "adapter-output.bin"
+    src.write_bytes(BODY)
+    tmp = tmp_path / "tmp"
+    tmp.write_text("not a directory")
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=10) as http:
+        with pytest.raises(StorageError) as info:
+            await store_output(store, http, OutputRef(path=str(src)), key_base="t/j", index=0, max_bytes=10 * 1024 * 1024,
+                               max_image_pixels=64_000_000, tmp_dir=tmp)
+    assert info.value.code == ErrorCode.storage_error and "temporary file" in str(info.value), str(info.value)
+    assert time.monotonic() - t0 < 5

@@ -33,13 +33,15 @@ ALL_EVENTS = ["job.queued", "job.started", "job.progress", "job.output", "job.su
 
 
 class Receiver:
-    """An HTTP server on loopback that records what it is sent. `mode`: ok | fail (500)."""
+    """An HTTP server on loopback that records what it is sent. `mode`: ok | fail (500) |
+    hold (the request is read and not answered while the mode lasts; counted in `held`)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.mode = "ok"
         self.received: list[tuple[dict[str, str], bytes]] = []  # answered 2xx
         self.hits = 0
+        self.held = 0
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -56,6 +58,11 @@ class Receiver:
             if not msg.get("more_body"):
                 break
         self.hits += 1
+        if self.mode == "hold":
+            self.held += 1
+            while self.mode == "hold":  # answered by no one (the sender was killed), then dropped
+                await asyncio.sleep(0.05)
+            return
         if scope["path"] == "/redirect":
             await send({"type": "http.response.start", "status": 302, "headers": [(b"location", self.url().encode())]})
         else:
@@ -328,3 +335,37 @@ async def test_migration_0002_upgrades_downgrades_and_matches_the_models(db: str
 def test_logs_have_no_tracebacks(stack: Stack) -> None:
     for name in ("api", "worker"):
         assert "Traceback" not in stack.log(name, tail=None), stack.log(name)
+
+
+async def test_a_worker_killed_mid_delivery_is_delivered_by_another_after_the_lease(tmp_path: Any, redis_base: str) -> None:
+    """SIGKILL while a delivery's POST is in flight: its ARQ task's in-progress key outlives the
+    worker by the longest task timeout (about an hour), but the delivery's row holds only a
+    lease (webhook_timeout_seconds + 30 s); once that lapses the reconciler queues it again
+    under a fresh task id and another worker delivers it, once."""
+    st = await make_stack(tmp_path, redis_url=f"{redis_base}/0", webhook_allowlist='["127.0.0.1/32"]',
+                          webhook_backoff_seconds=json.dumps(BACKOFF), webhook_timeout_seconds="3")
+    receiver = Receiver()
+    receiver.mode = "hold"
+    await receiver.start()
+    st.start_api()
+    try:
+        st.start_worker(ready=True)
+        async with st.client() as c:
+            job_id = (await c.post("/v1/jobs", json=_job("killed mid-delivery", receiver.url(), ["job.succeeded"]))).json()["id"]
+            deadline = time.monotonic() + 30
+            while receiver.held < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert receiver.held == 1, "the delivery never reached the receiver"
+            st.kill("worker")  # SIGKILL mid-POST
+            killed = time.monotonic()
+            receiver.mode = "ok"
+            st.start_worker("worker2")
+            ds = await settle(c, [job_id], timeout=60)
+        took = time.monotonic() - killed
+        assert [(d["status"], d["attempt_count"]) for d in ds] == [("delivered", 2)], ds
+        assert [e["type"] for e in receiver.events(job_id)] == ["job.succeeded"]
+        # the lease (3 s + 30 s) bounds it, not ARQ's hour
+        assert took < 33 + 15, took
+    finally:
+        st.stop()
+        await receiver.stop()

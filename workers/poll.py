@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from adapters.base import Adapter
 from core import disclosure, logs, metrics
 from core.callbacks import load_result
 from core.errors import ErrorCode, ProviderError
@@ -173,14 +174,14 @@ class Poller:
             await self._end(e, ErrorCode.internal, f"adapter {dep.adapter} crashed while polling: {type(exc).__name__}")
             return
         if isinstance(result, Pending):
-            await self._pending(e, now_ms, result)
+            await self._pending(e, now_ms, result, adapter)
         elif isinstance(result, Failed):
             told = disclosure.of_failure(result.message, result.detail)
             await self._end(e, result.code, told.message, told.detail)
         else:
             await self._done(e, result)
 
-    async def _pending(self, e: PollEntry, now_ms: int, result: Pending) -> None:
+    async def _pending(self, e: PollEntry, now_ms: int, result: Pending, adapter: Adapter) -> None:
         fields: dict[str, Any] = {}
         if e.errors:
             fields["e"] = 0
@@ -217,7 +218,8 @@ class Poller:
         if now_ms - e.renewed_ms >= lease_ms / 3:
             fields["lr"] = now_ms
             self.batch.renewals.append(e)
-        self._reschedule(e, now_ms, result.poll_after, fields)
+        age = (now_ms - e.first_ms) / 1000 if e.first_ms else 0.0
+        self._reschedule(e, now_ms, adapter.paced(result.poll_after, age), fields)
 
     def _reschedule(self, e: PollEntry, now_ms: int, delay: float, fields: dict[str, Any]) -> None:
         """Queue the next poll: never later than the longest interval (so the slot lease is

@@ -6,6 +6,8 @@ through queued and running jobs and puts back what Redis lost:
     running with a handle, off the poll schedule and not being stored ─► scheduled again
     running without a handle, no create call in flight (its marker is gone) ─► run_job
         (which resends the create only where the adapter proves it safe)
+    canceled within the last hour with a handle, its provider cancel neither queued, nor
+        live, nor done (its marker is gone: the worker holding it died) ─► cancel_job
 
 It also re-enqueues due webhook deliveries and releases stale chat holds.
 """
@@ -17,13 +19,14 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Text, and_, cast
 from sqlalchemy import select as sa_select
 from sqlmodel import col
 
 from core.billing.ledger import release_stale_holds
 from core.errors import ErrorCode
 from core.jobs.ledger import JobStatus
-from core.jobs.queue import enqueue_run
+from core.jobs.queue import CANCEL_WATCH_SECONDS, canceling_key, enqueue_cancel, enqueue_run
 from core.models import Job, utcnow
 from core.runtime import Runtime
 from workers.context import Ctx, fail
@@ -45,12 +48,14 @@ async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
     s = rt.settings
     now = utcnow()
     stale = now - timedelta(seconds=s.reconcile_grace_seconds)
-    counts = {"requeued": 0, "repolled": 0, "resubmitted": 0, "timed_out": 0}
+    counts = {"requeued": 0, "repolled": 0, "resubmitted": 0, "timed_out": 0, "cancels": 0}
     tag = f":r{time.time_ns()}"
     async for rows in _pages(rt, JobStatus.queued, stale):
         await _queued(rt, rows, now, stale, tag, counts)
     async for rows in _pages(rt, JobStatus.running, stale):
         await _running(rt, rows, stale, tag, counts)
+    async for rows in _pages(rt, JobStatus.canceled, stale, since=now - timedelta(seconds=CANCEL_WATCH_SECONDS)):
+        await _canceled(rt, rows, tag, counts)
     # webhook deliveries that are due but whose deferred task was lost (Redis flushed, worker killed)
     counts["webhooks"] = await due_deliveries(rt, older_than=s.reconcile_grace_seconds, limit=limit)
     # holds of chat calls whose API process died mid-call (jobs' holds close with the job)
@@ -63,7 +68,9 @@ async def reconcile_once(rt: Runtime, *, limit: int = 1000) -> dict[str, int]:
     return counts
 
 
-async def _pages(rt: Runtime, status: JobStatus, stale: datetime) -> Any:
+async def _pages(rt: Runtime, status: JobStatus, stale: datetime, *, since: datetime | None = None) -> Any:
+    """Jobs in `status` last written before `stale` (and, for a finished status, after
+    `since`: with a provider handle, the ones whose task may still need stopping)."""
     cursor = ""
     while True:
         q = (
@@ -72,6 +79,9 @@ async def _pages(rt: Runtime, status: JobStatus, stale: datetime) -> Any:
             .order_by(col(Job.id))
             .limit(PAGE)
         )
+        if since is not None:
+            taken = and_(col(Job.provider_handle).is_not(None), cast(col(Job.provider_handle), Text) != "null")
+            q = q.where(col(Job.updated_at) >= since, taken)
         async with rt.sessions() as session:
             rows = (await session.execute(q)).all()
         if not rows:
@@ -145,3 +155,13 @@ async def _running(rt: Runtime, rows: list[Any], stale: datetime, tag: str, coun
             # a submit that never reported back: run_job decides whether it may be resent
             await enqueue_run(rt.redis, rt.settings, job.id, job.modality, suffix=tag, priority=job.priority)
             counts["resubmitted"] += 1
+
+
+async def _canceled(rt: Runtime, rows: list[Any], tag: str, counts: dict[str, int]) -> None:
+    """Canceled jobs whose provider cancel is neither queued, live nor done: the worker
+    holding it was killed (ARQ would retry it only after its in-progress key, an hour)."""
+    prefix = rt.settings.redis_prefix
+    flags = await _flags(rt, [r.id for r in rows], [canceling_key(prefix, "{}")])
+    for r, (marked,) in zip(rows, flags, strict=True):
+        if not marked and await enqueue_cancel(rt.redis, rt.settings, r.id, r.modality, suffix=tag):
+            counts["cancels"] += 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import select
@@ -311,8 +311,18 @@ async def schedule_poll(rt: Runtime, job: Job, *, delay: float) -> None:
     await rt.polls.schedule(
         job_id=job.id, modality=job.modality, deployment=job.deployment or "", tenant=job.tenant, key_id=job.key_id,
         handle=job.provider_handle, seq=job.poll_seq, deadline_ms=deadline_ms, delay=delay,
-        webhooks=await wants_progress_webhooks(rt, job),
+        webhooks=await wants_progress_webhooks(rt, job), started_ms=task_started_ms(job),
     )
+
+
+def task_started_ms(job: Job) -> int:
+    """When the job's current provider task began (its last attempt's start, epoch ms), so
+    a poll schedule rebuilt by the reconciler keeps the task's age; 0 when unknown."""
+    started = (job.attempts or [{}])[-1].get("started_at")
+    try:
+        return int(datetime.fromisoformat(started).timestamp() * 1000) if isinstance(started, str) else 0
+    except ValueError:
+        return 0
 
 
 async def wants_progress_webhooks(rt: Runtime, job: Job) -> bool:

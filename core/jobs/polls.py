@@ -167,14 +167,16 @@ class PollSchedule:
         delay: float,
         webhooks: bool,
         published: str = "",
+        started_ms: int = 0,
     ) -> int:
         """Put a job on the schedule (after its handle is saved in the row). Returns the
-        Redis clock (ms) it was scheduled at."""
+        Redis clock (ms) it was scheduled at. `started_ms`: when its provider task began
+        (epoch ms; 0: at its first pending poll), the age its cadence backs off by."""
         q = self.queue_of(modality)
         fields: dict[str, Any] = {
             "q": q, "d": deployment, "t": tenant, "k": key_id or "", "m": modality,
             "h": json.dumps(handle, separators=(",", ":")), "seq": seq, "dl": deadline_ms, "e": 0,
-            "s0": 0, "lr": 0, "pw": 0, "pv": published, "wh": 1 if webhooks else 0,
+            "s0": started_ms, "lr": 0, "pw": 0, "pv": published, "wh": 1 if webhooks else 0,
         }
         args: list[Any] = [job_id, int(max(0.0, delay) * 1000)]
         for k, v in fields.items():

@@ -49,9 +49,25 @@ async def enqueue_run(
     return job is not None
 
 
-async def enqueue_cancel(redis: ArqRedis, settings: Settings, job_id: str, modality: str) -> bool:
+# A canceled job's provider cancel (workers/cancel.py) is tracked by a marker in Redis:
+# "queued" (enqueued, not started: lives 2 x reconcile_grace_seconds), "1" (a cancel_job is
+# at it: beaten by `alive`), "done" (sent: kept CANCEL_WATCH_SECONDS). The reconciler
+# re-enqueues the cancel of a job canceled within CANCEL_WATCH_SECONDS whose marker is gone:
+# a worker SIGKILLed mid-cancel leaves ARQ's in-progress key for its longest task timeout
+# (about an hour), and the provider's task would run on, paid by the operator, until then.
+CANCEL_QUEUED, CANCEL_DONE = "queued", "done"
+CANCEL_WATCH_SECONDS = 3600
+
+
+def canceling_key(prefix: str, job_id: str) -> str:
+    return f"{prefix}:canceling:{job_id}"
+
+
+async def enqueue_cancel(redis: ArqRedis, settings: Settings, job_id: str, modality: str, *, suffix: str = "") -> bool:
+    await redis.set(canceling_key(settings.redis_prefix, job_id), CANCEL_QUEUED,
+                    px=int(settings.reconcile_grace_seconds * 2000))
     job = await redis.enqueue_job(
-        "cancel_job", job_id, _job_id=f"cancel:{job_id}", _queue_name=settings.queue_for(modality)
+        "cancel_job", job_id, _job_id=f"cancel:{job_id}{suffix}", _queue_name=settings.queue_for(modality)
     )
     return job is not None
 

@@ -128,8 +128,9 @@ class Deployment(BaseModel):
 
     @model_validator(mode="after")
     def _adapter_options(self) -> Deployment:
-        """An adapter with options of its own checks them here (its `check_options`), so a
-        catalog with a bad one is refused at load, with its path. The adapter's module is
+        """The adapter checks the deployment's options here (its `check_options`: the common
+        ones such as `poll_backoff`, and its own), so a catalog with a bad one is refused at
+        load, with its path. The adapter's module is
         imported by name from ADAPTERS (as adapters/registry.py does), only when named."""
         module, _, attr = ADAPTERS[self.adapter].partition(":")
         check = getattr(getattr(importlib.import_module(module), attr), "check_options", None)

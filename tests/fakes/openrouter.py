@@ -25,7 +25,7 @@ Prompt keywords (tests/contract.py): [moderated] (403 with metadata.reasons), [m
 (chat image: finish_reason content_filter and no image; video: failed, flagged), [fail]
 (chat: an error inside a 200; video: failed), [429] (OpenRouter's 429: no Retry-After,
 X-RateLimit-Reset epoch ms in headers and error.metadata.headers), [500], [poll500],
-[slow], [expired]; also [primary-down] / [primary-429] / [primary-flagged] (the first
+[slow], [expired], [cancelled] (video: status cancelled); also [primary-down] / [primary-429] / [primary-flagged] (the first
 model of the request fails with a 503 / a 429 / a moderation 403, so `models` decides), [402] (out of credits), [far-poll] (a polling_url on another host).
 """
 
@@ -330,6 +330,8 @@ def create_app(*, api_key: str = API_KEY, down_providers: tuple[str, ...] = ("az
             return body | {"status": "failed", "error": "The provider could not render this video (internal error)"}
         if "[moderated-output]" in prompt:
             return body | {"status": "failed", "error": "The generated video was flagged by content moderation"}
+        if "[cancelled]" in prompt:  # stopped at OpenRouter (its dashboard, or the upstream provider)
+            return body | {"status": "cancelled"}
         if v["completed_at"] is None:
             v["completed_at"] = time.time() - (content_ttl + 1 if "[expired]" in prompt else 0)
         if time.time() > v["completed_at"] + content_ttl:

@@ -27,6 +27,9 @@ time), then terminal. Predictions with a webhook also advance on their own every
     [data-removed]      data removed at completion: data_removed true, output/input null
     [aborted]           aborted (deadline passed before the run started)
     [slow-file]         result files trickle out: 16 chunks over `slow_file_seconds`
+    [drop-file]         a result file's first fetch drops the connection after a third of the
+                        body (its Content-Length promised all of it); `Range: bytes=N-` is
+                        answered 206 from N, as Replicate's file CDN does
 
 Output shape by model name: "dict-out" -> nested dict of URLs; video ("video", "wan",
 "kling") -> one mp4 URL string; "schnell"/"flux-dev" -> list; "kontext" -> string;
@@ -77,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "processing_polls": 3,
     "slow_polls": 30,
     "slow_file_seconds": 8.0,  # how long a [slow-file] result takes to download
+    "cancel_delay": 0.0,  # seconds a cancel call is held before the prediction is canceled
     "retry_after": 2,
     "data_ttl": None,  # seconds after completion until data_removed; None: never
     "wait_step": 0.05,  # seconds per script step while a Prefer: wait create is held
@@ -115,6 +119,8 @@ class Prediction:
         self.data_ttl: float | None = 0.0 if "[data-removed]" in text else opts["data_ttl"]
         self.poll500 = "[poll500]" in text
         self.slow_file = "[slow-file]" in text
+        self.drop_file = "[drop-file]" in text
+        self.dropped: set[str] = set()  # files whose first fetch was cut
         self.status = "starting"
         self.logs = ""
         self.output: Any = None
@@ -252,6 +258,8 @@ class State:
         self.predictions.clear()
         self.creates = self.polls = self.cancels = self.peak_inflight = self.secret_fetches = 0
         self.file_fetches = 0
+        self.file_ranges: list[str] = []  # the Range header of every file fetch that sent one
+        self.file_digests: dict[str, str] = {}  # "pid/name" -> sha256 of the whole file served
         self.deliveries: list[dict[str, Any]] = []
         self.last_create: dict[str, Any] | None = None
 
@@ -426,6 +434,7 @@ def create_app(**options: Any) -> Starlette:
         p = find(request)
         if not isinstance(p, Prediction):
             return p
+        await asyncio.sleep(float(state.options["cancel_delay"]))
         p.cancel()  # a terminal prediction comes back unchanged
         return JSONResponse(p.body())
 
@@ -450,6 +459,25 @@ def create_app(**options: Any) -> Starlette:
             return Response("Gone", 410, media_type="text/plain")
         data, ctype = await asyncio.to_thread(render_file, spec, p.seed)
         state.file_fetches += 1
+        name = request.path_params["name"]
+        state.file_digests[f"{p.id}/{name}"] = hashlib.sha256(data).hexdigest()
+        rng = request.headers.get("range")
+        if rng:
+            state.file_ranges.append(rng)
+        start = int(rng[6:-1]) if rng and rng.startswith("bytes=") and rng.endswith("-") and rng[6:-1].isdigit() else 0
+        if 0 < start < len(data):
+            return Response(data[start:], 206, media_type=ctype,
+                            headers={"content-range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+        if p.drop_file and name not in p.dropped:
+            p.dropped.add(name)
+            cut = data[: len(data) // 3]
+
+            async def dropped() -> AsyncIterator[bytes]:
+                yield cut
+                # the server closes the connection short of the promised Content-Length
+                raise ConnectionResetError("[drop-file]: the connection drops mid-body")
+
+            return StreamingResponse(dropped(), media_type=ctype, headers={"content-length": str(len(data))})
         if p.slow_file:
             pause = float(state.options["slow_file_seconds"]) / 16
             step = -(-len(data) // 16)
@@ -467,7 +495,8 @@ def create_app(**options: Any) -> Starlette:
             "creates": state.creates, "polls": state.polls, "cancels": state.cancels,
             "inflight": state.inflight(), "peak_inflight": state.peak_inflight,
             "secret_fetches": state.secret_fetches, "webhooks": state.deliveries,
-            "file_fetches": state.file_fetches,
+            "file_fetches": state.file_fetches, "file_ranges": state.file_ranges,
+            "file_digests": state.file_digests,
             "last_create": state.last_create,
         })
 
