@@ -314,6 +314,7 @@ async def prepare_job(rt: Runtime, principal: Principal, body: JobCreate, *, ide
         priority=priorities.effective(body.priority, principal),
         batch_id=options.batch_id,
         cache_key=cache.cache_key(model.id, normalized),
+        request_id=logs.request_id(),
     )
     logs.bind_here(job_id=job.id)  # the rest of this request's lines are the job's
     slot = take_slot and principal.max_concurrency is not None and not principal.queue_when_busy

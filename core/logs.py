@@ -101,7 +101,8 @@ class Redact(logging.Filter):
 
 # --- formats ---------------------------------------------------------------------------------
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+# color_message: uvicorn's copy of its message with terminal colour codes, not for a log file
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName", "color_message"}
 
 
 def _extra(record: logging.LogRecord) -> dict[str, Any]:
@@ -155,7 +156,10 @@ class TextFormatter(logging.Formatter):
 
 
 _MARK = "_genroute_handler"
-QUIET = ("httpx", "httpcore", "alembic.runtime.plugins", "botocore", "boto3", "urllib3", "aiosqlite", "asyncio", "websockets")
+# arq.worker: two lines for every task, the once-a-second cron tasks included (four lines a
+# second in a quiet `genroute dev`); a job's end has a line of its own (core/jobs/ledger.py)
+QUIET = ("httpx", "httpcore", "alembic.runtime.plugins", "botocore", "boto3", "urllib3", "aiosqlite", "asyncio", "websockets",
+         "arq.worker")
 
 
 def setup(fmt: Literal["json", "text"] | str | None = None, level: str | int | None = None, *, stream: Any = None) -> None:

@@ -143,6 +143,7 @@ class Job(SQLModel, table=True):
     start_by_at: datetime | None = _ts(nullable=True)  # start_within_seconds: ended unbilled if still waiting then
     priority: str | None = Field(default=None, max_length=8)  # high | normal | low
     batch_id: str | None = Field(default=None, max_length=40)
+    request_id: str | None = Field(default=None, max_length=128)  # the submit's X-Request-Id, for the worker's lines
     cached: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
     cache_key: str | None = Field(default=None, max_length=64)  # sha256 of (model, input) when cacheable
     cached_from: str | None = Field(default=None, max_length=40)  # the job whose outputs a cached job shares

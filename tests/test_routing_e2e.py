@@ -23,13 +23,23 @@ from tests.stack import Stack, make_stack, running
 
 KEY = "bfl-routing"
 OPENAI_KEY = "sk-routing"
+SENT: list[tuple[str, str, str | None]] = []  # (method, path, X-Request-Id) of each request the fake got
+
+
+def recording(app: Any) -> Any:
+    async def recorded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            rid = dict(scope["headers"]).get(b"x-request-id")
+            SENT.append((scope["method"], scope["path"], rid.decode() if rid else None))
+        await app(scope, receive, send)
+    return recorded
 
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[str]:
     with ExitStack() as stack:
         poll_port = free_port()
-        app = bfl.create_app(api_key=KEY, polling_base=f"http://127.0.0.1:{poll_port}")
+        app = recording(bfl.create_app(api_key=KEY, polling_base=f"http://127.0.0.1:{poll_port}"))
         url = stack.enter_context(serve(app))
         stack.enter_context(serve(app, port=poll_port))
         yield url
@@ -133,6 +143,18 @@ async def test_concurrency_limit_holds_across_two_worker_processes(stack: Stack,
         stats = (await h.get(f"{fake}/_control/stats")).json()
     assert stats["creates"] == 10 and stats["peak_inflight"] == 3, stats
     assert waiting_seen, "jobs waiting for a slot should say so while queued"
+
+
+async def test_the_submit_to_the_provider_carries_the_request_id(stack: Stack) -> None:
+    """The worker sends the id of the request that submitted the job (X-Request-Id) on to the
+    provider with its submit, so the provider's logs can be matched with ours."""
+    rid = "route-trace-41c2"
+    async with stack.client() as c:
+        r = await c.post("/v1/jobs", json={"model": "limited-flux", "input": {"prompt": "traced fox"}},
+                         headers={"X-Request-Id": rid, "Prefer": "wait=40"})
+        assert r.json()["status"] == "succeeded", r.json()
+    creates = [sent for sent in SENT if sent[0] == "POST" and not sent[1].startswith("/_control")]
+    assert creates and creates[-1][2] == rid, SENT[-5:]
 
 
 async def test_unreachable_input_images_are_the_users_fault_through_the_api(stack: Stack) -> None:

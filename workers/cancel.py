@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from core.jobs.ledger import JobStatus
 from core.jobs.queue import CANCEL_DONE, CANCEL_WATCH_SECONDS, canceling_key
-from workers.context import Ctx, alive, cancel_quietly, deployment_of, release
+from workers.context import Ctx, alive, bind_job, cancel_quietly, deployment_of, release
 
 
 async def cancel_job(ctx: Ctx, job_id: str) -> None:
@@ -18,6 +18,7 @@ async def cancel_job(ctx: Ctx, job_id: str) -> None:
     job = await rt.ledger.get(job_id)
     if job is None or job.status != JobStatus.canceled:
         return
+    bind_job(job)
     key = canceling_key(rt.settings.redis_prefix, job_id)
     mark = await rt.redis.get(key)
     if mark in (b"1", "1", CANCEL_DONE.encode(), CANCEL_DONE):

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypedDict, TypeVar
 
+from core import logs
 from core.callbacks import callback_secret, callback_url
 from core.disclosure import PRIVATE
 from core.errors import ErrorCode
@@ -23,6 +24,13 @@ from core.runtime import Runtime
 from core.types import ProviderRequest
 
 log = logging.getLogger("genroute.worker")
+
+
+def bind_job(job: Job) -> None:
+    """Every later log line of this task names the job, its tenant and deployment and the
+    request that submitted it, and its provider calls send that request id on
+    (adapters/http.py). ARQ runs each task in an asyncio task of its own, so this ends with it."""
+    logs.bind_here(job_id=job.id, tenant=job.tenant, deployment=job.deployment, request_id=job.request_id)
 T = TypeVar("T")
 KEEP_TRYING_SECONDS = 300.0  # how long a write that must not be lost waits for our database
 

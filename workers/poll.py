@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from adapters.base import Adapter
-from core import disclosure, metrics
+from core import disclosure, logs, metrics
 from core.callbacks import load_result
 from core.errors import ErrorCode, ProviderError
 from core.jobs.ledger import JobStatus
@@ -135,6 +135,7 @@ class Poller:
         task.add_done_callback(self.in_flight.discard)
 
     async def _poll(self, e: PollEntry, now_ms: int) -> None:
+        logs.bind_here(job_id=e.job_id, deployment=e.deployment)  # this poll's own task: its lines only
         try:
             await self._poll_one(e, now_ms)
         except Exception as exc:

@@ -31,7 +31,7 @@ from core.routing.dispatch import Placed, Refused, Stopped, Unplaced, deployment
 from core.routing.router import Candidate
 from core.runtime import Runtime
 from core.types import Done, Pending
-from workers.context import Ctx, alive, cancel_quietly, deployment_of, fail, keep_trying, log, release, request_for
+from workers.context import Ctx, alive, bind_job, cancel_quietly, deployment_of, fail, keep_trying, log, release, request_for
 from workers.store import hand_to_store
 
 
@@ -41,6 +41,7 @@ async def run_job(ctx: Ctx, job_id: str, prefer: str | None = None) -> None:
     if job is None or job.status in TERMINAL:
         await _stop_waiting(rt, job_id)
         return
+    bind_job(job)
     if job.deadline_at is not None and utcnow() >= job.deadline_at:
         await _stop_waiting(rt, job_id)
         await fail(rt, job, ErrorCode.timeout, "the job passed its deadline before it could start")

@@ -20,7 +20,7 @@ from core.models import Asset, Job, utcnow
 from core.runtime import Runtime
 from core.types import Done, OutputRef
 from storage import StorageError, store_output
-from workers.context import Ctx, alive, deployment_of, fail, release
+from workers.context import Ctx, alive, bind_job, deployment_of, fail, release
 
 QUEUED, LIVE = "queued", "1"  # the storing marker: a store task is queued / running
 
@@ -55,6 +55,7 @@ async def store_outputs(ctx: Ctx, job_id: str, seq: int) -> None:
     job = await rt.ledger.get(job_id)
     if job is None or job.status != JobStatus.running or job.poll_seq != seq:
         return
+    bind_job(job)
     raw = await rt.redis.get(done_key(rt, job_id))
     if raw is None:  # the hand-over was lost (Redis flushed): poll the provider again
         from workers.run import schedule_poll

@@ -38,9 +38,11 @@ async def deliver_webhook(ctx: dict[str, Any], delivery_id: str) -> None:
     rt: Runtime = ctx["rt"]
     async with rt.sessions() as s:
         d = await s.get(WebhookDelivery, delivery_id)
-    if d is None or d.status != "pending":
-        return
-    with logs.bind(job_id=d.job_id, tenant=d.tenant):
+        if d is None or d.status != "pending":
+            return
+        # the request that submitted the job: named in these lines, sent to the receiver
+        rid = (await s.exec(select(Job.request_id).where(col(Job.id) == d.job_id))).first()
+    with logs.bind(job_id=d.job_id, tenant=d.tenant, request_id=rid):
         await _walk(rt, d)
 
 

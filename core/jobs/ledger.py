@@ -301,6 +301,10 @@ class Ledger:
         await self._enqueue(deliveries)
         if to in TERMINAL:
             metrics.job_finished(job)
+            # one line per job's end, wherever it ends (worker, API cancel, reconciler); the
+            # bound context (core/logs.py) names the job, its tenant and the request that sent it
+            log.info("job %s %s%s", job.id, job.status, f" ({job.error_code})" if job.error_code else "",
+                     extra={"model": job.model, **({"deployment": job.deployment} if job.deployment else {})})
             await self._after_terminal(job)
         return job
 
