@@ -333,3 +333,38 @@ async def test_the_worker_healthcheck_notices_a_hung_worker(tmp_path: Path, redi
         while (back := check()).returncode != 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         assert back.returncode == 0, back.stderr
+
+
+async def test_refusals_are_counted_by_reason(tmp_path: Path, redis_url: str) -> None:
+    """A key over its rpm, a key over its concurrency (with no queueing) and a tenant over
+    its budget: each refusal is counted once under its reason on the API's /metrics."""
+    admin = "gr_admin_" + uuid.uuid4().hex
+    stack = await make_stack(tmp_path, redis_url=redis_url, admin_key=admin)
+    async with running(stack), httpx.AsyncClient(base_url=stack.api_url, timeout=30,
+                                                 headers={"Authorization": f"Bearer {admin}"}) as a:
+        assert (await a.post("/v1/admin/tenants", json={"id": "poor", "budget": 1})).status_code == 201
+        keys = {}
+        for name, body in {"rpm": {"tenant": "alice", "rpm": 1},
+                           "busy": {"tenant": "alice", "max_concurrency": 1, "queue_when_busy": False},
+                           "poor": {"tenant": "poor"}}.items():
+            r = await a.post("/v1/admin/keys", json={"name": name, **body})
+            assert r.status_code == 201, r.text
+            keys[name] = r.json()["key"]
+        slow = {"model": "local-image", "input": {"prompt": "x", "size": "256x256",
+                                                  "provider_params": {"latency_seconds": 5}}}
+        codes = {}
+        for name in ("rpm", "busy", "poor"):
+            h = {"Authorization": f"Bearer {keys[name]}"}
+            first = await a.post("/v1/jobs", json=slow, headers=h)
+            second = await a.post("/v1/jobs", json=slow, headers=h)
+            codes[name] = (first.status_code, second.status_code)
+        assert codes == {"rpm": (201, 429), "busy": (201, 429), "poor": (402, 402)}, codes
+        deadline = time.monotonic() + 20
+        while True:
+            api = samples(httpx.get(f"{stack.api_url}/metrics", timeout=10).text)
+            if value(api, "genroute_refusals_total") >= 4 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    assert value(api, "genroute_refusals_total", reason="key_rpm") == 1
+    assert value(api, "genroute_refusals_total", reason="key_concurrency") == 1
+    assert value(api, "genroute_refusals_total", reason="budget_exceeded") == 2
