@@ -480,3 +480,79 @@ async def test_a_job_page_tells_the_whole_story_and_plays_video_and_audio(browse
     assert job["input"]["prompt"] == "story of a fox" and job["id"] != image["id"], job
     assert not s.errors, s.errors
     await page.context.close()
+
+
+async def test_waiting_jobs_show_their_place_and_eta_and_the_admin_sees_health_balance_and_rotates(
+    browser: Any, tmp_path: Path, redis_base: str, shots: Path
+) -> None:
+    """A deployment with one slot and three jobs behind a running one: the list and the
+    job's page say "#2 in queue · ETA …" and the deployments page "1 / 1" in flight; the
+    usage page shows the tenant's budget, spent, held and available; Rotate shows the new
+    key once, which works while the old one is refused."""
+    import yaml
+
+    from core.routing.catalog import DEFAULT_CATALOG
+
+    data = yaml.safe_load(DEFAULT_CATALOG.read_text())
+    data["models"].append({"id": "one-slot", "modality": "image", "deployments": [
+        {"name": "one-slot-local", "adapter": "local", "model": "image", "limits": {"max_concurrency": 1}}]})
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(data))
+    admin = "gr_admin_" + os.urandom(12).hex()
+    st = await make_stack(tmp_path / "stack", redis_url=f"{redis_base}/0", tenants=("alice",),
+                          catalog=tmp_path / "catalog.yaml", admin_key=admin)
+    as_admin = {"Authorization": f"Bearer {admin}"}
+    async with running(st), st.client() as c:
+        assert (await c.patch("/v1/admin/tenants/alice", json={"budget": 5_000_000}, headers=as_admin)).status_code == 200
+
+        def one(seconds: float) -> dict[str, Any]:
+            return {"model": "one-slot", "input": {"prompt": f"one slot {seconds}", "size": "256x256",
+                                                   "provider_params": {"latency_seconds": seconds, "progress_steps": 2}}}
+
+        # a first job teaches the deployment how long its tasks take (the ETA's basis)
+        r = await c.post("/v1/jobs", json=one(1), headers={"Prefer": "wait=30"})
+        assert r.json()["status"] == "succeeded", r.json()
+        ids = [(await c.post("/v1/jobs", json=one(60))).json()["id"] for _ in range(4)]
+
+        async def last_waits() -> dict[str, Any] | None:
+            job = (await c.get(f"/v1/jobs/{ids[-1]}")).json()
+            return job if job.get("queue_position") == 2 and job.get("eta_seconds") else None
+        last = await eventually(last_waits, what="the last job's place and ETA")
+
+        s = await new_session(browser, st, DESKTOP, "desktop", shots)
+        page = s.page
+        await s.sign_in(st.keys["alice"])
+        await s.open("#/jobs", f'#job-list [data-job-id="{ids[-1]}"]')
+        row = await page.inner_text(f'#job-list [data-job-id="{ids[-1]}"]')
+        assert "#3 in queue" in row and "ETA" in row, (row, last)
+        await s.shot("jobs-waiting")
+        await s.open(f"#/jobs/{ids[-1]}", ".alert-info")
+        assert "#3 in queue" in await page.inner_text(".alert-info")
+        await s.shot("job-waiting")
+        await s.open("#/usage?days=7", "#usage-chart svg")
+        usage = await page.inner_text("#usage-body")
+        assert "$5.00" in usage and "Held" in usage and "Available" in usage and "No budget" not in usage, usage
+        await s.shot("usage-balance")
+        await page.context.close()
+
+        rotated = (await c.post("/v1/admin/keys", json={"tenant": "alice", "name": "to-rotate"}, headers=as_admin)).json()
+        s = await new_session(browser, st, DESKTOP, "desktop", shots)
+        page = s.page
+        await s.sign_in(admin)
+        await s.open("#/admin/deployments", '#deployments [data-deployment="one-slot-local"]')
+        dep = await page.inner_text('#deployments [data-deployment="one-slot-local"]')
+        assert "1 / 1" in dep and "Error rate" in dep and "Latency" in dep, dep
+        await s.shot("admin-deployments-busy")
+        await s.open("#/admin/keys", '#keys-table [data-key-name="to-rotate"][data-status=active]')
+        await page.click('#keys-table [data-key-name="to-rotate"] .rotate')  # the grace prompt is accepted: 0 s
+        await page.wait_for_selector("#new-key")
+        fresh = await page.input_value("#new-key")
+        assert fresh.startswith("gr_") and fresh != rotated["key"]
+        await s.shot("admin-key-rotated")
+        async with httpx.AsyncClient(base_url=st.api_url, timeout=30) as k:
+            new_ok = await k.get("/v1/jobs", headers={"Authorization": f"Bearer {fresh}"})
+            old = await k.get("/v1/jobs", headers={"Authorization": f"Bearer {rotated['key']}"})
+        assert (new_ok.status_code, old.status_code) == (200, 401)
+        assert not s.errors, s.errors
+        await page.context.close()
+        for job_id in ids:
+            await c.post(f"/v1/jobs/{job_id}/cancel")
