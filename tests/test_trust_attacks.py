@@ -48,7 +48,7 @@ from tests.stack import Stack, make_stack, running
 
 OPENAI_KEY = "sk-attack-operator-key-0123456789"
 EVIL_KEY = "bfl-attack-operator-key-0123456789"
-WRONG_KEY = "sk-attack-stale-key-zz9876"
+WRONG_KEY = "sk-attack-stale-key-zzQXZW"  # its tail (the fake quotes 6 characters) is in no id, time or signature
 ADMIN_KEY = "admin-attack-key-0123456789abcdef"
 PUBLIC_HOST = "127.0.0.2"  # admitted by the stack's allowlist: plays a public server
 INPUT_CAP = 50 * 2**20  # adapters/openai.py MAX_INPUT_IMAGE_BYTES
@@ -255,7 +255,7 @@ EVIL_ANSWERS: dict[str, tuple[int, dict[str, Any]]] = {
 }
 LEAKS = [
     # (prompt or model, the job's code, what the provider said that the tenant must not see)
-    ("badkey", "provider_auth", ["9876", "Incorrect API key", "platform.openai.com"]),
+    ("badkey", "provider_auth", ["zzQXZW", "Incorrect API key", "platform.openai.com"]),
     ("ANSWER billing", "provider_error", ["Insufficient credits", "acct_8812", "$0.31", "dashboard.bfl.ai"]),
     ("ANSWER topology", "provider_unavailable", ["10.0.4.7", "eu-west-2b", "upstream connect"]),
     ("ANSWER input", "invalid_input", ["sk-live-abcdefgh12345678", "internal.bfl.ai"]),
@@ -640,7 +640,7 @@ async def test_openai_routes_get_the_cleaned_message_too(stack: Stack) -> None:
     async with stack.client() as c:
         r = await c.post("/v1/images/generations", json={"model": "badkey", "prompt": "a fox"})
     assert r.status_code >= 400, r.text
-    for s in ("9876", "Incorrect API key", "platform.openai.com"):
+    for s in ("zzQXZW", "Incorrect API key", "platform.openai.com"):
         assert s not in r.text, r.text
 
 
