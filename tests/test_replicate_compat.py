@@ -308,3 +308,38 @@ def test_stream_of_a_prediction_whose_event_history_is_gone(stack: Stack) -> Non
                 if kinds[-1] == "done":
                     break
     assert kinds and kinds[-1] == "done" and "output" in kinds and "error" not in kinds, kinds
+
+
+async def test_the_stream_says_done_only_once_the_finish_has_committed() -> None:
+    """A job's terminal events reach Redis just before its row commits (published while the
+    row is locked): the stream holds `output` and `done` until the commit shows, so an
+    output's URL exists and a client reading the prediction after `done` finds it finished
+    (seen on a loaded machine: an empty output URL, then `processing` after `done`)."""
+    from types import SimpleNamespace
+
+    from api.replicate.routes import _sse
+    from core.events import Event
+
+    reads: list[str] = []
+    commit_after = 3  # the row reads "running" twice more, then the commit shows
+
+    class Ledger:
+        async def get(self, job_id: str) -> Any:
+            reads.append(job_id)
+            return SimpleNamespace(status="running" if len(reads) < commit_after else "succeeded")
+
+        async def assets(self, ids: list[str]) -> dict[str, list[Any]]:
+            committed = len(reads) >= commit_after
+            return {ids[0]: [SimpleNamespace(index=0, key="t/a.png")] if committed else []}
+
+    class Store:
+        async def url(self, key: str, expires_in: int) -> str:
+            return f"http://files/{key}"
+
+    rt: Any = SimpleNamespace(ledger=Ledger(), store=Store(), settings=SimpleNamespace(url_ttl_seconds=60))
+    output = Event("job_x:5", 5, "job_x", "job.output", "2026-12-04T00:00:00Z", {"index": 0})
+    lines = [line async for line in _sse(rt, output)]
+    assert lines == ["event: output\nid: job_x:5\ndata: http://files/t/a.png\n\n"], lines
+    assert len(reads) == commit_after
+    done = Event("job_x:6", 6, "job_x", "job.succeeded", "2026-12-04T00:00:00Z", {})
+    assert [line async for line in _sse(rt, done)] == ["event: done\ndata: {}\n\n"]

@@ -18,6 +18,7 @@ prediction not finished by then (workers/deadlines.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -208,10 +209,29 @@ async def stream_prediction(pid: str, request: Request, rt: RuntimeDep, principa
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+COMMIT_WAIT_SECONDS = 10.0  # how long a stream waits for the commit of an event it just read
+
+
+async def _committed(rt: Runtime, ev: Event) -> Job | None:
+    """A job's terminal events are published just before its row commits (core/jobs/ledger.py:
+    published while the row is locked): read until the commit shows, so the stream's output
+    URLs exist and a client that reads the prediction after `done` finds it finished."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + COMMIT_WAIT_SECONDS
+    while True:
+        job = await rt.ledger.get(ev.job_id)
+        if job is None or job.status in TERMINAL or loop.time() >= deadline:
+            return job
+        await asyncio.sleep(0.02)
+
+
 async def _sse(rt: Runtime, ev: Event) -> AsyncIterator[str]:
     if ev.type in ("job.progress", "job.started") and ev.data.get("message"):
         yield f"event: logs\nid: {ev.id}\ndata: {ev.data['message']}\n\n"
-    elif ev.type == "job.output":
+        return
+    if ev.terminal or ev.type == "job.output":
+        await _committed(rt, ev)
+    if ev.type == "job.output":
         assets = (await rt.ledger.assets([ev.job_id]))[ev.job_id]
         asset = next((a for a in assets if a.index == ev.data.get("index")), None)
         url = await rt.store.url(asset.key, expires_in=rt.settings.url_ttl_seconds) if asset else ""
