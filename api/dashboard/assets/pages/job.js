@@ -268,12 +268,17 @@ export async function render(main, { id }, { who, go }) {
       if (order(msg) <= stateSeq) return; // as the server counts: (seq, sub) after (state seq, 0) is news
       if (msg.type === 'job.progress') draw(applyEvent(job, msg));
       else {
-        // a transition: the row has the outputs, cost and error; read it (coalesced)
+        // a transition: the row has the outputs, cost and error; read it (coalesced). A job's
+        // last events are published just before its row commits: after one, read again
+        // until the row shows the end (on a busy server the first read can be early).
+        const ending = ['job.succeeded', 'job.failed', 'job.canceled'].includes(msg.type);
         clearTimeout(refetch);
-        refetch = setTimeout(async () => {
+        const read = async (tries) => {
           try { draw(await api.get(`/v1/jobs/${encodeURIComponent(job.id)}`)); } catch { /* keep what is shown */ }
+          if (ending && !TERMINAL.has(job.status) && tries < 40) { refetch = setTimeout(() => read(tries + 1), 250); return; }
           if (TERMINAL.has(job.status)) setTimeout(drawDeliveries, 1500);
-        }, 100);
+        };
+        refetch = setTimeout(() => read(0), 100);
       }
     },
   }).start();
