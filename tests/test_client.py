@@ -257,3 +257,23 @@ def test_a_submit_whose_answer_was_lost_is_retried_with_the_same_key_and_makes_o
         assert job.idempotency_key == transport.sent[0]
         mine = [j for j in gr.iter_jobs(page_size=50) if j.metadata == {"run": marker}]
     assert [j.id for j in mine] == [job.id]  # three sends, one job
+
+
+def test_wait_reads_the_row_again_when_it_lags_the_terminal_event(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's last events are published just before its row commits: wait() heard the end,
+    but its first read of the row can still say running. It reads again until the row shows
+    the end (so run() never raises JobFailedError for a job that succeeded)."""
+    with Client(stack.api_url, stack.keys["alice"]) as c:
+        job = c.run("local-image", image("a lagging commit"))
+        assert job.status == "succeeded"
+        real_get = c.get
+        reads: list[str] = []
+
+        def lagging(job_id: str) -> Any:
+            reads.append(job_id)
+            got = real_get(job_id)
+            return got.model_copy(update={"status": "running"}) if len(reads) < 3 else got
+
+        monkeypatch.setattr(c, "get", lagging)
+        assert c.wait(job.id, timeout=30).status == "succeeded"
+        assert len(reads) == 3

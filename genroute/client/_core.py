@@ -19,6 +19,9 @@ from core.schemas import AssetPublic, EventPublic, JobPublic
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+# A job's last events are published just before its row commits: a read right after one
+# can still show it running, so the row is read again, this often, for up to this long.
+COMMIT_RETRY_SECONDS, COMMIT_WAIT_SECONDS = 0.1, 10.0
 USER_AGENT = "genroute-python/0.1"
 
 

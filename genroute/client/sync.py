@@ -15,7 +15,7 @@ import httpx
 
 from core.schemas import EventPublic, JobList, JobPublic, UsageReport
 from genroute.client import _core
-from genroute.client._core import TERMINAL, Config, Follow, SSEParser, StreamError
+from genroute.client._core import COMMIT_RETRY_SECONDS, COMMIT_WAIT_SECONDS, TERMINAL, Config, Follow, SSEParser, StreamError
 from genroute.client.errors import (
     APIConnectionError,
     APIError,
@@ -139,7 +139,12 @@ class Client:
                 on_update(item)
         if follow.job is None or not follow.terminal_seen:
             raise WaitTimeoutError(follow.job, timeout or 0)
-        return self.get(job_id)  # the row is the truth, with fresh download URLs
+        ends = time.monotonic() + COMMIT_WAIT_SECONDS
+        job = self.get(job_id)  # the row is the truth, with fresh download URLs
+        while job.status not in TERMINAL and time.monotonic() < ends:  # read before its commit
+            time.sleep(COMMIT_RETRY_SECONDS)
+            job = self.get(job_id)
+        return job
 
     def run(self, model: str, input: dict[str, Any], *, timeout: float | None = None, **submit: Any) -> JobPublic:
         """submit + wait; raises JobFailedError unless the job succeeded."""
